@@ -1,0 +1,1 @@
+"""lbuild's builder: Dockerfile -> plan -> solve -> export, the executor, watch and the CLI."""
