@@ -217,9 +217,7 @@ def rule_texts(draw: st.DrawFn) -> str:
     return "\n".join(lines)
 
 
-ALL_PATHS = [
-    "/".join(parts) for n in range(1, 5) for parts in itertools.product(NAMES, repeat=n)
-]
+ALL_PATHS = ["/".join(parts) for n in range(1, 5) for parts in itertools.product(NAMES, repeat=n)]
 
 
 @settings(max_examples=150, deadline=None)
