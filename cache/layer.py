@@ -1,0 +1,765 @@
+"""Deterministic layer tars: writing them from TOC entries, reading their TOC, (de)compressing.
+
+A *layer* is an uncompressed tar stored in the ``BlobStore`` under its own sha256, which is
+its OCI ``diff_id``: the blob named diff_id IS the tar, so a file in it can be read back by
+offset (``open_member``).  Compressed forms (gzip, zstd) are separate blobs made from it
+(``compress_layer``) or imported into it (``import_layer``).
+
+The bytes of a written layer depend only on the entries given, never on the host: members
+are sorted by path components (a directory before its contents, whiteouts before their
+siblings), headers are ustar with empty user/group names, numeric ids, ``mtime`` taken from
+the entry, no atime/ctime, and a PAX header only when ustar cannot say it (long or non-ASCII
+names, big numbers, xattrs).  The archive ends with two zero blocks and no record padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import io
+import os
+import zlib
+from collections.abc import Iterable
+from typing import IO, BinaryIO, Protocol, cast
+
+from blake3 import blake3
+
+from cache.blobs import BlobStore, BlobWriter
+from cache.errors import InvalidInput, LbuildError, StoreError, Unsupported
+from cache.types import MEDIA_TYPES, BlobInfo, Compression, Digest, Entry, EntryType, LayerInfo
+
+LAYER_FORMAT_VERSION = 1
+"""Version of the bytes this writer produces; bump it whenever layer bytes would change."""
+
+GZIP_DEFAULT_LEVEL = 6
+"""zlib's own default: most of level 9's ratio at a fraction of its time (Go uses it too)."""
+
+ZSTD_DEFAULT_LEVEL = 3
+"""zstd's own default level."""
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_CHUNK = 1 << 20
+_OPAQUE = ".wh..wh..opq"
+_WH = ".wh."
+_PAX_NAME = b"././@PaxHeader"
+_XATTR = "SCHILY.xattr."
+
+_TYPEFLAGS: dict[str, bytes] = {
+    "file": b"0",
+    "hardlink": b"1",
+    "symlink": b"2",
+    "char": b"3",
+    "block": b"4",
+    "dir": b"5",
+    "fifo": b"6",
+    "whiteout": b"0",
+    "opaque": b"0",
+}
+
+_SortKey = tuple[tuple[int, str], ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_layer(entries: Iterable[Entry], store: BlobStore) -> LayerInfo:
+    """Write entries as a deterministic uncompressed layer tar into the store.
+
+    Entries may come in any order.  Regular files' bytes are streamed from ``entry.source``
+    and must be exactly ``entry.size`` long; their blake3 is computed on the way and fills
+    ``digest`` when the caller left it empty (a different non-empty digest means the file
+    changed).  Returns the layer's diff_id, tar size and TOC (entries in tar order, with the
+    data ``offset`` of each regular file and ``source=None``).
+    """
+    planned = _plan(entries)
+    toc: list[Entry] = []
+    with store.ingest() as w:
+        for name, e in planned:
+            w.write(_headers(name, e))
+            if e.type == "file":
+                offset = w.size
+                digest = _copy_content(e, store, w)
+                w.write(bytes(-e.size % _BLOCK))
+                toc.append(dataclasses.replace(e, digest=digest, offset=offset, source=None))
+            else:
+                toc.append(e)
+        w.write(_ZERO_BLOCK * 2)
+    return LayerInfo(diff_id=w.digest, size=w.size, toc=tuple(toc))
+
+
+def _split(path: str) -> tuple[str, ...]:
+    """Validate an entry path and return its components (``"."`` is the root: no components)."""
+    if path == ".":
+        return ()
+    comps = tuple(path.split("/"))
+    if not path or any(c in ("", ".", "..") or "\0" in c for c in comps):
+        raise InvalidInput(f"invalid path in layer entry: {path!r}")
+    return comps
+
+
+def _sort_key(e: Entry) -> _SortKey:
+    """Tar order: by components; in a directory the opaque marker, then whiteouts, then the rest."""
+    comps = _split(e.path)
+    if e.type == "opaque":
+        return (*((2, c) for c in comps), (0, ""))
+    if e.type == "whiteout":
+        if not comps:
+            raise InvalidInput("cannot white out the root directory")
+        return (*((2, c) for c in comps[:-1]), (1, comps[-1]))
+    return tuple((2, c) for c in comps)
+
+
+def _member_name(e: Entry) -> str:
+    """The tar member name of an entry (whiteouts become ``.wh.`` files, dirs end in ``/``)."""
+    comps = _split(e.path)
+    if e.type == "opaque":
+        return "/".join((*comps, _OPAQUE))
+    if e.type == "whiteout":
+        return "/".join((*comps[:-1], _WH + comps[-1]))
+    if e.type == "dir":
+        return "/".join(comps) + "/" if comps else "./"
+    return e.path
+
+
+def _normalize(e: Entry) -> Entry:
+    """Check an entry and clear the fields its type does not use, so TOCs compare equal."""
+    comps = _split(e.path)
+    if e.type not in _TYPEFLAGS:
+        raise InvalidInput(f"unknown entry type {e.type!r} for {e.path}")
+    if e.type in ("whiteout", "opaque"):
+        return Entry(path=e.path, type=e.type, mode=0, mtime=e.mtime)
+    if any(c.startswith(_WH) for c in comps):
+        raise InvalidInput(f"{e.path}: names starting with {_WH!r} are reserved for whiteouts")
+    if not comps and e.type != "dir":
+        raise InvalidInput(f"the root of a layer must be a directory, not a {e.type}")
+    if e.mode & ~0o7777 or e.mode < 0:
+        raise InvalidInput(f"{e.path}: mode {e.mode:o} has bits beyond 0o7777 (file type bits?)")
+    if e.uid < 0 or e.gid < 0:
+        raise InvalidInput(f"{e.path}: negative uid/gid")
+    names = [n for n, _ in e.xattrs]
+    if len(set(names)) != len(names) or any(not n or "=" in n or "\0" in n for n in names):
+        raise InvalidInput(f"{e.path}: invalid or duplicate xattr names {names!r}")
+    xattrs = tuple(sorted(e.xattrs))
+    keep_dev = e.type in ("char", "block")
+    link = ""
+    if e.type == "symlink":
+        if not e.link or "\0" in e.link:
+            raise InvalidInput(f"{e.path}: symlink without a valid target")
+        link = e.link
+    elif e.type == "hardlink":
+        if not e.link or not _split(e.link):
+            raise InvalidInput(f"{e.path}: hardlink without a valid target path")
+        link = e.link
+    if e.type == "file":
+        if e.size < 0:
+            raise InvalidInput(f"{e.path}: negative size")
+        return dataclasses.replace(e, link="", devmajor=0, devminor=0, xattrs=xattrs, offset=-1)
+    return dataclasses.replace(
+        e,
+        size=0,
+        digest="",
+        link=link,
+        devmajor=e.devmajor if keep_dev else 0,
+        devminor=e.devminor if keep_dev else 0,
+        xattrs=xattrs,
+        offset=-1,
+        source=None,
+    )
+
+
+def _plan(entries: Iterable[Entry]) -> list[tuple[str, Entry]]:
+    """Normalise, de-duplicate-check, fix hardlink heads and sort: (member name, entry) pairs."""
+    by_key: dict[_SortKey, Entry] = {}
+    for raw in entries:
+        e = _normalize(raw)
+        k = _sort_key(e)
+        if k in by_key:
+            raise InvalidInput(f"duplicate layer entry for {e.path} ({e.type})")
+        by_key[k] = e
+    ordered = _fix_hardlinks(sorted(by_key.items()))
+    return [(_member_name(e), e) for _, e in ordered]
+
+
+def _fix_hardlinks(items: list[tuple[_SortKey, Entry]]) -> list[tuple[_SortKey, Entry]]:
+    """Make the first path (in tar order) of each in-layer hardlink group the one with data.
+
+    A tar hardlink must follow its target; the caller may have named any path of the group
+    as the file, so the roles are reassigned: all names of one inode are equivalent.
+    """
+    entries = {e.path: e for _, e in items if e.type in ("file", "hardlink")}
+    all_paths = {e.path for _, e in items if e.type not in ("whiteout", "opaque")}
+    groups: dict[str, list[str]] = {}
+    for _, e in items:
+        if e.type != "hardlink":
+            continue
+        target, seen = e.link, {e.path}
+        while target in entries and entries[target].type == "hardlink":
+            if target in seen:
+                raise InvalidInput(f"hardlink cycle through {e.path}")
+            seen.add(target)
+            target = entries[target].link
+        if target in entries:
+            groups.setdefault(target, []).append(e.path)
+        elif target in all_paths:
+            raise InvalidInput(f"hardlink {e.path} points to {target}, which is not a file")
+    if not groups:
+        return items
+    replaced: dict[str, Entry] = {}
+    for target, links in groups.items():
+        data = entries[target]
+        head = min([target, *links], key=lambda p: _sort_key(entries[p]))
+        replaced[head] = dataclasses.replace(data, path=head)
+        for p in [target, *links]:
+            if p != head:
+                old = entries[p]
+                replaced[p] = Entry(
+                    path=p, type="hardlink", mode=old.mode, uid=old.uid, gid=old.gid,
+                    link=head, mtime=old.mtime,
+                )  # fmt: skip
+    return [(k, replaced.get(e.path, e) if e.type in ("file", "hardlink") else e) for k, e in items]
+
+
+def _headers(name: str, e: Entry) -> bytes:
+    """The ustar header of one member, preceded by a PAX header when ustar cannot hold it."""
+    pax: dict[str, bytes] = {}
+    name_b = name.encode("utf-8", "surrogateescape")
+    if len(name_b) > 100 or not name.isascii():
+        pax["path"] = name_b
+        name_b = name.encode("ascii", "replace")[:100]
+    link_b = e.link.encode("utf-8", "surrogateescape")
+    if len(link_b) > 100 or not e.link.isascii():
+        pax["linkpath"] = link_b
+        link_b = e.link.encode("ascii", "replace")[:100]
+    numbers: list[bytes] = []
+    for key, value, width in (("uid", e.uid, 8), ("gid", e.gid, 8), ("size", e.size, 12)):
+        field = _octal(value, width)
+        if field is None:
+            pax[key] = str(value).encode()
+            field = _octal(0, width)
+        assert field is not None
+        numbers.append(field)
+    mtime = _octal(e.mtime, 12)
+    if mtime is None:
+        pax["mtime"] = str(e.mtime).encode()
+        mtime = _octal(0, 12)
+        assert mtime is not None
+    for xname, xvalue in e.xattrs:
+        pax[_XATTR + xname] = xvalue
+    devs = [_octal(e.devmajor, 8), _octal(e.devminor, 8)]
+    if devs[0] is None or devs[1] is None:
+        raise InvalidInput(f"{e.path}: device numbers too large")
+    uid_f, gid_f, size_f = numbers
+    header = _ustar(
+        name_b,
+        _octal(e.mode, 8) or b"",
+        uid_f,
+        gid_f,
+        size_f,
+        mtime,
+        _TYPEFLAGS[e.type],
+        link_b,
+        devs[0],
+        devs[1],
+    )
+    if not pax:
+        return header
+    records = b"".join(_pax_record(k, pax[k]) for k in sorted(pax))
+    zeros = _octal(0, 8) or b""
+    pax_header = _ustar(
+        _PAX_NAME,
+        _octal(0o644, 8) or b"",
+        zeros,
+        zeros,
+        _octal(len(records), 12) or b"",
+        _octal(0, 12) or b"",
+        b"x",
+        b"",
+        zeros,
+        zeros,
+    )
+    return pax_header + records + bytes(-len(records) % _BLOCK) + header
+
+
+def _octal(n: int, width: int) -> bytes | None:
+    """A NUL-terminated zero-padded octal field, or None when ``n`` does not fit."""
+    if 0 <= n < 8 ** (width - 1):
+        return b"%0*o\0" % (width - 1, n)
+    return None
+
+
+def _ustar(
+    name: bytes,
+    mode: bytes,
+    uid: bytes,
+    gid: bytes,
+    size: bytes,
+    mtime: bytes,
+    typeflag: bytes,
+    linkname: bytes,
+    devmajor: bytes,
+    devminor: bytes,
+) -> bytes:
+    """One 512-byte ustar header block with its checksum filled in."""
+    block = bytearray(
+        name.ljust(100, b"\0")
+        + mode
+        + uid
+        + gid
+        + size
+        + mtime
+        + b" " * 8
+        + typeflag
+        + linkname.ljust(100, b"\0")
+        + b"ustar\x0000"
+        + bytes(64)  # uname, gname: empty so hosts' user databases never leak in
+        + devmajor
+        + devminor
+        + bytes(167)  # prefix (unused: PAX carries long names) and padding
+    )
+    assert len(block) == _BLOCK
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _pax_record(key: str, value: bytes) -> bytes:
+    """One ``"<len> key=value\\n"`` PAX record (the length counts its own digits)."""
+    body = b" " + key.encode("utf-8") + b"=" + value + b"\n"
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n = len(str(n)) + len(body)
+    return str(n).encode() + body
+
+
+def _copy_content(e: Entry, store: BlobStore, w: BlobWriter) -> str:
+    """Stream a regular file's bytes into the tar; return their blake3 hex."""
+    h = blake3()
+    src = e.source
+    if src is None or (src.host_path is None and src.blob is None and src.data is None):
+        if e.size:
+            raise InvalidInput(f"{e.path}: no content source for a {e.size}-byte file")
+    elif src.data is not None:
+        if len(src.data) != e.size:
+            raise InvalidInput(
+                f"{e.path}: inline data is {len(src.data)} bytes, entry says {e.size}"
+            )
+        w.write(src.data)
+        h.update(src.data)
+    elif src.host_path is not None:
+        with open(src.host_path, "rb") as f:
+            if _copy_exact(f, e.size, w, h) or f.read(1):
+                raise LbuildError(f"file changed while being read: {src.host_path}")
+    else:
+        assert src.blob is not None
+        with store.open(src.blob) as f:
+            f.seek(src.offset)
+            if _copy_exact(f, e.size, w, h):
+                raise StoreError(f"blob {src.blob} ends before {e.path}'s data does")
+    digest: str = h.hexdigest()
+    if e.digest and e.digest != digest:
+        raise LbuildError(f"file changed while being read: {e.path} (content digest differs)")
+    return digest
+
+
+class _Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> object: ...
+
+
+def _copy_exact(f: BinaryIO, size: int, w: BlobWriter, h: _Hasher) -> bool:
+    """Copy ``size`` bytes from f to w through h; True if f ended early."""
+    buf = bytearray(min(_CHUNK, max(size, 1)))
+    view = memoryview(buf)
+    remaining = size
+    while remaining:
+        n = f.readinto(view[: min(remaining, len(buf))])  # type: ignore[attr-defined]
+        if not n:
+            return True
+        w.write(view[:n])
+        h.update(view[:n])
+        remaining -= n
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class _Input:
+    """A forward-only reader that counts its position (works on pipes and decompressors)."""
+
+    def __init__(self, src: BinaryIO) -> None:
+        self._src = src
+        self.pos = 0
+
+    def read(self, n: int) -> bytes:
+        """Read up to ``n`` bytes; fewer only at end of stream."""
+        parts: list[bytes] = []
+        want = n
+        while want > 0:
+            b = self._src.read(want)
+            if not b:
+                break
+            parts.append(b)
+            want -= len(b)
+        data = b"".join(parts)
+        self.pos += len(data)
+        return data
+
+    def feed(self, n: int, h: _Hasher | None, where: str) -> None:
+        """Consume exactly ``n`` bytes, hashing them into h if given."""
+        while n > 0:
+            b = self.read(min(n, _CHUNK))
+            if not b:
+                raise InvalidInput(f"truncated layer tar: {where} ends early at offset {self.pos}")
+            if h is not None:
+                h.update(b)
+            n -= len(b)
+
+
+def read_toc(stream: BinaryIO) -> tuple[Entry, ...]:
+    """The TOC of an uncompressed layer tar, in tar order, with each file's data offset.
+
+    Whiteout members become ``whiteout``/``opaque`` entries; file contents are hashed with
+    blake3 into ``digest``.  The stream is read forward only (a pipe is fine).
+    """
+    return _scan(_Input(stream))
+
+
+def _scan(src: _Input) -> tuple[Entry, ...]:
+    entries: list[Entry] = []
+    global_pax: dict[str, bytes] = {}
+    pax: dict[str, bytes] = {}
+    long_name: bytes | None = None
+    long_link: bytes | None = None
+    while True:
+        start = src.pos
+        hdr = src.read(_BLOCK)
+        if not hdr or hdr == _ZERO_BLOCK:
+            break  # end of archive (a missing end marker is tolerated, as Go's reader does)
+        if len(hdr) < _BLOCK:
+            raise InvalidInput(f"truncated layer tar: partial header at offset {start}")
+        _check_sum(hdr, start)
+        typeflag = hdr[156:157]
+        size = _number(hdr[124:136], start)
+        if typeflag in (b"x", b"g", b"L", b"K"):
+            data = src.read(size)
+            if len(data) < size:
+                raise InvalidInput(f"truncated layer tar: header data at offset {start}")
+            src.feed(-size % _BLOCK, None, "padding")
+            if typeflag == b"x":
+                pax = _parse_pax(data, start)
+            elif typeflag == b"g":
+                global_pax.update(_parse_pax(data, start))
+            elif typeflag == b"L":
+                long_name = data.split(b"\0", 1)[0]
+            else:
+                long_link = data.split(b"\0", 1)[0]
+            continue
+        fields = {**global_pax, **pax}
+        pax = {}
+        name_b = fields.get("path") or long_name or _ustar_name(hdr)
+        link_b = fields.get("linkpath") or long_link or _cstr(hdr[157:257])
+        long_name = long_link = None
+        if any(k.startswith("GNU.sparse.") for k in fields) or typeflag == b"S":
+            raise Unsupported(f"sparse files in layer tars are not supported (at offset {start})")
+        if "size" in fields:
+            size = _pax_int(fields["size"], start)
+        uid = _pax_int(fields["uid"], start) if "uid" in fields else _number(hdr[108:116], start)
+        gid = _pax_int(fields["gid"], start) if "gid" in fields else _number(hdr[116:124], start)
+        mtime = (
+            _pax_int(fields["mtime"], start) if "mtime" in fields else _number(hdr[136:148], start)
+        )
+        mode = _number(hdr[100:108], start) & 0o7777
+        name = name_b.decode("utf-8", "surrogateescape")
+        xattrs = tuple(
+            sorted((k[len(_XATTR) :], v) for k, v in fields.items() if k.startswith(_XATTR))
+        )
+        kind = _KINDS.get(typeflag)
+        if kind is None:
+            raise Unsupported(f"unsupported tar member type {typeflag!r} for {name!r}")
+        if kind == "file" and name.endswith("/"):
+            kind = "dir"  # pre-POSIX tars mark directories only by the trailing slash
+        path = _clean_path(name)
+        comps = path.split("/")
+        if comps[-1].startswith(_WH):
+            src.feed(size + (-size % _BLOCK) if kind == "file" else 0, None, name)
+            parent = "/".join(comps[:-1]) or "."
+            if comps[-1] == _OPAQUE:
+                entries.append(Entry(path=parent, type="opaque", mode=0, mtime=mtime))
+            elif not comps[-1].startswith(_WH + _WH) and len(comps[-1]) > len(_WH):
+                hidden = comps[-1][len(_WH) :]
+                wpath = hidden if parent == "." else f"{parent}/{hidden}"
+                entries.append(Entry(path=wpath, type="whiteout", mode=0, mtime=mtime))
+            continue  # other ".wh..wh." names are aufs bookkeeping: not content
+        e = Entry(path=path, type=kind, mode=mode, uid=uid, gid=gid, mtime=mtime, xattrs=xattrs)
+        if kind == "file":
+            h = blake3()
+            offset = src.pos
+            src.feed(size, h, name)
+            src.feed(-size % _BLOCK, None, name)
+            e = dataclasses.replace(e, size=size, digest=h.hexdigest(), offset=offset)
+        elif kind in ("char", "block"):
+            major, minor = _number(hdr[329:337], start), _number(hdr[337:345], start)
+            e = dataclasses.replace(e, devmajor=major, devminor=minor)
+        elif kind == "symlink":
+            e = dataclasses.replace(e, link=link_b.decode("utf-8", "surrogateescape"))
+        elif kind == "hardlink":
+            link = _clean_path(link_b.decode("utf-8", "surrogateescape"))
+            e = dataclasses.replace(e, link=link)
+        entries.append(e)
+    return tuple(entries)
+
+
+_KINDS: dict[bytes, EntryType] = {
+    b"0": "file",
+    b"\0": "file",
+    b"7": "file",
+    b"1": "hardlink",
+    b"2": "symlink",
+    b"3": "char",
+    b"4": "block",
+    b"5": "dir",
+    b"6": "fifo",
+}
+
+
+def _clean_path(name: str) -> str:
+    """A member name as an entry path: relative, no ``./`` or trailing ``/``; ``.`` is the root."""
+    comps = [c for c in name.split("/") if c not in ("", ".")]
+    if ".." in comps:
+        raise InvalidInput(f"unsafe path in layer tar: {name!r}")
+    return "/".join(comps) or "."
+
+
+def _cstr(field: bytes) -> bytes:
+    return field.split(b"\0", 1)[0]
+
+
+def _ustar_name(hdr: bytes) -> bytes:
+    name = _cstr(hdr[0:100])
+    if hdr[257:263] == b"ustar\x00":  # POSIX ustar (GNU's magic is "ustar  ": no prefix field)
+        prefix = _cstr(hdr[345:500])
+        if prefix:
+            return prefix + b"/" + name
+    return name
+
+
+def _number(field: bytes, at: int) -> int:
+    """A numeric header field: octal, or GNU base-256 when the high bit is set."""
+    if field and field[0] & 0x80:
+        if field[0] == 0xFF:
+            return int.from_bytes(field, "big", signed=True)
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = _cstr(field).strip(b" ")
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise InvalidInput(f"invalid tar header at offset {at}: bad number {field!r}") from None
+
+
+def _pax_int(value: bytes, at: int) -> int:
+    """An integer PAX value; fractional times are truncated toward minus infinity."""
+    try:
+        whole, _, _frac = value.decode("ascii").partition(".")
+        n = int(whole)
+        if value.startswith(b"-") and _frac.strip("0"):
+            n -= 1
+        return n
+    except ValueError:
+        raise InvalidInput(f"invalid PAX number {value!r} at offset {at}") from None
+
+
+def _check_sum(hdr: bytes, at: int) -> None:
+    stored = _number(hdr[148:156], at)
+    unsigned = sum(hdr[:148]) + 8 * 0x20 + sum(hdr[156:])
+    signed = unsigned - 256 * sum(1 for b in hdr[:148] + hdr[156:] if b >= 0x80)
+    if stored not in (unsigned, signed):
+        raise InvalidInput(f"invalid tar header at offset {at}: checksum mismatch")
+
+
+def _parse_pax(data: bytes, at: int) -> dict[str, bytes]:
+    """Parse ``"<len> key=value\\n"`` records."""
+    out: dict[str, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:
+            break
+        sp = data.find(b" ", pos)
+        try:
+            n = int(data[pos:sp])
+        except ValueError:
+            raise InvalidInput(f"invalid PAX header at offset {at}") from None
+        rec = data[sp + 1 : pos + n]
+        if n <= 0 or not rec.endswith(b"\n") or b"=" not in rec:
+            raise InvalidInput(f"invalid PAX record at offset {at}")
+        key, _, value = rec[:-1].partition(b"=")
+        k = key.decode("utf-8", "surrogateescape")
+        if value:
+            out[k] = value
+        else:
+            out.pop(k, None)  # an empty value deletes the keyword
+        pos += n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Import, compression, random access
+
+
+def codec_of(media_type: str) -> Compression:
+    """The compression of a layer media type (OCI or Docker)."""
+    if media_type.endswith(("+gzip", ".tar.gzip")):
+        return "gzip"
+    if media_type.endswith(("+zstd", ".tar.zstd")):
+        return "zstd"
+    if media_type.endswith((".tar", "diff.tar")):
+        return "none"
+    raise Unsupported(f"unsupported layer media type {media_type!r}")
+
+
+def codec_version(codec: Compression) -> str:
+    """The version of the library behind a codec (part of a compressed blob's cache key)."""
+    if codec == "gzip":
+        return f"zlib-{zlib.ZLIB_RUNTIME_VERSION}"
+    if codec == "zstd":
+        import zstandard
+
+        return f"zstd-{zstandard.ZSTD_VERSION}"
+    return "none"
+
+
+class _Tee:
+    """Reads from a stream and writes every byte read into a blob writer."""
+
+    def __init__(self, src: BinaryIO, w: BlobWriter) -> None:
+        self._src = src
+        self._w = w
+
+    def read(self, n: int = -1) -> bytes:
+        b = self._src.read(n)
+        self._w.write(b)
+        return b
+
+
+def import_layer(store: BlobStore, compressed: BinaryIO, media_type: str) -> LayerInfo:
+    """Decompress a layer blob into the store as an uncompressed tar; return its diff_id and TOC.
+
+    One pass: the decompressed bytes are hashed, stored and parsed as they stream by.
+    """
+    import zstandard
+
+    codec = codec_of(media_type)
+    bad = (OSError, EOFError, zlib.error, zstandard.ZstdError)
+    try:
+        with contextlib.ExitStack() as stack:
+            src: BinaryIO = compressed
+            if codec == "gzip":
+                src = cast(
+                    BinaryIO, stack.enter_context(gzip.GzipFile(fileobj=compressed, mode="rb"))
+                )
+            elif codec == "zstd":
+                src = stack.enter_context(
+                    zstandard.ZstdDecompressor().stream_reader(
+                        compressed, read_across_frames=True, closefd=False
+                    )
+                )
+            w = stack.enter_context(store.ingest())
+            tee = _Tee(src, w)
+            toc = _scan(_Input(tee))  # type: ignore[arg-type]
+            while tee.read(_CHUNK):
+                pass  # keep the end-of-archive blocks and padding: diff_id covers all bytes
+    except bad as e:
+        raise InvalidInput(f"layer is not a valid {codec} stream: {e}") from e
+    return LayerInfo(diff_id=w.digest, size=w.size, toc=toc)
+
+
+def compress_layer(
+    store: BlobStore, diff_id: Digest, codec: Compression, level: int | None = None
+) -> BlobInfo:
+    """Compress a stored layer tar deterministically; returns the compressed blob.
+
+    gzip headers carry no name, mtime 0 and OS byte 255 (default level 6); zstd frames are
+    single-threaded with content size and checksum (default level 3).  ``"none"`` returns the
+    diff_id blob itself.  Same input, codec, level and library version give the same bytes.
+    """
+    if codec == "none":
+        return BlobInfo(digest=diff_id, size=store.size(diff_id), media_type=MEDIA_TYPES["none"])
+    if codec == "gzip":
+        lvl = GZIP_DEFAULT_LEVEL if level is None else level
+        if not 0 <= lvl <= 9:
+            raise InvalidInput(f"gzip level must be 0..9, not {lvl}")
+        with (
+            store.open(diff_id) as src,
+            store.ingest() as w,
+            gzip.GzipFile(filename="", mode="wb", compresslevel=lvl, fileobj=w, mtime=0) as gz,
+        ):
+            while chunk := src.read(_CHUNK):
+                gz.write(chunk)
+    elif codec == "zstd":
+        import zstandard
+
+        lvl = ZSTD_DEFAULT_LEVEL if level is None else level
+        if not -(1 << 17) <= lvl <= 22:
+            raise InvalidInput(f"zstd level must be at most 22, not {lvl}")
+        size = store.size(diff_id)
+        cctx = zstandard.ZstdCompressor(level=lvl, write_checksum=True, write_content_size=True)
+        with (
+            store.open(diff_id) as src,
+            store.ingest() as w,
+            cctx.stream_writer(cast(IO[bytes], w), size=size, closefd=False) as zw,
+        ):
+            while chunk := src.read(_CHUNK):
+                zw.write(chunk)
+    else:
+        raise Unsupported(f"unsupported compression {codec!r}")
+    return BlobInfo(digest=w.digest, size=w.size, media_type=MEDIA_TYPES[codec])
+
+
+class _Section(io.RawIOBase):
+    """A read-only window [offset, offset+size) of an open file, read with pread."""
+
+    def __init__(self, f: BinaryIO, offset: int, size: int, what: str) -> None:
+        self._f = f
+        self._offset = offset
+        self._size = size
+        self._pos = 0
+        self._what = what
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(b), self._size - self._pos)
+        if n <= 0:
+            return 0
+        data = os.pread(self._f.fileno(), n, self._offset + self._pos)
+        if not data:
+            raise StoreError(f"{self._what}: layer blob is shorter than its TOC says")
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def open_member(store: BlobStore, diff_id: Digest, entry: Entry) -> BinaryIO:
+    """Open a regular file's bytes inside a stored layer tar, by its TOC offset and size."""
+    if entry.type != "file" or entry.offset < 0:
+        raise InvalidInput(f"{entry.path}: not a regular file with a known offset in {diff_id}")
+    f = store.open(diff_id)
+    return io.BufferedReader(_Section(f, entry.offset, entry.size, entry.path))
