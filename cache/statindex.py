@@ -1,0 +1,229 @@
+"""The stat index: remembers each local file's blake3 under its stat tuple, so an unchanged
+file is never read twice.
+
+A row is keyed by the file's absolute path and holds (size, mtime_ns, ctime_ns, inode, mode)
+as they were when the file was hashed.  A lookup answers only when all of them still match.
+ctime is in the tuple because nothing can set it: a tool that rewrites a file and restores
+its mtime (``touch -r``, ``rsync -t``, ``tar x``) still changes it.  The index is local to
+this machine and never enters a step key.
+
+Racy files: a file modified again within one timestamp tick of being stat'ed keeps the same
+stat tuple with different bytes.  Like git's "racily clean" entries, a file whose mtime or
+ctime is within ``racy_ns`` of the moment it was hashed is not recorded, so it is hashed
+again next time, by which point its timestamps are old enough to trust.
+
+Reads go through :class:`cache.fastpath.FastIndex` when the index is a SQLite file (no
+SQLAlchemy import on a no-op rebuild); writes are batched and go through
+:class:`cache.records.Index`, opened only when there is something to write.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from cache.records import StatEntry, prefix_range
+
+if TYPE_CHECKING:
+    from cache.fastpath import FastIndex
+    from cache.records import Index
+
+RACY_NS = 2_000_000_000
+"""A file touched less than this long before it was hashed is not recorded.  Two seconds
+covers filesystems with whole-second (ext4 with small inodes, HFS+) or two-second (FAT)
+timestamps; on a fine-grained filesystem it only costs one more read of a just-saved file."""
+
+BATCH = 1000
+"""Recorded rows are written to the database in transactions of at most this many."""
+
+
+class StatReader(Protocol):
+    """Where stat rows are read from: ``FastIndex`` or ``Index``."""
+
+    def stat_get_many(self, paths: Iterable[str]) -> dict[str, StatEntry]: ...
+
+    def stat_under(self, root: str) -> dict[str, StatEntry]: ...
+
+
+class StatWriter(Protocol):
+    """Where stat rows are written to: ``Index``."""
+
+    def stat_put_many(self, entries: Iterable[StatEntry]) -> None: ...
+
+
+def _abs(path: str | os.PathLike[str]) -> str:
+    # abspath, not resolve(): the key is the path the caller walked, symlinks unresolved
+    return os.path.abspath(os.fspath(path))
+
+
+class StatIndex:
+    """Cached file hashes keyed by path and stat tuple, over the cache index database.
+
+    Lifecycle: open (``StatIndex.open(db)`` or ``StatIndex(index)``), optionally
+    ``prefetch(root)`` to load every row under a context directory in one query, then
+    ``lookup``/``record`` (or the ``hasher`` wrapper) per file, then ``close()`` (or leave
+    the ``with`` block), which writes what is still pending.  Not thread-safe.
+
+    ``hits``, ``misses`` and ``hashed`` count lookups that answered, lookups that did not,
+    and files the hasher had to read.
+    """
+
+    def __init__(
+        self,
+        index: Index | None = None,
+        *,
+        db: str | os.PathLike[str] | None = None,
+        batch_size: int = BATCH,
+        racy_ns: int = RACY_NS,
+    ) -> None:
+        """Use an open ``index`` (not closed by ``close()``), or the database ``db``.
+
+        With ``db``, reads use the stdlib fast path when possible and an ``Index`` is
+        opened only to write (or to read when the fast path does not apply); both are
+        closed by ``close()``.
+        """
+        if (index is None) == (db is None):
+            raise ValueError("StatIndex: give exactly one of index or db")
+        self._index = index
+        self._owns_index = index is None
+        self._db = db
+        self._fast: FastIndex | None = None
+        if db is not None:
+            from cache.fastpath import FastIndex
+
+            self._fast = FastIndex.open(db)
+        self._batch = batch_size
+        self._racy_ns = racy_ns
+        # path -> row, or None when the database is known to have no row for it
+        self._rows: dict[str, StatEntry | None] = {}
+        self._loaded_roots: list[str] = []
+        self._pending: dict[str, StatEntry] = {}
+        self.hits = 0
+        self.misses = 0
+        self.hashed = 0
+
+    @classmethod
+    def open(
+        cls, db: str | os.PathLike[str], *, batch_size: int = BATCH, racy_ns: int = RACY_NS
+    ) -> StatIndex:
+        """A stat index over the database at ``db`` (a path or SQLAlchemy URL)."""
+        return cls(db=db, batch_size=batch_size, racy_ns=racy_ns)
+
+    def _writer(self) -> Index:
+        if self._index is None:
+            from cache.records import Index
+
+            assert self._db is not None
+            self._index = Index.open(self._db)
+        return self._index
+
+    def _reader(self) -> StatReader:
+        return self._fast if self._fast is not None else self._writer()
+
+    def close(self) -> None:
+        """Write pending rows, then close what this object opened."""
+        try:
+            self.flush()
+        finally:
+            if self._fast is not None:
+                self._fast.close()
+                self._fast = None
+            if self._owns_index and self._index is not None:
+                self._index.close()
+                self._index = None
+
+    def __enter__(self) -> StatIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def prefetch(self, root: str | os.PathLike[str]) -> int:
+        """Load every row below directory ``root`` at once; return how many there were.
+
+        Afterwards a lookup of a path under ``root`` costs no query, and a path with no
+        row there is known to be new.
+        """
+        top = _abs(root)
+        rows = self._reader().stat_under(top)
+        for path, row in rows.items():
+            self._rows.setdefault(path, row)  # a row recorded in this session is newer
+        self._loaded_roots.append(prefix_range(top)[0])
+        return len(rows)
+
+    def _row(self, path: str) -> StatEntry | None:
+        if path in self._rows:
+            return self._rows[path]
+        if any(path.startswith(root) for root in self._loaded_roots):
+            return None
+        row = self._reader().stat_get_many([path]).get(path)
+        self._rows[path] = row
+        return row
+
+    def lookup(self, path: str | os.PathLike[str], st: os.stat_result) -> str | None:
+        """The blake3 hex recorded for ``path`` if ``st`` is the stat it was recorded with."""
+        row = self._row(_abs(path))
+        if row is not None and row.matches(st):
+            self.hits += 1
+            return row.blake3
+        self.misses += 1
+        return None
+
+    def is_racy(self, st: os.stat_result, observed_ns: int) -> bool:
+        """Whether ``st``'s timestamps are too close to ``observed_ns`` to vouch for content."""
+        return max(st.st_mtime_ns, st.st_ctime_ns) >= observed_ns - self._racy_ns
+
+    def record(
+        self,
+        path: str | os.PathLike[str],
+        st: os.stat_result,
+        blake3: str,
+        *,
+        observed_ns: int | None = None,
+    ) -> bool:
+        """Remember that ``path`` with stat ``st`` hashed to ``blake3``; True if remembered.
+
+        ``st`` must be the stat taken before the bytes were read; ``observed_ns`` a wall
+        clock time (``time.time_ns()``) taken after that stat and before reading — it
+        defaults to now.  Racy files (see module doc) are not remembered.  Rows are
+        written in batches; ``flush()`` writes what is pending.
+        """
+        when = time.time_ns() if observed_ns is None else observed_ns
+        key = _abs(path)
+        if self.is_racy(st, when):
+            # forget what we knew: the old row might otherwise match a later stat
+            self._rows.pop(key, None)
+            self._pending.pop(key, None)
+            return False
+        row = StatEntry.from_stat(key, st, blake3)
+        self._rows[key] = row
+        self._pending[key] = row
+        if len(self._pending) >= self._batch:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Write pending rows in one transaction (opening the writing ``Index`` if needed)."""
+        if not self._pending:
+            return
+        rows = list(self._pending.values())
+        self._writer().stat_put_many(rows)
+        self._pending.clear()
+
+    def hasher(self, fallback: Callable[[Path], str]) -> Callable[[Path, os.stat_result], str]:
+        """A file hasher that reads a file (through ``fallback``) only when its stat changed."""
+
+        def hash_file(path: Path, st: os.stat_result) -> str:
+            known = self.lookup(path, st)
+            if known is not None:
+                return known
+            before = time.time_ns()
+            digest = fallback(path)
+            self.hashed += 1
+            self.record(path, st, digest, observed_ns=before)
+            return digest
+
+        return hash_file
