@@ -1,0 +1,423 @@
+"""The build context: what COPY/ADD sources select in it, walking it, and hashing its files.
+
+Vocabulary: a *rel* path is relative to the context root, '/'-separated, with no leading
+``./`` or ``/``; the root itself is ``"."``.  A *logical* rel is a path as a Dockerfile
+names it (it may pass through symlinks); its *real* rel is where it lands once those
+symlinks are resolved inside the context.  Ignore rules always apply to real rels, since
+Docker filters the context before COPY follows any link.  An excluded path is treated as
+absent, except a directory that still holds re-included (``!``) paths: Docker sends such a
+directory so that its surviving children have a parent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from builder.ignore import (
+    IgnoreRules,
+    PatternSyntaxError,
+    compile_segment,
+    go_clean,
+    has_wildcards,
+)
+from cache.errors import InvalidInput, NotFound
+
+ContextFileType = Literal["file", "dir", "symlink"]
+
+FileHasher = Callable[[Path, os.stat_result], str]
+"""Returns the blake3 hex of a regular file's content, given its path and a fresh stat."""
+
+_MMAP_THRESHOLD = 1 << 20  # below this a plain read is cheaper than mapping + threads
+_READ_CHUNK = 1 << 20
+_MAX_SYMLINK_HOPS = 40  # as Linux's MAXSYMLINKS: a loop fails instead of spinning
+
+
+@dataclass(frozen=True)
+class ContextFile:
+    """One path of the build context as COPY/ADD sees it.
+
+    ``rel`` is the logical rel path (for a followed top-level symlink, the link's own path);
+    ``type``/``mode``/``size``/... describe what is there (the link's target when followed).
+    ``mode`` holds permission bits only (``0o7777``); ``size`` is 0 for directories and the
+    target's byte length for symlinks; ``link`` is a symlink's target as stored ('' otherwise).
+    """
+
+    rel: str
+    type: ContextFileType
+    mode: int
+    size: int
+    mtime_ns: int
+    ino: int
+    dev: int
+    nlink: int
+    link: str = ""
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The rel path as a tuple of components: the sort key of context paths."""
+        return () if self.rel == "." else tuple(self.rel.split("/"))
+
+
+class _OutsideContext(Exception):
+    """A symlink being followed leads out of the context (internal: callers word the error)."""
+
+    def __init__(self, link: str, target: str) -> None:
+        super().__init__(f"symlink {link} -> {target}")
+        self.link = link
+        self.target = target
+
+
+def _join(parent: str, name: str) -> str:
+    """Join a rel directory and a name."""
+    return name if parent == "." else f"{parent}/{name}"
+
+
+def _make_file(rel: str, st: os.stat_result, link: str = "") -> ContextFile | None:
+    """Build a ContextFile from a stat result; None for sockets, devices and fifos."""
+    fmt = stat.S_IFMT(st.st_mode)
+    kind: ContextFileType
+    if fmt == stat.S_IFREG:
+        kind, size = "file", st.st_size
+    elif fmt == stat.S_IFDIR:
+        kind, size = "dir", 0
+    elif fmt == stat.S_IFLNK:
+        kind, size = "symlink", len(os.fsencode(link))
+    else:
+        return None
+    return ContextFile(
+        rel=rel,
+        type=kind,
+        mode=stat.S_IMODE(st.st_mode),
+        size=size,
+        mtime_ns=st.st_mtime_ns,
+        ino=st.st_ino,
+        dev=st.st_dev,
+        nlink=st.st_nlink,
+        link=link if kind == "symlink" else "",
+    )
+
+
+def _unescape(segment: str) -> str:
+    """Drop Go pattern escapes from a segment that holds no wildcard."""
+    return re.sub(r"\\(.)", r"\1", segment, flags=re.DOTALL)
+
+
+class BuildContext:
+    """The directory sent to a build, filtered by its ignore rules.
+
+    Nothing outside ``root`` is ever read: symlinks are resolved component by component and
+    one that leaves the context is an error, never followed.
+    """
+
+    def __init__(self, root: Path, ignore: IgnoreRules) -> None:
+        try:
+            st = root.stat()
+        except OSError:
+            raise NotFound(f"build context not found: {root}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotFound(f"build context is not a directory: {root}")
+        self.root: Path = root.resolve()
+        self.ignore: IgnoreRules = ignore
+        self._root_str = str(self.root)
+
+    def _host(self, real: str) -> str:
+        """The host path of a real rel."""
+        return self._root_str if real == "." else os.path.join(self._root_str, real)
+
+    def _resolve(self, logical: str) -> tuple[str, os.stat_result] | None:
+        """Resolve a logical rel inside the context, following every symlink in it.
+
+        Returns its real rel and lstat, or None when a component is missing, is not a
+        directory, or is a symlink the ignore rules exclude.  Raises _OutsideContext when a
+        link leaves the root (an absolute target, or ".." above it).
+        """
+        parts = deque(p for p in logical.split("/") if p not in ("", "."))
+        real: list[str] = []
+        hops = 0
+        followed = ("", "")  # the last symlink followed: the culprit when ".." climbs out
+        while parts:
+            name = parts.popleft()
+            if name in ("", "."):
+                continue  # from a link target such as "./x" or "a//b"
+            if name == "..":
+                if not real:
+                    raise _OutsideContext(*followed)
+                real.pop()
+                continue
+            cand = _join("/".join(real) or ".", name)
+            try:
+                st = os.lstat(self._host(cand))
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except OSError as err:
+                raise InvalidInput(f"cannot read {cand}: {err.strerror}") from None
+            if stat.S_ISLNK(st.st_mode):
+                if self.ignore.excluded(cand):
+                    return None
+                hops += 1
+                if hops > _MAX_SYMLINK_HOPS:
+                    raise InvalidInput(f"{logical}: too many levels of symbolic links")
+                target = os.readlink(self._host(cand))
+                if target.startswith("/"):
+                    raise _OutsideContext(cand, target)
+                followed = (cand, target)
+                parts.extendleft(reversed(target.split("/")))
+                continue
+            real.append(name)
+        real_rel = "/".join(real) or "."
+        try:
+            return real_rel, os.lstat(self._host(real_rel))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _has_included(self, real: str) -> bool:
+        """Whether an excluded directory still holds a path that the rules re-include."""
+        rules = self.ignore
+        state = rules.state(real)
+        if not rules.may_include_below_from(real, state):
+            return False
+        return next(self._walk_dir(real, real, state, []), None) is not None
+
+    def _lookup(
+        self, logical: str, *, strict: bool, instruction: str, source: str
+    ) -> ContextFile | None:
+        """The ContextFile a logical rel names (top-level symlinks followed), or None if absent.
+
+        With ``strict`` a special file (socket, fifo, device) is an error; otherwise absent.
+        """
+        try:
+            found = self._resolve(logical)
+        except _OutsideContext as err:
+            raise InvalidInput(
+                f"{instruction} source {source} points outside the build context ({err})"
+            ) from None
+        if found is None:
+            return None
+        real, st = found
+        cf = _make_file(logical, st)
+        if cf is None:
+            if strict:
+                raise InvalidInput(
+                    f"{instruction} source {logical} is not a regular file, directory or symlink"
+                )
+            return None
+        if self.ignore.excluded(real) and not (cf.type == "dir" and self._has_included(real)):
+            return None
+        return cf
+
+    def _clean_source(self, source: str) -> str:
+        """Clean a source path; InvalidInput if it is absolute or climbs out of the root."""
+        if source.startswith("/"):
+            raise InvalidInput(f"source escapes the build context: {source}")
+        cleaned = go_clean(source)
+        if cleaned == ".." or cleaned.startswith("../"):
+            raise InvalidInput(f"source escapes the build context: {source}")
+        return cleaned
+
+    def select(
+        self,
+        source: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        instruction: str = "COPY",
+    ) -> list[ContextFile]:
+        """Return the top-level items one COPY/ADD source selects, sorted by path components.
+
+        ``source`` is already variable-expanded.  ``"."`` selects the context root as a
+        directory.  Wildcards follow Go's ``filepath.Match`` per segment and only match paths
+        the ignore rules keep.  Errors carry ``file``/``line``: NotFound when nothing matches,
+        InvalidInput for a source outside the context or a malformed pattern.
+        """
+        try:
+            cleaned = self._clean_source(source)
+            if has_wildcards(cleaned):
+                found = self._glob(cleaned, instruction=instruction, source=source)
+            else:
+                one = self._lookup(cleaned, strict=True, instruction=instruction, source=source)
+                found = [] if one is None else [one]
+        except InvalidInput as err:
+            if err.file is None:
+                err.file, err.line = file, line
+            raise
+        if not found:
+            hint = None
+            if not has_wildcards(cleaned) and self._resolve(cleaned) is not None:
+                hint = "the path is excluded by the .dockerignore rules"
+            raise NotFound(
+                f"{instruction} source not found: {source}", hint=hint, file=file, line=line
+            )
+        return sorted(found, key=lambda f: f.parts)
+
+    def _glob(self, pattern: str, *, instruction: str, source: str) -> list[ContextFile]:
+        """Expand a wildcard source: a literal prefix, then one directory listing per segment."""
+        segments = pattern.split("/")
+        first = next(i for i, seg in enumerate(segments) if has_wildcards(seg))
+        candidates = ["/".join(segments[:first]) or "."]
+        for seg in segments[first:]:
+            if not has_wildcards(seg):
+                literal = _unescape(seg)
+                candidates = [_join(c, literal) for c in candidates]
+                continue
+            try:
+                regex = compile_segment(seg)
+            except PatternSyntaxError as err:
+                raise InvalidInput(f"bad {instruction} source pattern {source!r}: {err}") from None
+            expanded: list[str] = []
+            for cand in candidates:
+                expanded.extend(_join(cand, n) for n in self._listdir(cand) if regex.fullmatch(n))
+            candidates = expanded
+        found: list[ContextFile] = []
+        for cand in candidates:
+            cf = self._lookup(cand, strict=False, instruction=instruction, source=source)
+            if cf is not None:
+                found.append(cf)
+        return found
+
+    def _listdir(self, logical: str) -> list[str]:
+        """Names in a logical directory (symlinks followed), sorted; [] when it is not one."""
+        try:
+            found = self._resolve(logical)
+        except _OutsideContext:
+            return []  # _lookup reports the escape when a matched path goes through it
+        if found is None or not stat.S_ISDIR(found[1].st_mode):
+            return []
+        try:
+            return sorted(os.listdir(self._host(found[0])))
+        except OSError as err:
+            raise InvalidInput(f"cannot read directory {logical}: {err.strerror}") from None
+
+    def walk(self, rel_dir: str) -> Iterator[ContextFile]:
+        """Yield everything below a selected directory (not the directory itself).
+
+        Depth-first, sorted by path components; excluded paths are skipped, except a
+        directory holding re-included paths, which comes just before its first survivor.
+        Symlinks are yielded as symlinks, never followed; sockets, fifos and devices are
+        skipped.  An unreadable directory raises InvalidInput naming it.
+        """
+        logical = self._clean_source(rel_dir or ".")
+        try:
+            found = self._resolve(logical)
+        except _OutsideContext as err:
+            raise InvalidInput(f"{rel_dir} points outside the build context ({err})") from None
+        if found is None:
+            raise NotFound(f"{rel_dir}: no such directory in the build context")
+        real, st = found
+        if not stat.S_ISDIR(st.st_mode):
+            raise InvalidInput(f"{rel_dir} is not a directory")
+        rules = self.ignore
+        state = (False,) * len(rules.patterns) if real == "." else rules.state(real)
+        yield from self._walk_dir(real, logical, state, [])
+
+    def _walk_dir(
+        self, real: str, logical: str, state: tuple[bool, ...], pending: list[ContextFile]
+    ) -> Iterator[ContextFile]:
+        """Walk one directory; ``pending`` holds excluded ancestors not yet yielded."""
+        rules = self.ignore
+        for name, st in self._scan(real, logical):
+            child_real = _join(real, name)
+            child_logical = _join(logical, name)
+            child_state = rules.child_state(state, child_real)
+            excluded = rules.excluded_by(child_state)
+            link = ""
+            if stat.S_ISLNK(st.st_mode):
+                if excluded:
+                    continue
+                try:
+                    link = os.readlink(self._host(child_real))
+                except FileNotFoundError:
+                    continue  # removed since the scan
+            cf = _make_file(child_logical, st, link)
+            if cf is None:
+                continue
+            if cf.type != "dir":
+                if not excluded:
+                    yield from pending
+                    pending.clear()
+                    yield cf
+                continue
+            if excluded:
+                # Descend only when a '!' pattern could bring something back below.
+                if not rules.may_include_below_from(child_real, child_state):
+                    continue
+                pending.append(cf)
+                yield from self._walk_dir(child_real, child_logical, child_state, pending)
+                if pending and pending[-1] is cf:
+                    pending.pop()
+                continue
+            yield from pending
+            pending.clear()
+            yield cf
+            yield from self._walk_dir(child_real, child_logical, child_state, pending)
+
+    def _scan(self, real: str, logical: str) -> list[tuple[str, os.stat_result]]:
+        """The (name, lstat) of a directory's entries, sorted by name."""
+        entries: list[tuple[str, os.stat_result]] = []
+        try:
+            with os.scandir(self._host(real)) as it:
+                for entry in it:
+                    try:
+                        entries.append((entry.name, entry.stat(follow_symlinks=False)))
+                    except FileNotFoundError:
+                        continue  # removed since the listing
+        except OSError as err:
+            raise InvalidInput(f"cannot read directory {logical}: {err.strerror}") from None
+        entries.sort(key=lambda e: e[0])
+        return entries
+
+    def open(self, f: ContextFile) -> BinaryIO:
+        """Open a selected regular file for reading; InvalidInput when it cannot be read."""
+        if f.type != "file":
+            raise InvalidInput(f"cannot read {f.rel}: not a regular file")
+        try:
+            found = self._resolve(f.rel)
+        except _OutsideContext as err:
+            raise InvalidInput(f"{f.rel} points outside the build context ({err})") from None
+        if found is None:
+            raise NotFound(f"cannot read {f.rel}: No such file or directory")
+        # O_NOFOLLOW: the path was resolved above; a link swapped in since must not be followed.
+        # O_NONBLOCK: a fifo swapped in must not hang the build.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self._host(found[0]), flags)
+        except OSError as err:
+            raise InvalidInput(f"cannot read {f.rel}: {err.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InvalidInput(f"cannot read {f.rel}: not a regular file")
+        return os.fdopen(fd, "rb")
+
+
+def hash_file(path: Path, st: os.stat_result | None = None) -> str:
+    """Return the blake3 hex of a regular file's content, streamed, never held in memory.
+
+    ``st`` (a fresh stat of ``path``) saves a syscall.  Large files are hashed through mmap
+    with blake3's threads.  Raises InvalidInput when the file cannot be read.
+    """
+    import blake3
+
+    try:
+        if st is None:
+            st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInput(f"cannot hash {path}: not a regular file")
+        if st.st_size >= _MMAP_THRESHOLD:
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            hasher.update_mmap(path)
+            return str(hasher.hexdigest())
+        hasher = blake3.blake3()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(_READ_CHUNK):
+                hasher.update(chunk)
+        return str(hasher.hexdigest())
+    except FileNotFoundError:
+        raise NotFound(f"cannot read {path}: No such file or directory") from None
+    except OSError as err:
+        raise InvalidInput(f"cannot read {path}: {err.strerror or err}") from None
