@@ -1,0 +1,7 @@
+"""``python -m builder`` runs the lbuild CLI."""
+
+import sys
+
+from builder.cli import main
+
+sys.exit(main())

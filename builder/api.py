@@ -1,0 +1,360 @@
+"""lbuild's Python API: ``build(BuildOptions)`` and the helpers the CLI is a thin layer over."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cache.errors import InvalidInput, NotFound, Unsupported
+from cache.types import Compression, Digest
+
+if TYPE_CHECKING:
+    from builder.plan import ExternalImage, Plan, Step
+    from builder.solve import CacheHit, Reporter, Solver
+    from cache.blobs import BlobStore
+    from cache.records import Index
+    from cache.types import LayerInfo, StepKey
+
+
+@dataclass(frozen=True)
+class Output:
+    """One ``--output``: ``type=oci,dest=DIR`` or ``type=docker,dest=FILE``."""
+
+    type: str
+    dest: Path
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything ``lbuild build`` takes."""
+
+    context: Path
+    dockerfile: Path | None = None
+    tags: tuple[str, ...] = ()
+    build_args: Mapping[str, str] = field(default_factory=dict)
+    build_contexts: Mapping[str, str] = field(default_factory=dict)
+    target: str | None = None
+    no_cache: bool = False
+    no_cache_filter: tuple[str, ...] = ()
+    outputs: tuple[Output, ...] = ()
+    home: Path | None = None
+    jobs: int = 0
+    compression: Compression = "gzip"
+    keep_mtime: bool = False
+    epoch: int | None = None  # SOURCE_DATE_EPOCH; None reads the environment
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """A finished build: the image's digests and per-step outcomes."""
+
+    manifest_digest: Digest
+    config_digest: Digest
+    steps_total: int
+    steps_cached: int
+    seconds: float
+
+
+def home_dir(home: Path | None) -> Path:
+    """The cache directory: ``--home``, else ``$LBUILD_HOME``, else ``~/.cache/lbuild``."""
+    if home is not None:
+        return home
+    env = os.environ.get("LBUILD_HOME")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "lbuild"
+
+
+def source_date_epoch(value: int | None) -> int:
+    if value is not None:
+        return value
+    raw = os.environ.get("SOURCE_DATE_EPOCH")
+    if raw is None or raw == "":
+        return 0
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInput(f"SOURCE_DATE_EPOCH must be an integer, got {raw!r}") from None
+
+
+def parse_output(spec: str) -> Output:
+    """Parse ``type=oci,dest=DIR`` (docker buildx syntax)."""
+    fields: dict[str, str] = {}
+    for part in spec.split(","):
+        k, sep, v = part.partition("=")
+        if not sep:
+            raise InvalidInput(f"invalid --output {spec!r}: expected type=oci,dest=PATH")
+        fields[k.strip()] = v.strip()
+    typ = fields.get("type", "")
+    if typ in ("registry", "image", "local", "tar"):
+        raise Unsupported(f"--output type={typ} is not supported yet (use type=oci or type=docker)")
+    if typ not in ("oci", "docker"):
+        raise InvalidInput(f"invalid --output {spec!r}: type must be oci or docker")
+    if not fields.get("dest"):
+        raise InvalidInput(f"invalid --output {spec!r}: dest=PATH is required")
+    return Output(typ, Path(fields["dest"]))
+
+
+def parse_kv(items: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not k:
+            raise InvalidInput(f"invalid {what} {it!r}: expected NAME=VALUE")
+        if not sep:
+            env = os.environ.get(k)
+            if env is None:
+                continue
+            v = env
+        out[k] = v
+    return out
+
+
+def split_tag(name: str) -> tuple[str, str]:
+    """``repo[:tag]`` -> (repo, tag); the tag defaults to ``latest``."""
+    if not name or name != name.strip() or " " in name:
+        raise InvalidInput(f"invalid tag {name!r}")
+    repo, tag = name, "latest"
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        repo, tag = name[:colon], name[colon + 1 :]
+    if not repo or not tag:
+        raise InvalidInput(f"invalid tag {name!r}")
+    return repo.lower(), tag
+
+
+def full_tag(name: str) -> str:
+    repo, tag = split_tag(name)
+    return f"{repo}:{tag}"
+
+
+@dataclass
+class Session:
+    """An opened cache home: content store and index. Built at the edge, passed in."""
+
+    home: Path
+    store: BlobStore
+    index: Index
+
+    @classmethod
+    @contextmanager
+    def open(cls, home: Path | None) -> Iterator[Session]:
+        from cache.blobs import BlobStore
+        from cache.records import Index
+
+        h = home_dir(home)
+        h.mkdir(parents=True, exist_ok=True)
+        store = BlobStore(h)
+        store.sweep_tmp()
+        index = Index.open(str(h / "lbuild.db"))
+        try:
+            yield cls(h, store, index)
+        finally:
+            index.close()
+
+
+def image_from_store(store: BlobStore, ref: str, manifest_digest: Digest) -> ExternalImage:
+    """An image whose manifest and blobs are all in the content store."""
+    from builder.plan import ExternalImage
+    from cache.types import BlobInfo
+
+    manifest = json.loads(store.read(manifest_digest))
+    config = json.loads(store.read(Digest(manifest["config"]["digest"])))
+    layers = tuple(BlobInfo(Digest(x["digest"]), int(x["size"]), x["mediaType"])
+                   for x in manifest.get("layers", []))
+    diff_ids = tuple(Digest(d) for d in config.get("rootfs", {}).get("diff_ids", []))
+    for b in layers:
+        if not store.has(b.digest):
+            raise NotFound(f"image {ref}: layer blob {b.digest} is missing from the store")
+    return ExternalImage(ref, manifest_digest, config, layers, diff_ids)
+
+
+def make_resolver(session: Session, build_contexts: Mapping[str, str]) -> Callable[[str], ExternalImage | None]:
+    """Resolve a FROM / COPY --from name: --build-context first, then lbuild's local tags."""
+    from builder.export import load_oci_layout
+
+    loaded: dict[str, ExternalImage] = {}
+
+    def resolve(ref: str) -> ExternalImage | None:
+        if ref in loaded:
+            return loaded[ref]
+        spec = build_contexts.get(ref)
+        img: ExternalImage | None = None
+        if spec is not None:
+            if not spec.startswith("oci-layout://"):
+                raise Unsupported(f"--build-context {ref}={spec}: only oci-layout:// is supported")
+            path, tag = spec[len("oci-layout://"):], "latest"
+            head, sep, tail = path.rpartition(":")
+            if sep and "/" not in tail and head:
+                path, tag = head, tail
+            if not (Path(path) / "index.json").is_file():
+                raise NotFound(f"--build-context {ref}: {path} is not an OCI layout (no index.json)")
+            image, _layers = load_oci_layout(session.store, Path(path), tag)
+            from builder.plan import ExternalImage
+
+            config = json.loads(image.config)
+            img = ExternalImage(ref, image.manifest_digest, config, tuple(image.layers),
+                                tuple(image.diff_ids))
+        else:
+            try:
+                name = full_tag(ref)
+            except InvalidInput:
+                return None
+            found = session.index.get_tag(name)
+            if found is not None:
+                img = image_from_store(session.store, name, found.manifest_digest)
+        if img is not None:
+            loaded[ref] = img
+        return img
+
+    return resolve
+
+
+class IndexCache:
+    """The solver's StepCache over the SQLAlchemy index."""
+
+    def __init__(self, session: Session, dockerfile_id: str) -> None:
+        self.session = session
+        self.dockerfile_id = dockerfile_id
+        self.touched: list[StepKey] = []
+
+    def lookup(self, key: StepKey) -> CacheHit | None:
+        from builder.solve import CacheHit
+
+        rec = self.session.index.get_step(key)
+        if rec is None:
+            return None
+        if rec.diff_id is not None and not self.session.store.has(rec.diff_id):
+            return None  # a record whose blob is gone is a miss, never served
+        self.touched.append(key)
+        return CacheHit(rec.diff_id)
+
+    def record(self, step: Step, layer: LayerInfo | None, seconds: float) -> None:
+        from cache.records import StepRecord
+
+        now = time.time()
+        self.session.index.put_step(StepRecord(
+            key=step.key, diff_id=layer.diff_id if layer else None,
+            layer_size=layer.size if layer else 0, toc_digest=None, config_delta="{}",
+            inputs=json.dumps(step.inputs, sort_keys=True),
+            dockerfile_id=self.dockerfile_id, stage=str(step.stage), position=step.pos,
+            created=now, last_used=now, hits=0, build_seconds=seconds))
+
+    def hits(self, keys: list[StepKey]) -> None:
+        if keys:
+            self.session.index.touch_steps(keys, time.time())
+
+
+def compressed_blob(session: Session, diff_id: Digest, codec: Compression) -> Any:
+    """The compressed blob of a layer, compressing only on a cache miss."""
+    from cache.layer import GZIP_DEFAULT_LEVEL, ZSTD_DEFAULT_LEVEL, codec_version, compress_layer
+
+    level = {"gzip": GZIP_DEFAULT_LEVEL, "zstd": ZSTD_DEFAULT_LEVEL}.get(codec, 0)
+    version = codec_version(codec)
+    found = session.index.get_compressed(diff_id, codec, level, version)
+    if found is not None and session.store.has(found.digest):
+        return found
+    blob = compress_layer(session.store, diff_id, codec, level)
+    session.index.put_compressed(diff_id, codec, level, version, blob)
+    return blob
+
+
+def prepare(opts: BuildOptions, session: Session) -> tuple[Plan, Any]:
+    """Parse, select the context and plan (keys included). Returns the plan and the context."""
+    from builder import dockerfile as df
+    from builder.context import BuildContext, hash_file
+    from builder.ignore import load_ignore
+    from builder.imageconfig import host_platform
+    from builder.plan import PlanOptions, make_plan
+
+    ctx_dir = opts.context
+    if not ctx_dir.is_dir():
+        raise NotFound(f"build context not found: {ctx_dir}")
+    dfile = opts.dockerfile if opts.dockerfile is not None else ctx_dir / "Dockerfile"
+    dockerfile = df.load(dfile)
+    rules, _ = load_ignore(ctx_dir, dfile)
+    ctx = BuildContext(ctx_dir, rules)
+    os_name, arch = host_platform()
+    popts = PlanOptions(build_args=dict(opts.build_args), target=opts.target,
+                        epoch=source_date_epoch(opts.epoch), keep_mtime=opts.keep_mtime,
+                        platform=f"{os_name}/{arch}")
+    resolver = make_resolver(session, opts.build_contexts)
+    from cache.statindex import StatIndex
+
+    with StatIndex(session.index) as stats:
+        stats.prefetch(ctx.root)
+        plan = make_plan(dockerfile, ctx, popts, resolver, stats.hasher(hash_file))
+    return plan, ctx
+
+
+def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
+    """Build an image: parse, plan, solve, assemble, export and tag."""
+    from builder.export import export_docker_archive, export_oci_layout, make_image
+    from builder.progress import PlainReporter
+    from builder.solve import Solver
+
+    t0 = time.monotonic()
+    rep = reporter or PlainReporter()
+    epoch = source_date_epoch(opts.epoch)
+    for t in opts.tags:
+        split_tag(t)
+    with Session.open(opts.home) as session:
+        plan, _ctx = prepare(opts, session)
+        dockerfile_id = str((opts.dockerfile or opts.context / "Dockerfile").resolve())
+        cache = IndexCache(session, dockerfile_id)
+        filters = {f.lower() for f in opts.no_cache_filter}
+
+        def no_cache(step: Step) -> bool:
+            if opts.no_cache:
+                return True
+            name = plan.stages[step.stage].name
+            return bool(filters) and (name in filters or str(step.stage) in filters)
+
+        solver = Solver(plan, session.store, cache, rep, jobs=opts.jobs or (os.cpu_count() or 1),
+                        no_cache=no_cache, epoch=epoch, keep_mtime=opts.keep_mtime,
+                        run_step=_run_step())
+        solver.solve()
+        cache.hits(cache.touched)
+        image = assemble(solver, session, opts.compression)
+        for out in opts.outputs:
+            if out.type == "oci":
+                tag = split_tag(opts.tags[0])[1] if opts.tags else "latest"
+                export_oci_layout(session.store, image, out.dest, tag)
+            else:
+                export_docker_archive(session.store, image, out.dest,
+                                      [full_tag(t) for t in opts.tags])
+        for t in opts.tags:
+            session.index.set_tag(full_tag(t), image.manifest_digest, "{}")
+        steps = [s for s in plan.steps.values() if s.kind not in ("base", "end")]
+        cached = sum(1 for s in steps if solver.results[s.id].cached)
+        result = BuildResult(image.manifest_digest, image.config_digest, len(steps), cached,
+                             time.monotonic() - t0)
+    rep.finish(result)
+    return result
+
+
+def assemble(solver: Solver, session: Session, codec: Compression) -> Any:
+    """The target stage's OCI image (config + manifest) in the content store."""
+    from builder.export import make_image
+
+    state, diff_ids = solver.image_state(solver.plan.target)
+    base = solver.base_blobs(solver.plan.target)
+    blobs = [base[d] if d in base else compressed_blob(session, d, codec) for d in diff_ids]
+    config = state.final_config(solver.epoch)
+    return make_image(session.store, config, blobs)
+
+
+def _run_step() -> Callable[[Solver, Step], LayerInfo | None] | None:
+    try:
+        from builder.run import run_step
+    except ImportError:
+        return None
+    return run_step

@@ -1,0 +1,302 @@
+"""COPY and ADD: which entries a step writes, following Docker's rules.
+
+Sources come from the build context or from another stage's merged view; both are turned
+into ``Selected`` items (a top-level source and everything below it) before the
+destination rules are applied, so the rules are written once.  Every question asked of
+the destination image (does /app exist, is it a directory) is recorded in ``facts``:
+together with the sources and flags they decide the layer's bytes, which lets the solver
+reuse a layer whose step key changed only because an earlier step did.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from builder.view import View, clean
+from cache.errors import InvalidInput, NotFound
+from cache.types import Entry
+
+
+@dataclass(frozen=True)
+class Item:
+    """One file below a selected source; ``rel`` is relative to the source ('' = the source itself)."""
+
+    rel: str
+    entry: Entry  # path is ignored; type/mode/uid/gid/size/digest/link/mtime/source are used
+    hardlink_key: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Selected:
+    """One matched source: its base name and its items (the source itself first)."""
+
+    name: str
+    is_dir: bool
+    items: tuple[Item, ...]
+    archive: bool = False
+
+
+@dataclass
+class CopyResult:
+    entries: list[Entry]
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+_WILDCARD = re.compile(r"(?<!\\)[*?\[]")
+
+
+def has_wildcard(s: str) -> bool:
+    return bool(_WILDCARD.search(s))
+
+
+def parse_chmod(spec: str | None, file: str, line: int) -> int | None:
+    if spec is None:
+        return None
+    if not re.fullmatch(r"[0-7]{3,4}", spec):
+        raise InvalidInput(f"invalid --chmod value {spec!r}: expected an octal mode such as 0755",
+                           file=file, line=line)
+    return int(spec, 8)
+
+
+def _lookup(db: str, name: str, field_index: int) -> tuple[int, int] | None:
+    for raw in db.splitlines():
+        parts = raw.split(":")
+        if len(parts) > field_index and parts[0] == name:
+            try:
+                return int(parts[2]), int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else int(parts[2])
+            except ValueError:
+                return None
+    return None
+
+
+def resolve_chown(spec: str | None, read_file: Callable[[str], bytes | None],
+                  file: str, line: int) -> tuple[int, int] | None:
+    """``--chown`` to (uid, gid): numbers as given, names through the image's /etc/passwd and /etc/group."""
+    if spec is None or spec == "":
+        return None
+    user, sep, group = spec.partition(":")
+    if user.isdigit():
+        uid = int(user)
+        primary = uid
+    else:
+        passwd = (read_file("etc/passwd") or b"").decode(errors="replace")
+        found = _lookup(passwd, user, 3)
+        if found is None:
+            raise InvalidInput(f"unable to convert uid/gid chown string to host mapping: user {user!r} "
+                               "not found in /etc/passwd", file=file, line=line)
+        uid, primary = found
+    if not sep:
+        # Docker: a user without a group uses the same numeric id as the gid for numbers,
+        # and the user's primary group for names.
+        return uid, primary
+    if group.isdigit():
+        return uid, int(group)
+    groups = (read_file("etc/group") or b"").decode(errors="replace")
+    g = _lookup(groups, group, 2)
+    if g is None:
+        raise InvalidInput(f"unable to convert uid/gid chown string to host mapping: group {group!r} "
+                           "not found in /etc/group", file=file, line=line)
+    return uid, g[0]
+
+
+# --- sources from another stage's merged view ------------------------------------------------
+
+def glob_view(view: View, pattern: str) -> list[str]:
+    """Paths in ``view`` matching ``pattern`` segment by segment (Go filepath.Match rules)."""
+    parts = [p for p in clean(pattern).split("/") if p]
+    current = [""]
+    for seg in parts:
+        nxt: list[str] = []
+        for base in current:
+            real = view.resolve(base) if base else ""
+            if not has_wildcard(seg):
+                cand = posixpath.join(base, seg) if base else seg
+                if view.exists(view.resolve(cand, follow_last=False)) or view.exists(cand):
+                    nxt.append(cand)
+                continue
+            for child in sorted(view.children.get(real, ())):
+                name = posixpath.basename(child)
+                if fnmatch.fnmatchcase(name, seg):
+                    nxt.append(posixpath.join(base, name) if base else name)
+        current = nxt
+    return current
+
+
+def select_from_view(view: View, sources: Iterable[str], file: str, line: int) -> list[Selected]:
+    """Resolve COPY --from sources in a stage's view into Selected items."""
+    out: list[Selected] = []
+    for src in sources:
+        matches = glob_view(view, src) if has_wildcard(src) else [clean(src)]
+        if not matches:
+            raise NotFound(f"COPY source not found in stage: {src}", file=file, line=line)
+        for m in matches:
+            real = view.resolve(m)
+            e = view.get(real)
+            if e is None and not view.is_dir(real):
+                raise NotFound(f"COPY source not found in stage: {src}", file=file, line=line)
+            name = posixpath.basename(m) or "."
+            if view.is_dir(real):
+                top = e or Entry(path=real, type="dir", mode=0o755)
+                items = [Item("", top)]
+                for sub in view.walk(real):
+                    items.append(Item(sub.path[len(real) + 1 if real else 0:], sub))
+                out.append(Selected(name, True, tuple(items)))
+            else:
+                assert e is not None
+                out.append(Selected(name, False, (Item("", e),)))
+    return out
+
+
+# --- the destination rules ---------------------------------------------------------------------
+
+def plan_copy(
+    selected: list[Selected],
+    *,
+    dest: str,
+    workdir: str,
+    multi: bool,
+    view: View | None,
+    chown: tuple[int, int] | None,
+    chmod: int | None,
+    mtime: int | None,
+    keep_ownership: bool,
+    file: str,
+    line: int,
+) -> CopyResult:
+    """Turn selected sources into layer entries at ``dest``.
+
+    ``multi`` is True when the instruction had several sources or a wildcard; ``view`` is the
+    parent's merged view (None for ``--link``: the destination is then judged on its own);
+    ``mtime`` None keeps each item's own mtime (``--keep-mtime``, archives).
+    """
+    facts: dict[str, Any] = {}
+    dest_abs = dest if dest.startswith("/") else posixpath.join(workdir or "/", dest)
+    trailing = dest.endswith("/") or dest.endswith("/.") or dest in (".", "")
+    dest_path = clean(dest_abs)
+
+    def view_is_dir(p: str) -> bool:
+        if view is None:
+            return False
+        r = view.resolve(p)
+        ans = view.is_dir(r)
+        facts[f"isdir:{p}"] = [r, ans]
+        return ans
+
+    def view_exists(p: str) -> bool:
+        if view is None:
+            return False
+        ans = view.exists(view.resolve(p))
+        facts[f"exists:{p}"] = ans
+        return ans
+
+    if multi and not trailing and not view_is_dir(dest_path):
+        if len(selected) > 1 or any(s.is_dir for s in selected):
+            raise InvalidInput("When using COPY with more than one source file, the destination "
+                               "must be a directory and end with a /", file=file, line=line)
+    # Resolve symlinked destination directories inside the image (non-link only).
+    if view is not None and dest_path:
+        real = view.resolve(dest_path)
+        if real != dest_path:
+            facts[f"resolve:{dest_path}"] = real
+            dest_path = real
+
+    owner = chown
+    out: dict[str, Entry] = {}
+
+    def put(e: Entry) -> None:
+        out[e.path] = e
+
+    def ensure_dirs(path: str) -> None:
+        """Create missing parent directories of ``path`` (0755, root or --chown owner)."""
+        parts = path.split("/")[:-1] if path else []
+        cur = ""
+        for p in parts:
+            cur = f"{cur}/{p}" if cur else p
+            if cur in out:
+                continue
+            if view_exists(cur):
+                continue
+            uid, gid = owner if owner else (0, 0)
+            put(Entry(path=cur, type="dir", mode=0o755, uid=uid, gid=gid, mtime=mtime or 0))
+
+    hardlinks: dict[tuple[int, int], str] = {}
+
+    def emit(item: Item, target: str) -> None:
+        src = item.entry
+        uid, gid = (src.uid, src.gid) if keep_ownership else (0, 0)
+        if owner is not None:
+            uid, gid = owner
+        mode = src.mode
+        if chmod is not None and src.type in ("file", "dir", "hardlink"):
+            mode = chmod
+        e = replace(src, path=target, uid=uid, gid=gid, mode=mode,
+                    mtime=src.mtime if mtime is None else mtime, offset=-1)
+        if src.type == "symlink":
+            e = replace(e, mode=0o777)
+        if item.hardlink_key is not None and src.type == "file":
+            first = hardlinks.get(item.hardlink_key)
+            if first is not None:
+                e = replace(e, type="hardlink", link=first, size=0, digest="", source=None)
+            else:
+                hardlinks[item.hardlink_key] = target
+        if src.type == "hardlink" and src.link:
+            # A hardlink read from a stage view points at a path there; re-point it below target.
+            e = replace(e, type="file", link="")
+        put(e)
+
+    for sel in selected:
+        if sel.is_dir or sel.archive:
+            base = dest_path
+            ensure_dirs(base + "/x" if base else "x")
+            for item in sel.items:
+                if item.rel == "":
+                    if base and not view_exists(base):
+                        if sel.archive:
+                            uid, gid = owner if owner else (0, 0)
+                            put(Entry(path=base, type="dir", mode=0o755, uid=uid, gid=gid,
+                                      mtime=mtime or 0))
+                        else:
+                            emit(item, base)
+                    elif base and not sel.archive:
+                        emit(item, base)
+                    continue
+                emit(item, posixpath.join(base, item.rel) if base else item.rel)
+        else:
+            into_dir = trailing or multi or view_is_dir(dest_path)
+            target = posixpath.join(dest_path, sel.name) if into_dir else dest_path
+            if not target:
+                raise InvalidInput("cannot copy a file onto /", file=file, line=line)
+            ensure_dirs(target)
+            emit(sel.items[0], target)
+    return CopyResult(sorted(out.values(), key=lambda e: e.path.split("/")), facts)
+
+
+def merkle(selected: list[Selected]) -> list[list[Any]]:
+    """Canonical description of the selected sources: names, types, modes, content digests,
+    link targets and hardlink groups.  Context items carry uid/gid 0 and mtime 0 (unless
+    ``--keep-mtime``), so no host path, inode, owner or mtime reaches a step key."""
+    rows: list[list[Any]] = []
+    groups: dict[tuple[int, int], str] = {}
+    for sel in selected:
+        rows.append(["src", sel.name, sel.is_dir, sel.archive])
+        for it in sel.items:
+            e = it.entry
+            link_group = ""
+            if it.hardlink_key is not None:
+                link_group = groups.setdefault(it.hardlink_key, f"{sel.name}/{it.rel}")
+            rows.append([it.rel, e.type, e.mode, e.digest, e.link, e.size, e.uid, e.gid,
+                         e.mtime, link_group])
+    return rows
+
+
+def chown_is_named(spec: str | None) -> bool:
+    """True when ``--chown`` names a user or group (resolved through the image's files)."""
+    if not spec:
+        return False
+    user, _, group = spec.partition(":")
+    return not user.isdigit() or (bool(group) and not group.isdigit())

@@ -1,0 +1,377 @@
+"""Plan: stages of expanded instructions -> a networkx DAG of steps, each with its key.
+
+Every node is a ``Step``.  Within a stage a step depends on the step before it; a
+``COPY --link``/``ADD --link`` step depends only on its sources, and the step after it
+waits for it (that is where the link layer is stacked).  ``FROM <stage>`` and
+``COPY --from=<stage>`` tie stages through the stage's ``end`` node.  Stages the target
+does not need are never planned.  Keys are computed here, before anything is built, so
+``lbuild plan`` can say HIT or MISS without building.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from builder import dockerfile as df
+from builder.context import BuildContext, ContextFile
+from builder.copy import Item, Selected, chown_is_named, has_wildcard, merkle, parse_chmod
+from builder.imageconfig import ImageState, apply_config, join_workdir
+from builder.keys import step_key, with_format
+from cache.errors import InvalidInput, NotFound, Unsupported
+from cache.types import BlobInfo, ContentRef, Digest, Entry, StepKey
+
+StepKind = Literal["base", "copy", "run", "workdir", "config", "end"]
+
+
+@dataclass(frozen=True)
+class ExternalImage:
+    """An image from outside the Dockerfile: a --build-context oci-layout or a local tag."""
+
+    ref: str
+    manifest_digest: Digest
+    config: dict[str, Any]
+    layers: tuple[BlobInfo, ...]
+    diff_ids: tuple[Digest, ...]
+
+
+ImageResolver = Callable[[str], ExternalImage | None]
+Hasher = Callable[[Path, os.stat_result], str]
+
+
+@dataclass
+class Step:
+    """One node of the plan."""
+
+    id: str
+    stage: int
+    pos: int
+    kind: StepKind
+    name: str
+    instr: df.Instruction | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    args: tuple[tuple[str, str], ...] = ()
+    link: bool = False
+    from_stage: int | None = None
+    from_image: ExternalImage | None = None
+    selected: list[Selected] | None = None
+    state: ImageState | None = None  # config state before this step (after, for base/end)
+    key: StepKey = StepKey("")
+    inputs: dict[str, Any] = field(default_factory=dict)
+    line: int = 0
+
+
+@dataclass
+class StagePlan:
+    index: int
+    name: str | None
+    steps: list[Step]
+    base_stage: int | None = None
+    base_image: ExternalImage | None = None
+
+
+@dataclass
+class Plan:
+    """The DAG and what the solver needs next to it."""
+
+    graph: Any  # networkx.DiGraph of step ids
+    steps: dict[str, Step]
+    stages: dict[int, StagePlan]
+    target: int
+    dockerfile: df.Dockerfile
+    filename: str
+
+    def order(self) -> list[Step]:
+        import networkx as nx
+
+        return [self.steps[n] for n in nx.lexicographical_topological_sort(self.graph)]
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    build_args: Mapping[str, str]
+    target: str | None
+    epoch: int | None
+    keep_mtime: bool
+    platform: str
+
+
+def _norm_stage_ref(ref: str) -> str:
+    return ref.lower()
+
+
+def find_target(dockerfile: df.Dockerfile, target: str | None) -> int:
+    if not dockerfile.stages:
+        raise InvalidInput("no build stage in Dockerfile", file=dockerfile.filename)
+    if target is None:
+        return len(dockerfile.stages) - 1
+    for st in dockerfile.stages:
+        if st.name == target.lower():
+            return st.index
+    raise NotFound(f"target stage {target!r} could not be found", file=dockerfile.filename)
+
+
+def _stage_by_ref(dockerfile: df.Dockerfile, ref: str, before: int | None) -> int | None:
+    r = _norm_stage_ref(ref)
+    for st in dockerfile.stages:
+        if before is not None and st.index >= before:
+            break
+        if st.name == r:
+            return st.index
+    if r.isdigit():
+        i = int(r)
+        if i < len(dockerfile.stages) and (before is None or i < before):
+            return i
+    return None
+
+
+def _context_items(ctx: BuildContext, top: ContextFile, hasher: Hasher, keep_mtime: bool,
+                   is_dir: bool) -> tuple[Item, ...]:
+    """Items (with content digests) for one selected context source; host owner/mtime dropped."""
+
+    def item(f: ContextFile, rel: str) -> Item:
+        path = ctx.root / f.rel
+        digest = ""
+        if f.type == "file":
+            digest = hasher(path, os.lstat(path) if not (rel == "" and not is_dir) else os.stat(path))
+        hl = (f.dev, f.ino) if f.type == "file" and f.nlink > 1 else None
+        mtime = f.mtime_ns // 1_000_000_000 if keep_mtime else 0
+        e = Entry(path=rel, type=f.type, mode=f.mode, uid=0, gid=0,
+                  size=f.size if f.type == "file" else 0, digest=digest, link=f.link, mtime=mtime,
+                  source=ContentRef(host_path=str(path)) if f.type == "file" else None)
+        return Item(rel, e, hl)
+
+    items = [item(top, "")]
+    if is_dir:
+        prefix = top.rel.rstrip("/") + "/" if top.rel not in ("", ".") else ""
+        for f in ctx.walk(top.rel):
+            items.append(item(f, f.rel[len(prefix):]))
+    return tuple(items)
+
+
+_ARCHIVE_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+
+def looks_like_archive(path: Path) -> bool:
+    """Docker's ADD test: a tar, possibly gzip/bzip2/xz-compressed (by content, not name)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    if any(head.startswith(m) for m in _ARCHIVE_MAGIC):
+        return True
+    return len(head) == 512 and head[257:262] == b"ustar"
+
+
+def select_context(ctx: BuildContext, instr: df.Copy, hasher: Hasher, keep_mtime: bool,
+                   file: str) -> list[Selected]:
+    """Resolve a COPY/ADD's context sources (wildcards, dirs, symlinks) into hashed items."""
+    out: list[Selected] = []
+    for src in instr.sources:
+        if instr.is_add and ("://" in src or src.startswith("git@")):
+            raise Unsupported(f"ADD from a URL is not supported yet: {src}", file=file,
+                              line=instr.line)
+        for f in ctx.select(src, file=file, line=instr.line):
+            is_dir = f.type == "dir"
+            name = posixpath.basename(f.rel.rstrip("/")) if f.rel not in ("", ".") else "."
+            items = _context_items(ctx, f, hasher, keep_mtime, is_dir)
+            archive = (instr.is_add and f.type == "file"
+                       and looks_like_archive(ctx.root / f.rel))
+            out.append(Selected(name, is_dir, items, archive=archive))
+    return out
+
+
+def _instr_fields(instr: df.Instruction) -> dict[str, Any]:
+    import dataclasses
+
+    out: dict[str, Any] = {"type": type(instr).__name__}
+    for f in dataclasses.fields(instr):
+        if f.name in ("line", "end_line", "original"):
+            continue
+        v = getattr(instr, f.name)
+        if dataclasses.is_dataclass(v) or (isinstance(v, tuple) and v and dataclasses.is_dataclass(v[0])):
+            v = [dataclasses.asdict(x) for x in v] if isinstance(v, tuple) else dataclasses.asdict(v)  # type: ignore[arg-type]
+        out[f.name] = v
+    return out
+
+
+def step_name(stage: df.Stage, pos: int, total: int, instr: df.Instruction) -> str:
+    label = stage.name or f"stage-{stage.index}"
+    text = instr.original.split("\n", 1)[0].strip()
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"[{label} {pos + 1}/{total}] {text}"
+
+
+def make_plan(
+    dockerfile: df.Dockerfile,
+    ctx: BuildContext,
+    opts: PlanOptions,
+    resolve_image: ImageResolver,
+    hasher: Hasher,
+) -> Plan:
+    """Build the step DAG for ``opts.target`` and compute every step's key."""
+    import networkx as nx
+
+    file = dockerfile.filename
+    target = find_target(dockerfile, opts.target)
+    graph = nx.DiGraph()
+    steps: dict[str, Step] = {}
+    stages: dict[int, StagePlan] = {}
+    visiting: list[int] = []
+
+    def plan_stage(idx: int) -> StagePlan:
+        if idx in stages:
+            return stages[idx]
+        if idx in visiting:
+            cycle = " -> ".join(dockerfile.stages[i].name or str(i) for i in [*visiting, idx])
+            raise InvalidInput(f"circular dependency detected on stage: {cycle}", file=file,
+                               line=dockerfile.stages[idx].base.line)
+        visiting.append(idx)
+        try:
+            sp = _plan_stage(idx)
+        finally:
+            visiting.pop()
+        stages[idx] = sp
+        return sp
+
+    def external(ref: str, line: int, what: str) -> ExternalImage:
+        img = resolve_image(ref)
+        if img is None:
+            raise NotFound(f"{what} {ref!r}: no such stage, build context or local image "
+                           "(registry pulls are not supported yet)", file=file, line=line)
+        return img
+
+    def _plan_stage(idx: int) -> StagePlan:
+        stage = dockerfile.stages[idx]
+        base_ref = df.resolve_base(dockerfile, stage, opts.build_args)
+        sp = StagePlan(idx, stage.name, [])
+        base_id = f"{idx}:base"
+        base = Step(base_id, idx, -1, "base", f"[{stage.name or f'stage-{idx}'}] FROM {base_ref}",
+                    instr=stage.base, line=stage.base.line)
+        if base_ref.lower() == "scratch":
+            state = ImageState.scratch()
+            base.key = step_key({"op": "FROM", "image": "scratch", "platform": opts.platform})
+        else:
+            ref_stage = _stage_by_ref(dockerfile, base_ref, before=idx)
+            if ref_stage is not None:
+                src = plan_stage(ref_stage)
+                end = src.steps[-1]
+                assert end.state is not None
+                state = end.state.clone()
+                state.cmd_set = False
+                sp.base_stage = ref_stage
+                graph.add_edge(end.id, base_id)
+                base.key = step_key({"op": "FROM", "stage": end.key})
+            else:
+                img = external(base_ref, stage.base.line, "FROM")
+                sp.base_image = img
+                state = ImageState.from_config(img.config)
+                base.key = step_key({"op": "FROM", "image": img.manifest_digest})
+        base.state = state.clone()
+        base.inputs = {"op": "FROM", "base": base_ref}
+        graph.add_node(base_id)
+        steps[base_id] = base
+        sp.steps.append(base)
+
+        resolved = df.resolve_stage(dockerfile, stage, state.env, opts.build_args)
+        chain_prev: list[str] = [base_id]  # nodes the next non-link step must wait for
+        parent_key = base.key
+        total = len(stage.instructions)
+        for pos, r in enumerate(resolved):
+            instr = r.instruction
+            sid = f"{idx}:{pos}"
+            st = Step(sid, idx, pos, "config", step_name(stage, pos, total, instr), instr=instr,
+                      env=r.env, args=r.args, line=instr.line)
+            st.state = state.clone()
+            inputs: dict[str, Any] = {"op": type(instr).__name__.upper(),
+                                      "instruction": _instr_fields(instr)}
+            deps: list[str] = []
+            if isinstance(instr, df.Copy):
+                st.kind = "copy"
+                st.link = instr.link
+                parse_chmod(instr.chmod, file, instr.line)
+                if instr.from_:
+                    ref_stage = _stage_by_ref(dockerfile, instr.from_, before=None)
+                    if ref_stage == idx:
+                        raise InvalidInput(f"circular dependency detected on stage: {instr.from_}",
+                                           file=file, line=instr.line)
+                    if ref_stage is not None:
+                        src = plan_stage(ref_stage)
+                        st.from_stage = ref_stage
+                        deps.append(src.steps[-1].id)
+                        inputs["from"] = {"stage": src.steps[-1].key}
+                    else:
+                        img = external(instr.from_, instr.line, "COPY --from")
+                        st.from_image = img
+                        inputs["from"] = {"image": img.manifest_digest}
+                else:
+                    st.selected = select_context(ctx, instr, hasher, opts.keep_mtime, file)
+                    inputs["sources"] = merkle(st.selected)
+                inputs["multi"] = len(instr.sources) > 1 or any(has_wildcard(s) for s in instr.sources)
+                inputs["epoch"] = opts.epoch
+                if not instr.dest.startswith("/"):
+                    inputs["workdir"] = state.workdir
+                if instr.link and not chown_is_named(instr.chown):
+                    inputs["parent"] = None
+                else:
+                    inputs["parent"] = parent_key
+            elif isinstance(instr, df.Run):
+                st.kind = "run"
+                inputs["state"] = {"env": state.env, "workdir": state.workdir, "user": state.user,
+                                   "shell": list(state.shell), "args": [list(a) for a in r.args],
+                                   "platform": opts.platform}
+                inputs["parent"] = parent_key
+            elif isinstance(instr, df.Workdir):
+                st.kind = "workdir"
+                new_wd = join_workdir(state.workdir, instr.path)
+                state.config["WorkingDir"] = new_wd
+                inputs["workdir"] = new_wd
+                inputs["parent"] = parent_key
+            else:
+                if not apply_config(state, instr, file):
+                    raise InvalidInput(f"unsupported instruction: {type(instr).__name__.upper()}",
+                                       file=file, line=instr.line)
+                if isinstance(instr, df.Maintainer):
+                    state.config.setdefault("_author", instr.name)
+                inputs["parent"] = parent_key
+            st.inputs = with_format(inputs)
+            st.key = step_key(inputs)
+            graph.add_node(sid)
+            if st.link and inputs.get("parent") is None:
+                for d in deps:
+                    graph.add_edge(d, sid)
+                chain_prev.append(sid)
+            else:
+                for d in [*chain_prev, *deps]:
+                    graph.add_edge(d, sid)
+                chain_prev = [sid]
+            parent_key = st.key
+            steps[sid] = st
+            sp.steps.append(st)
+        end_id = f"{idx}:end"
+        end = Step(end_id, idx, len(resolved), "end", f"[{stage.name or f'stage-{idx}'}] end",
+                   key=parent_key, state=state)
+        graph.add_node(end_id)
+        for d in chain_prev:
+            graph.add_edge(d, end_id)
+        steps[end_id] = end
+        sp.steps.append(end)
+        return sp
+
+    plan_stage(target)
+    return Plan(graph, steps, stages, target, dockerfile, file)
+
+
+def workdir_of(step: Step) -> str:
+    return step.state.workdir if step.state else "/"
+
+
+def link_dest_note() -> str:
+    return ("--link: the destination is judged on its own (a path without a trailing '/' is a "
+            "file unless the source is a directory), as BuildKit does")

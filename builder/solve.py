@@ -1,0 +1,361 @@
+"""Solve: run the plan's steps in topological order on a worker pool.
+
+A step whose key has a record (and whose blobs are still in the store) is a hit and is not
+run; a miss is executed, its layer written to the content store, and only then its record
+committed.  A failing step stops new work; steps already running finish and are not
+recorded if the build is failing, and the first failure is the one reported.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from builder import dockerfile as df
+from builder.copy import Selected, plan_copy, resolve_chown, select_from_view
+from builder.imageconfig import ImageState, history_text, iso_time
+from builder.plan import Plan, Step
+from builder.view import View, clean
+from cache.blobs import BlobStore
+from cache.errors import LbuildError, Unsupported
+from cache.types import BlobInfo, Digest, Entry, LayerInfo, StepKey
+
+if TYPE_CHECKING:
+    from builder.progress import Reporter
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a step left: its layer (None for config-only steps) and whether it was a hit."""
+
+    diff_id: Digest | None
+    cached: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    """A step record found for a key: the layer it made (None for config-only steps)."""
+
+    diff_id: Digest | None
+
+
+class StepCache(Protocol):
+    """What the solver needs from the step-record index."""
+
+    def lookup(self, key: StepKey) -> CacheHit | None: ...
+    def record(self, step: Step, layer: LayerInfo | None, seconds: float) -> None: ...
+    def hits(self, keys: list[StepKey]) -> None: ...
+
+
+@dataclass
+class Layer:
+    """A layer of a stage's chain: its diff_id and, once known, its compressed blob."""
+
+    diff_id: Digest
+    blob: BlobInfo | None = None
+
+
+@dataclass
+class StageResult:
+    state: ImageState
+    layers: list[Layer]
+    view: View | None = None
+    view_upto: int = -1
+
+
+@dataclass
+class Solver:
+    """Executes a Plan against a content store and a step cache."""
+
+    plan: Plan
+    store: BlobStore
+    cache: StepCache
+    reporter: Reporter
+    jobs: int = 2
+    no_cache: Callable[[Step], bool] = lambda s: False
+    epoch: int = 0
+    keep_mtime: bool = False
+    run_step: Callable[[Solver, Step], LayerInfo | None] | None = None
+    results: dict[str, StepResult] = field(default_factory=dict)
+    _tocs: dict[Digest, tuple[Entry, ...]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stage_locks: dict[int, threading.Lock] = field(default_factory=dict)
+
+    # --- layer tables of contents and merged views ------------------------------------------
+    def toc(self, diff_id: Digest) -> tuple[Entry, ...]:
+        with self._lock:
+            hit = self._tocs.get(diff_id)
+        if hit is not None:
+            return hit
+        from cache.layer import read_toc
+
+        with self.store.open(diff_id) as f:
+            toc = read_toc(f)
+        with self._lock:
+            self._tocs[diff_id] = toc
+        return toc
+
+    def remember(self, layer: LayerInfo) -> None:
+        with self._lock:
+            self._tocs[layer.diff_id] = layer.toc
+
+    def base_diff_ids(self, stage: int) -> list[Digest]:
+        sp = self.plan.stages[stage]
+        if sp.base_stage is not None:
+            return self.stage_diff_ids(sp.base_stage, None)
+        if sp.base_image is not None:
+            return list(sp.base_image.diff_ids)
+        return []
+
+    def stage_diff_ids(self, stage: int, upto: int | None) -> list[Digest]:
+        """diff_ids of the chain of ``stage`` before position ``upto`` (None: the whole stage)."""
+        ids = self.base_diff_ids(stage)
+        for st in self.plan.stages[stage].steps:
+            if st.kind in ("base", "end") or (upto is not None and st.pos >= upto):
+                continue
+            r = self.results.get(st.id)
+            if r is not None and r.diff_id is not None:
+                ids.append(r.diff_id)
+        return ids
+
+    def view(self, stage: int, upto: int | None) -> View:
+        """Merged view of ``stage`` before position ``upto`` (None: after the last step)."""
+        v = View()
+        for d in self.stage_diff_ids(stage, upto):
+            v.apply(self.toc(d), d)
+        return v
+
+    def read_file(self, view: View) -> Callable[[str], bytes | None]:
+        def read(path: str) -> bytes | None:
+            from cache.layer import open_member
+
+            p = view.resolve(path)
+            e = view.get(p)
+            layer = view.layer_of(p)
+            if e is None or layer is None or e.type != "file":
+                return None
+            with open_member(self.store, layer, e) as f:
+                return f.read()
+
+        return read
+
+    # --- executing one step -------------------------------------------------------------------
+    def execute(self, step: Step) -> LayerInfo | None:
+        instr = step.instr
+        if step.kind in ("base", "end", "config"):
+            return None
+        if step.kind == "workdir":
+            assert step.state is not None
+            wd = clean(_workdir_after(step))
+            view = self.view(step.stage, step.pos)
+            if not wd or view.is_dir(view.resolve(wd)):
+                return None
+            entries = []
+            cur = ""
+            for part in wd.split("/"):
+                cur = f"{cur}/{part}" if cur else part
+                if not view.exists(cur):
+                    entries.append(Entry(path=cur, type="dir", mode=0o755, mtime=self.epoch))
+            return self.write(entries)
+        if step.kind == "copy":
+            assert isinstance(instr, df.Copy)
+            return self.execute_copy(step, instr)
+        if step.kind == "run":
+            if self.run_step is None:
+                raise Unsupported("RUN is not supported yet", file=self.plan.filename,
+                                  line=step.line)
+            return self.run_step(self, step)
+        raise AssertionError(step.kind)
+
+    def write(self, entries: list[Entry]) -> LayerInfo:
+        from cache.layer import write_layer
+
+        layer = write_layer(entries, self.store)
+        self.remember(layer)
+        return layer
+
+    def execute_copy(self, step: Step, instr: df.Copy) -> LayerInfo:
+        file = self.plan.filename
+        parent_view: View | None = None
+        if not step.link:
+            parent_view = self.view(step.stage, step.pos)
+        selected: list[Selected]
+        keep_owner = False
+        if step.selected is not None:
+            selected = step.selected
+            selected = [self.expand_archive(s) if s.archive else s for s in selected]
+        else:
+            if step.from_stage is not None:
+                src_view = self.view(step.from_stage, None)
+            else:
+                assert step.from_image is not None
+                src_view = View()
+                for d in step.from_image.diff_ids:
+                    src_view.apply(self.toc(d), d)
+            selected = select_from_view(src_view, instr.sources, file, instr.line)
+            keep_owner = True
+            selected = [self._with_blob_sources(s, src_view) for s in selected]
+        chown = None
+        if instr.chown:
+            chown = resolve_chown(instr.chown, self.read_file(parent_view or self.view(step.stage, step.pos)),
+                                  file, instr.line)
+        from builder.copy import has_wildcard, parse_chmod
+
+        multi = len(instr.sources) > 1 or any(has_wildcard(s) for s in instr.sources)
+        assert step.state is not None
+        res = plan_copy(
+            selected, dest=instr.dest, workdir=step.state.workdir, multi=multi, view=parent_view,
+            chown=chown, chmod=parse_chmod(instr.chmod, file, instr.line),
+            mtime=None if self.keep_mtime else self.epoch, keep_ownership=keep_owner,
+            file=file, line=instr.line)
+        return self.write(res.entries)
+
+    def _with_blob_sources(self, sel: Selected, view: View) -> Selected:
+        from dataclasses import replace
+
+        from builder.copy import Item
+        from cache.types import ContentRef
+
+        items = []
+        for it in sel.items:
+            e = it.entry
+            if e.type == "file":
+                layer = view.layer_of(e.path)
+                assert layer is not None
+                e = replace(e, source=ContentRef(blob=layer, offset=e.offset))
+            items.append(Item(it.rel, e, it.hardlink_key))
+        return Selected(sel.name, sel.is_dir, tuple(items), sel.archive)
+
+    def expand_archive(self, sel: Selected) -> Selected:
+        """ADD of a local archive: its decompressed tar goes to the store; items point into it."""
+        from dataclasses import replace
+
+        from builder.copy import Item
+        from cache.layer import import_layer
+        from cache.types import ContentRef
+
+        src = sel.items[0].entry.source
+        assert src is not None and src.host_path is not None
+        with open(src.host_path, "rb") as f:
+            info = import_layer(self.store, f, "auto")
+        items = [Item("", Entry(path="", type="dir", mode=0o755))]
+        for e in info.toc:
+            if e.type in ("whiteout", "opaque"):
+                continue
+            ne = e
+            if e.type == "file":
+                ne = replace(e, source=ContentRef(blob=info.diff_id, offset=e.offset))
+            items.append(Item(e.path, ne))
+        return Selected(sel.name, True, tuple(items), archive=True)
+
+    # --- scheduling -----------------------------------------------------------------------------
+    def run_one(self, step: Step) -> StepResult:
+        t0 = time.monotonic()
+        if step.kind in ("base", "end"):
+            return StepResult(None, True, 0.0)
+        if not self.no_cache(step):
+            hit = self.cache.lookup(step.key)
+            if hit is not None:
+                self.reporter.step_start(step)
+                self.reporter.step_done(step, cached=True, seconds=time.monotonic() - t0)
+                return StepResult(hit.diff_id, True, time.monotonic() - t0)
+        self.reporter.step_start(step)
+        try:
+            layer = self.execute(step)
+        except LbuildError as e:
+            self.reporter.step_done(step, cached=False, seconds=time.monotonic() - t0, error=str(e))
+            raise
+        secs = time.monotonic() - t0
+        self.cache.record(step, layer, secs)
+        self.reporter.step_done(step, cached=False, seconds=secs)
+        return StepResult(layer.diff_id if layer else None, False, secs)
+
+    def solve(self) -> dict[str, StepResult]:
+        import networkx as nx
+
+        graph = self.plan.graph
+        indeg = {n: graph.in_degree(n) for n in graph.nodes}
+        ready = sorted(n for n, d in indeg.items() if d == 0)
+        order = {n: i for i, n in enumerate(nx.lexicographical_topological_sort(graph))}
+        failure: BaseException | None = None
+        running: dict[Future[StepResult], str] = {}
+        with ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool:
+            while (ready or running):
+                while ready and failure is None:
+                    ready.sort(key=order.__getitem__)
+                    n = ready.pop(0)
+                    running[pool.submit(self.run_one, self.plan.steps[n])] = n
+                if not running:
+                    break
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    n = running.pop(fut)
+                    try:
+                        self.results[n] = fut.result()
+                    except BaseException as e:  # the first failure is the one reported
+                        if failure is None:
+                            failure = e
+                        continue
+                    for succ in graph.successors(n):
+                        indeg[succ] -= 1
+                        if indeg[succ] == 0:
+                            ready.append(succ)
+                if failure is not None:
+                    ready.clear()
+        if failure is not None:
+            raise failure
+        return self.results
+
+    # --- the final image ------------------------------------------------------------------------
+    def image_state(self, stage: int) -> tuple[ImageState, list[Digest]]:
+        """Config (with history) and diff_ids of ``stage`` after all its steps."""
+        sp = self.plan.stages[stage]
+        end = sp.steps[-1]
+        assert end.state is not None
+        state = end.state.clone()
+        if sp.base_stage is not None:
+            base_state, _ = self.image_state(sp.base_stage)
+            history = list(base_state.history)
+        elif sp.base_image is not None:
+            history = [dict(h) for h in sp.base_image.config.get("history") or []]
+        else:
+            history = []
+        created = iso_time(self.epoch)
+        for st in sp.steps:
+            if st.kind in ("base", "end"):
+                continue
+            assert st.instr is not None
+            r = self.results.get(st.id)
+            has_layer = r is not None and r.diff_id is not None
+            entry: dict[str, Any] = {"created": created, "created_by": history_text(st.instr),
+                                     "comment": "lbuild"}
+            if not has_layer:
+                entry["empty_layer"] = True
+            history.append(entry)
+        state.history = history
+        diff_ids = self.stage_diff_ids(stage, None)
+        state.diff_ids = list(diff_ids)
+        return state, diff_ids
+
+    def base_blobs(self, stage: int) -> dict[Digest, BlobInfo]:
+        """Compressed blobs base images came with (reused as they are)."""
+        out: dict[Digest, BlobInfo] = {}
+        sp = self.plan.stages[stage]
+        if sp.base_stage is not None:
+            out.update(self.base_blobs(sp.base_stage))
+        if sp.base_image is not None:
+            out.update(zip(sp.base_image.diff_ids, sp.base_image.layers, strict=True))
+        return out
+
+
+def _workdir_after(step: Step) -> str:
+    assert isinstance(step.instr, df.Workdir)
+    from builder.imageconfig import join_workdir
+
+    assert step.state is not None
+    return join_workdir(step.state.workdir, step.instr.path)
