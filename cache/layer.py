@@ -633,7 +633,7 @@ def codec_version(codec: Compression) -> str:
 class _Tee:
     """Reads from a stream and writes every byte read into a blob writer."""
 
-    def __init__(self, src: BinaryIO, w: BlobWriter) -> None:
+    def __init__(self, src: _Readable, w: BlobWriter) -> None:
         self._src = src
         self._w = w
 
@@ -643,31 +643,82 @@ class _Tee:
         return b
 
 
+class _Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class _Prefixed:
+    """A stream with some already-read bytes put back in front of it."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._head = head
+        self._rest = rest
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return self._rest.read(n)
+        if n < 0:
+            out, self._head = self._head + self._rest.read(), b""
+            return out
+        out, self._head = self._head[:n], self._head[n:]
+        return out
+
+
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x1f\x8b", "gzip"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+)
+
+
+def _decompressed(stack: contextlib.ExitStack, src: BinaryIO, codec: str) -> _Readable:
+    """The uncompressed stream of ``src`` (nothing is closed that the caller owns)."""
+    if codec == "gzip":
+        return stack.enter_context(gzip.GzipFile(fileobj=src, mode="rb"))
+    if codec == "zstd":
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            src, read_across_frames=True, closefd=False
+        )
+        return cast(_Readable, stack.enter_context(reader))
+    if codec == "bzip2":
+        import bz2
+
+        return stack.enter_context(bz2.BZ2File(src, mode="rb"))
+    if codec == "xz":
+        import lzma
+
+        return stack.enter_context(lzma.LZMAFile(src, mode="rb"))
+    return src
+
+
 def import_layer(store: BlobStore, compressed: BinaryIO, media_type: str) -> LayerInfo:
     """Decompress a layer blob into the store as an uncompressed tar; return its diff_id and TOC.
 
+    ``media_type`` is an OCI or Docker layer type, or ``"auto"`` to recognise gzip, zstd,
+    bzip2, xz or a plain tar by their first bytes (what ``ADD`` of a local archive needs).
     One pass: the decompressed bytes are hashed, stored and parsed as they stream by.
     """
+    import lzma
+
     import zstandard
 
-    codec = codec_of(media_type)
-    bad = (OSError, EOFError, zlib.error, zstandard.ZstdError)
+    src: BinaryIO = compressed
+    if media_type == "auto":
+        head = compressed.read(6)
+        codec: str = next((c for magic, c in _MAGIC if head.startswith(magic)), "none")
+        src = cast(BinaryIO, _Prefixed(head, compressed))
+    else:
+        codec = codec_of(media_type)
+    bad = (OSError, EOFError, zlib.error, zstandard.ZstdError, lzma.LZMAError)
     try:
         with contextlib.ExitStack() as stack:
-            src: BinaryIO = compressed
-            if codec == "gzip":
-                src = cast(
-                    BinaryIO, stack.enter_context(gzip.GzipFile(fileobj=compressed, mode="rb"))
-                )
-            elif codec == "zstd":
-                src = stack.enter_context(
-                    zstandard.ZstdDecompressor().stream_reader(
-                        compressed, read_across_frames=True, closefd=False
-                    )
-                )
+            plain = _decompressed(stack, src, codec)
             w = stack.enter_context(store.ingest())
-            tee = _Tee(src, w)
-            toc = _scan(_Input(tee))  # type: ignore[arg-type]
+            tee = _Tee(plain, w)
+            toc = _scan(_Input(cast(BinaryIO, tee)))
             while tee.read(_CHUNK):
                 pass  # keep the end-of-archive blocks and padding: diff_id covers all bytes
     except bad as e:

@@ -430,3 +430,24 @@ def test_one_gib_sparse_file_streams_in_constant_memory(tmp_path: Path) -> None:
     size, max_rss_kib = int(out[0]), int(out[1])
     assert size == 512 + (1 << 30) + 1024
     assert max_rss_kib < 150 * 1024  # far below the 1 GiB that slurping would need
+
+
+def test_import_auto_detects_archive_compression(tmp_path: Path) -> None:
+    import bz2
+    import lzma
+
+    store = BlobStore(tmp_path)
+    info = write_layer([Entry("x", "file", size=3, source=ContentRef(data=b"abc"))], store)
+    raw = store.read(info.diff_id)
+    forms = {
+        "gzip": gzip.compress(raw),
+        "zstd": zstandard.ZstdCompressor().compress(raw),
+        "bzip2": bz2.compress(raw),
+        "xz": lzma.compress(raw),
+        "none": raw,
+    }
+    for name, blob in forms.items():
+        back = import_layer(store, io.BytesIO(blob), "auto")
+        assert back == info, name
+    with pytest.raises(InvalidInput):
+        import_layer(store, io.BytesIO(b"just some text, not an archive" * 40), "auto")
