@@ -16,9 +16,10 @@ from cache.types import Compression, Digest
 
 if TYPE_CHECKING:
     from builder.plan import ExternalImage, Plan, Step
-    from builder.solve import CacheHit, Reporter, Solver
+    from builder.progress import Reporter
+    from builder.solve import CacheHit, Solver
     from cache.blobs import BlobStore
-    from cache.records import Index
+    from cache.records import Index, Site
     from cache.types import LayerInfo, StepKey
 
 
@@ -147,18 +148,50 @@ class Session:
     @classmethod
     @contextmanager
     def open(cls, home: Path | None) -> Iterator[Session]:
+        """Open the cache home; builds hold a shared lock so a prune never runs beside them."""
         from cache.blobs import BlobStore
         from cache.records import Index
 
         h = home_dir(home)
         h.mkdir(parents=True, exist_ok=True)
-        store = BlobStore(h)
-        store.sweep_tmp()
-        index = Index.open(str(h / "lbuild.db"))
-        try:
-            yield cls(h, store, index)
-        finally:
-            index.close()
+        with _lock(h, exclusive=False):
+            store = BlobStore(h)
+            store.sweep_tmp()
+            index = Index.open(str(h / "lbuild.db"))
+            try:
+                yield cls(h, store, index)
+            finally:
+                index.close()
+
+
+@contextmanager
+def _lock(home: Path, *, exclusive: bool) -> Iterator[None]:
+    import fcntl
+
+    fd = os.open(home / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def exclusive_lock(home: Path) -> Iterator[None]:
+    """Held by prune and verify: waits for running builds, keeps new ones out.
+
+    flock locks belong to the open file description, so taking it on a fresh descriptor in a
+    process that holds the shared lock would deadlock; callers of this function open the
+    Session first (shared) and this upgrades by waiting for other holders only.
+    """
+    import fcntl
+
+    fd = os.open(home / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def image_from_store(store: BlobStore, ref: str, manifest_digest: Digest) -> ExternalImage:
@@ -224,7 +257,7 @@ class IndexCache:
     def __init__(self, session: Session, dockerfile_id: str) -> None:
         self.session = session
         self.dockerfile_id = dockerfile_id
-        self.touched: list[StepKey] = []
+        self.touched: list[tuple[StepKey, Site]] = []
 
     def lookup(self, key: StepKey) -> CacheHit | None:
         from builder.solve import CacheHit
@@ -234,8 +267,13 @@ class IndexCache:
             return None
         if rec.diff_id is not None and not self.session.store.has(rec.diff_id):
             return None  # a record whose blob is gone is a miss, never served
-        self.touched.append(key)
         return CacheHit(rec.diff_id)
+
+    def used(self, step: Step) -> None:
+        """Remember a hit, to bump its last-used time and site after the build."""
+        from cache.records import Site
+
+        self.touched.append((step.key, Site(self.dockerfile_id, str(step.stage), step.pos)))
 
     def record(self, step: Step, layer: LayerInfo | None, seconds: float) -> None:
         from cache.records import StepRecord
@@ -248,9 +286,12 @@ class IndexCache:
             dockerfile_id=self.dockerfile_id, stage=str(step.stage), position=step.pos,
             created=now, last_used=now, hits=0, build_seconds=seconds))
 
-    def hits(self, keys: list[StepKey]) -> None:
-        if keys:
-            self.session.index.touch_steps(keys, time.time())
+    def flush(self) -> None:
+        """Write the hits of this build (last used, hit count, site) in one transaction."""
+        if self.touched:
+            self.session.index.touch_steps([k for k, _ in self.touched], time.time(),
+                                           sites=[s for _, s in self.touched])
+            self.touched.clear()
 
 
 def compressed_blob(session: Session, diff_id: Digest, codec: Compression) -> Any:
@@ -295,9 +336,25 @@ def prepare(opts: BuildOptions, session: Session) -> tuple[Plan, Any]:
     return plan, ctx
 
 
+def no_cache_rule(opts: BuildOptions, plan: Plan) -> Callable[[Step], bool]:
+    """Which steps must be built again: all (--no-cache) or those of --no-cache-filter stages."""
+    filters = {f.lower() for f in opts.no_cache_filter}
+
+    def skip(step: Step) -> bool:
+        if opts.no_cache:
+            return True
+        if not filters:
+            return False
+        name = plan.stages[step.stage].name
+        return name in filters or str(step.stage) in filters
+
+    return skip
+
+
 def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
     """Build an image: parse, plan, solve, assemble, export and tag."""
-    from builder.export import export_docker_archive, export_oci_layout, make_image
+    from builder.commands import dockerfile_id
+    from builder.export import export_docker_archive, export_oci_layout
     from builder.progress import PlainReporter
     from builder.solve import Solver
 
@@ -308,21 +365,12 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
         split_tag(t)
     with Session.open(opts.home) as session:
         plan, _ctx = prepare(opts, session)
-        dockerfile_id = str((opts.dockerfile or opts.context / "Dockerfile").resolve())
-        cache = IndexCache(session, dockerfile_id)
-        filters = {f.lower() for f in opts.no_cache_filter}
-
-        def no_cache(step: Step) -> bool:
-            if opts.no_cache:
-                return True
-            name = plan.stages[step.stage].name
-            return bool(filters) and (name in filters or str(step.stage) in filters)
-
+        cache = IndexCache(session, dockerfile_id(opts))
         solver = Solver(plan, session.store, cache, rep, jobs=opts.jobs or (os.cpu_count() or 1),
-                        no_cache=no_cache, epoch=epoch, keep_mtime=opts.keep_mtime,
-                        run_step=_run_step())
+                        no_cache=no_cache_rule(opts, plan), epoch=epoch,
+                        keep_mtime=opts.keep_mtime, run_step=_run_step())
         solver.solve()
-        cache.hits(cache.touched)
+        cache.flush()
         image = assemble(solver, session, opts.compression)
         for out in opts.outputs:
             if out.type == "oci":
@@ -331,8 +379,10 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
             else:
                 export_docker_archive(session.store, image, out.dest,
                                       [full_tag(t) for t in opts.tags])
+        pins = [image.manifest_digest, image.config_digest, *(b.digest for b in image.layers),
+                *image.diff_ids]
         for t in opts.tags:
-            session.index.set_tag(full_tag(t), image.manifest_digest, "{}")
+            session.index.set_tag(full_tag(t), image.manifest_digest, "{}", blobs=pins)
         steps = [s for s in plan.steps.values() if s.kind not in ("base", "end")]
         cached = sum(1 for s in steps if solver.results[s.id].cached)
         result = BuildResult(image.manifest_digest, image.config_digest, len(steps), cached,

@@ -41,6 +41,24 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", action="append", default=[],
                    metavar="type=oci,dest=DIR|type=docker,dest=FILE")
     b.add_argument("--progress", choices=["auto", "plain", "json"], default="auto")
+
+    pl = sub.add_parser("plan", help="print the step DAG with keys and HIT/MISS, building nothing")
+    _build_args(pl)
+    pl.add_argument("--format", choices=["text", "json", "dot"], default="text")
+
+    w = sub.add_parser("why", help="explain every cache miss against the last build of the step")
+    _build_args(w)
+
+    c = sub.add_parser("cache", help="inspect and maintain the cache")
+    c.add_argument("--home", type=Path, help="cache directory")
+    csub = c.add_subparsers(dest="cache_command", required=True)
+    csub.add_parser("ls", help="list step records, most recently used first")
+    csub.add_parser("du", help="disk usage of the cache")
+    pr = csub.add_parser("prune", help="remove least recently used records and unneeded blobs")
+    pr.add_argument("--keep-bytes", help="keep at most this much (e.g. 5GB)")
+    pr.add_argument("--keep-duration", help="drop records unused for longer (e.g. 7d, 36h)")
+    pr.add_argument("--dry-run", action="store_true", help="only list what would go")
+    csub.add_parser("verify", help="re-hash every blob; drop corrupt ones and their records")
     return p
 
 
@@ -74,11 +92,80 @@ def cmd_build(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(ns: argparse.Namespace) -> int:
+    from builder.api import BuildOptions, Session
+    from builder.commands import plan_text, planned
+
+    opts = options_from(ns)
+    assert isinstance(opts, BuildOptions)
+    with Session.open(opts.home) as session:
+        _, steps = planned(opts, session)
+    print(plan_text(steps, ns.format))
+    return 0
+
+
+def cmd_why(ns: argparse.Namespace) -> int:
+    from builder.api import BuildOptions, Session
+    from builder.commands import why
+
+    opts = options_from(ns)
+    assert isinstance(opts, BuildOptions)
+    with Session.open(opts.home) as session:
+        for ps, reasons in why(opts, session):
+            if ps.hit:
+                print(f"HIT  {ps.name}")
+            else:
+                print(f"MISS {ps.name}")
+                for r in reasons:
+                    print(f"     - {r}")
+    return 0
+
+
+def cmd_cache(ns: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from builder import commands
+    from builder.api import Session
+
+    with Session.open(ns.home) as session:
+        if ns.cache_command == "ls":
+            for r in commands.cache_ls(session):
+                when = dt.datetime.fromtimestamp(r["last_used"]).strftime("%Y-%m-%d %H:%M:%S")
+                print(f"{r['key'][:16]} {r['op']:<11} {commands.human(r['size']):>10} "
+                      f"hits={r['hits']:<4} last_used={when}")
+        elif ns.cache_command == "du":
+            du = commands.cache_du(session)
+            print(f"{du['blobs']} blobs, {commands.human(du['bytes'])} "
+                  f"({du['bytes']} bytes); {du['records']} step records; {du['tags']} tags")
+        elif ns.cache_command == "prune":
+            lines, freed = commands.cache_prune(
+                session,
+                keep_bytes=commands.parse_size(ns.keep_bytes) if ns.keep_bytes else None,
+                keep_duration=commands.parse_duration(ns.keep_duration) if ns.keep_duration else None,
+                dry_run=ns.dry_run)
+            for line in lines:
+                print(("would remove " if ns.dry_run else "removed ") + line)
+            verb = "would free" if ns.dry_run else "freed"
+            print(f"{verb} {commands.human(freed)}")
+        elif ns.cache_command == "verify":
+            findings = commands.cache_verify(session)
+            for f in findings:
+                print(f)
+            print("cache verified: " + (f"{len(findings)} problems fixed" if findings else "no corruption"))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parser().parse_args(argv)
     try:
         if ns.command == "build":
             return cmd_build(ns)
+        if ns.command == "plan":
+            return cmd_plan(ns)
+        if ns.command == "why":
+            return cmd_why(ns)
+        if ns.command == "cache":
+            return cmd_cache(ns)
     except LbuildError as e:
         print(f"lbuild: error: {e}", file=sys.stderr)
         return e.exit_code

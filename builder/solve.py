@@ -48,8 +48,8 @@ class StepCache(Protocol):
     """What the solver needs from the step-record index."""
 
     def lookup(self, key: StepKey) -> CacheHit | None: ...
+    def used(self, step: Step) -> None: ...
     def record(self, step: Step, layer: LayerInfo | None, seconds: float) -> None: ...
-    def hits(self, keys: list[StepKey]) -> None: ...
 
 
 @dataclass
@@ -261,6 +261,7 @@ class Solver:
         if not self.no_cache(step):
             hit = self.cache.lookup(step.key)
             if hit is not None:
+                self.cache.used(step)
                 self.reporter.step_start(step)
                 self.reporter.step_done(step, cached=True, seconds=time.monotonic() - t0)
                 return StepResult(hit.diff_id, True, time.monotonic() - t0)

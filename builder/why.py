@@ -7,6 +7,7 @@ Like doit's "reasons", the answer is a list of sentences a user understands:
 
 from __future__ import annotations
 
+import json
 import posixpath
 from typing import Any
 
@@ -25,7 +26,11 @@ def _sources(rows: list[list[Any]]) -> dict[str, list[Any]]:
 
 
 def _env(pairs: list[str]) -> dict[str, str]:
-    return dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in pairs)
+    out: dict[str, str] = {}
+    for kv in pairs:
+        k, _, v = kv.partition("=")
+        out[k] = v
+    return out
 
 
 def _diff_sources(old: list[list[Any]], new: list[list[Any]]) -> list[str]:
@@ -59,16 +64,19 @@ def explain(old: dict[str, Any] | None, new: dict[str, Any], label: str) -> list
     """Reasons why ``new`` misses where ``old`` (the last record of the same step) was built."""
     if old is None:
         return ["new step"]
+    new = json.loads(json.dumps(new))  # tuples -> lists, as the stored inputs went through JSON
     reasons: list[str] = []
     oi, ni = old.get("instruction") or {}, new.get("instruction") or {}
     op = str(new.get("op", ""))
     if oi.get("type") != ni.get("type"):
         return [f"instruction changed: {oi.get('type')} -> {ni.get('type')}"]
-    if op == "ENV" and oi != ni:
-        o_env, n_env = dict(map(tuple, oi.get("pairs", []))), dict(map(tuple, ni.get("pairs", [])))
+    if op in ("ENV", "ARG") and oi != ni:
+        o_env = {str(p[0]): p[1] for p in oi.get("pairs", [])}
+        n_env = {str(p[0]): p[1] for p in ni.get("pairs", [])}
+        what = "ENV" if op == "ENV" else "build arg"
         for k in sorted(set(o_env) | set(n_env)):
             if o_env.get(k) != n_env.get(k):
-                reasons.append(f"ENV {k} changed")
+                reasons.append(f"{what} {k} changed")
     elif oi != ni:
         fields = sorted(k for k in set(oi) | set(ni) if oi.get(k) != ni.get(k))
         reasons.append(f"{label}: instruction changed ({', '.join(fields)})")

@@ -1,0 +1,201 @@
+"""The non-build commands as Python functions: plan, why, cache ls/du/prune/verify.
+
+Each returns plain data or text; builder.cli only parses arguments and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from cache.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from builder.api import BuildOptions, Session
+    from builder.plan import Plan, Step
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One node of ``lbuild plan``: its key, whether the cache has it, what it waits for."""
+
+    id: str
+    name: str
+    kind: str
+    key: str
+    hit: bool
+    link: bool
+    deps: tuple[str, ...]
+
+
+def _visible(step: Step) -> bool:
+    return step.kind not in ("end",)
+
+
+def dockerfile_id(opts: BuildOptions) -> str:
+    """Identity of "the same Dockerfile" across builds (for why): its resolved path."""
+    return str((opts.dockerfile or opts.context / "Dockerfile").resolve())
+
+
+def planned(opts: BuildOptions, session: Session) -> tuple[Plan, list[PlannedStep]]:
+    """Plan a build and look every key up, building nothing."""
+    from builder.api import IndexCache, no_cache_rule, prepare
+
+    plan, _ = prepare(opts, session)
+    cache = IndexCache(session, dockerfile_id(opts))
+    skip = no_cache_rule(opts, plan)
+    out: list[PlannedStep] = []
+    for step in plan.order():
+        if not _visible(step):
+            continue
+        hit = step.kind == "base" or (not skip(step) and cache.lookup(step.key) is not None)
+        deps = tuple(d for d in plan.graph.predecessors(step.id)
+                     if _visible(plan.steps[d]))
+        out.append(PlannedStep(step.id, step.name, step.kind, step.key, hit, step.link, deps))
+    return plan, out
+
+
+def plan_text(steps: list[PlannedStep], fmt: str) -> str:
+    """Render ``lbuild plan`` as text, JSON or Graphviz dot."""
+    if fmt == "json":
+        return json.dumps({"steps": [
+            {"id": s.id, "name": s.name, "kind": s.kind, "key": s.key,
+             "status": "HIT" if s.hit else "MISS", "link": s.link, "deps": list(s.deps)}
+            for s in steps]}, indent=2)
+    if fmt == "dot":
+        lines = ["digraph lbuild {", "  rankdir=TB;", "  node [shape=box, fontname=monospace];"]
+        for s in steps:
+            color = "palegreen" if s.hit else "lightsalmon"
+            label = f"{s.name}\\n{s.key[:12]} {'HIT' if s.hit else 'MISS'}".replace('"', '\\"')
+            lines.append(f'  "{s.id}" [label="{label}", style=filled, fillcolor={color}];')
+            for d in s.deps:
+                lines.append(f'  "{d}" -> "{s.id}";')
+        lines.append("}")
+        return "\n".join(lines)
+    rows = []
+    for s in steps:
+        status = "HIT " if s.hit else "MISS"
+        link = " (link)" if s.link else ""
+        rows.append(f"{status} {s.key[:12]} {s.name}{link}")
+    return "\n".join(rows)
+
+
+def why(opts: BuildOptions, session: Session) -> list[tuple[PlannedStep, list[str]]]:
+    """For every MISS, the reasons against the last record of the same step."""
+    from builder.why import explain
+
+    plan, steps = planned(opts, session)
+    did = dockerfile_id(opts)
+    out: list[tuple[PlannedStep, list[str]]] = []
+    for ps in steps:
+        if ps.hit:
+            out.append((ps, []))
+            continue
+        step = plan.steps[ps.id]
+        if opts.no_cache:
+            out.append((ps, ["--no-cache"]))
+            continue
+        rec = session.index.last_record_at(did, str(step.stage), step.pos)
+        old = json.loads(rec.inputs) if rec is not None else None
+        label = (step.instr.original.split("\n", 1)[0].strip() if step.instr else step.name)
+        out.append((ps, explain(old, step.inputs, label)))
+    return out
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
+          "tb": 1000**4, "tib": 1024**4}
+_DUR = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_DUR_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_size(text: str) -> int:
+    """``500MB``, ``2GiB``, ``1000`` -> bytes."""
+    m = _SIZE.match(text)
+    if not m or (m.group(2) or "").lower() not in _UNITS:
+        raise InvalidInput(f"invalid size {text!r}: expected e.g. 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def parse_duration(text: str) -> float:
+    """``36h``, ``7d``, ``1h30m`` -> seconds."""
+    t = text.strip().lower()
+    parts = _DUR.findall(t)
+    if not parts or "".join(a + b for a, b in parts) != t:
+        raise InvalidInput(f"invalid duration {text!r}: expected e.g. 36h, 7d or 1h30m")
+    return sum(float(n) * _DUR_S[u] for n, u in parts)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cache_ls(session: Session) -> list[dict[str, Any]]:
+    """Every step record, most recently used first."""
+    rows = []
+    for r in session.index.list_steps(limit=None, oldest_first=False):
+        inputs = json.loads(r.inputs) if r.inputs else {}
+        rows.append({"key": r.key, "op": inputs.get("op", "?"), "diff_id": r.diff_id,
+                     "size": r.layer_size, "hits": r.hits, "last_used": r.last_used,
+                     "created": r.created})
+    return rows
+
+
+def cache_du(session: Session) -> dict[str, int]:
+    """Bytes and counts in the store."""
+    total = 0
+    count = 0
+    for d in session.store.digests():
+        total += session.store.size(d)
+        count += 1
+    steps = len(session.index.list_steps(limit=None, oldest_first=True))
+    return {"blobs": count, "bytes": total, "records": steps, "tags": len(session.index.list_tags())}
+
+
+def cache_prune(session: Session, *, keep_bytes: int | None, keep_duration: float | None,
+                dry_run: bool) -> tuple[list[str], int]:
+    """LRU prune; returns what goes (or would go) and the bytes freed."""
+    from builder.api import exclusive_lock
+
+    with exclusive_lock(session.home):
+        sizes = {d: session.store.size(d) for d in session.store.digests()}
+        plan = session.index.prune_plan(keep_bytes=keep_bytes, keep_duration_s=keep_duration,
+                                         now=time.time(), blob_sizes=sizes)
+        lines = [f"step {s.key[:16]} ({s.reason})" for s in plan.steps]
+        lines += [f"blob {d} {human(sizes.get(d, 0))}" for d in plan.blobs]
+        if dry_run:
+            return lines, plan.freed_bytes
+        gone = session.index.apply_prune(plan)
+        freed = 0
+        for d in gone:
+            freed += sizes.get(d, 0)
+            session.store.remove(d)
+        return lines, freed
+
+
+def cache_verify(session: Session) -> list[str]:
+    """Re-hash every blob; drop corrupt blobs and the records that name them. Returns findings."""
+    from builder.api import exclusive_lock
+
+    findings: list[str] = []
+    with exclusive_lock(session.home):
+        bad = [d for d in session.store.digests() if not session.store.verify(d)]
+        if not bad:
+            return findings
+        bad_set = set(bad)
+        dead = [r.key for r in session.index.list_steps(limit=None, oldest_first=True)
+                if r.blobs & bad_set]
+        session.index.delete_steps(dead)
+        for d in bad:
+            session.store.remove(d)
+            findings.append(f"corrupt blob {d} removed")
+        findings += [f"record {k[:16]} dropped (its blob was corrupt)" for k in dead]
+    return findings
