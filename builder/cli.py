@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--keep-duration", help="drop records unused for longer (e.g. 7d, 36h)")
     pr.add_argument("--dry-run", action="store_true", help="only list what would go")
     csub.add_parser("verify", help="re-hash every blob; drop corrupt ones and their records")
+    from builder import watch
+
+    watch.add_parser(sub)
     return p
 
 
@@ -166,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_why(ns)
         if ns.command == "cache":
             return cmd_cache(ns)
+        if ns.command == "watch":
+            from builder.watch import cmd_watch
+
+            return cmd_watch(ns)
     except LbuildError as e:
         print(f"lbuild: error: {e}", file=sys.stderr)
         return e.exit_code
