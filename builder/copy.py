@@ -58,8 +58,11 @@ def parse_chmod(spec: str | None, file: str, line: int) -> int | None:
     if spec is None:
         return None
     if not re.fullmatch(r"[0-7]{3,4}", spec):
-        raise InvalidInput(f"invalid --chmod value {spec!r}: expected an octal mode such as 0755",
-                           file=file, line=line)
+        raise InvalidInput(
+            f"invalid --chmod value {spec!r}: expected an octal mode such as 0755",
+            file=file,
+            line=line,
+        )
     return int(spec, 8)
 
 
@@ -68,14 +71,17 @@ def _lookup(db: str, name: str, field_index: int) -> tuple[int, int] | None:
         parts = raw.split(":")
         if len(parts) > field_index and parts[0] == name:
             try:
-                return int(parts[2]), int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else int(parts[2])
+                return int(parts[2]), int(parts[3]) if len(parts) > 3 and parts[
+                    3
+                ].isdigit() else int(parts[2])
             except ValueError:
                 return None
     return None
 
 
-def resolve_chown(spec: str | None, read_file: Callable[[str], bytes | None],
-                  file: str, line: int) -> tuple[int, int] | None:
+def resolve_chown(
+    spec: str | None, read_file: Callable[[str], bytes | None], file: str, line: int
+) -> tuple[int, int] | None:
     """``--chown`` to (uid, gid): numbers as given, names through the image's /etc/passwd and /etc/group."""
     if spec is None or spec == "":
         return None
@@ -87,8 +93,12 @@ def resolve_chown(spec: str | None, read_file: Callable[[str], bytes | None],
         passwd = (read_file("etc/passwd") or b"").decode(errors="replace")
         found = _lookup(passwd, user, 3)
         if found is None:
-            raise InvalidInput(f"unable to convert uid/gid chown string to host mapping: user {user!r} "
-                               "not found in /etc/passwd", file=file, line=line)
+            raise InvalidInput(
+                f"unable to convert uid/gid chown string to host mapping: user {user!r} "
+                "not found in /etc/passwd",
+                file=file,
+                line=line,
+            )
         uid, primary = found
     if not sep:
         # Docker: a user without a group uses the same numeric id as the gid for numbers,
@@ -99,12 +109,17 @@ def resolve_chown(spec: str | None, read_file: Callable[[str], bytes | None],
     groups = (read_file("etc/group") or b"").decode(errors="replace")
     g = _lookup(groups, group, 2)
     if g is None:
-        raise InvalidInput(f"unable to convert uid/gid chown string to host mapping: group {group!r} "
-                           "not found in /etc/group", file=file, line=line)
+        raise InvalidInput(
+            f"unable to convert uid/gid chown string to host mapping: group {group!r} "
+            "not found in /etc/group",
+            file=file,
+            line=line,
+        )
     return uid, g[0]
 
 
 # --- sources from another stage's merged view ------------------------------------------------
+
 
 def glob_view(view: View, pattern: str) -> list[str]:
     """Paths in ``view`` matching ``pattern`` segment by segment (Go filepath.Match rules)."""
@@ -143,16 +158,33 @@ def select_from_view(view: View, sources: Iterable[str], file: str, line: int) -
             if view.is_dir(real):
                 top = e or Entry(path=real, type="dir", mode=0o755)
                 items = [Item("", top)]
+                inside = real + "/" if real else ""
                 for sub in view.walk(real):
-                    items.append(Item(sub.path[len(real) + 1 if real else 0:], sub))
+                    rel = sub.path[len(inside) :]
+                    if sub.type == "hardlink" and not clean(sub.link).startswith(inside):
+                        sub = _link_target(view, sub)
+                    items.append(Item(rel, sub))
                 out.append(Selected(name, True, tuple(items)))
             else:
                 assert e is not None
+                if e.type == "hardlink":
+                    e = _link_target(view, e)
                 out.append(Selected(name, False, (Item("", e),)))
     return out
 
 
+def _link_target(view: View, e: Entry) -> Entry:
+    """A hardlink whose target is not copied with it becomes a copy of that target's file.
+
+    The result keeps the target's path (where its bytes are) and the link's own metadata."""
+    target = view.get(clean(e.link))
+    if target is None or target.type != "file":
+        return e
+    return replace(target, mode=e.mode, uid=e.uid, gid=e.gid, mtime=e.mtime, xattrs=e.xattrs)
+
+
 # --- the destination rules ---------------------------------------------------------------------
+
 
 def plan_copy(
     selected: list[Selected],
@@ -194,10 +226,18 @@ def plan_copy(
         facts[f"exists:{p}"] = ans
         return ans
 
-    if multi and not trailing and not view_is_dir(dest_path):
-        if len(selected) > 1 or any(s.is_dir for s in selected):
-            raise InvalidInput("When using COPY with more than one source file, the destination "
-                               "must be a directory and end with a /", file=file, line=line)
+    if (
+        multi
+        and not trailing
+        and not view_is_dir(dest_path)
+        and (len(selected) > 1 or any(s.is_dir for s in selected))
+    ):
+        raise InvalidInput(
+            "When using COPY with more than one source file, the destination "
+            "must be a directory and end with a /",
+            file=file,
+            line=line,
+        )
     # Resolve symlinked destination directories inside the image (non-link only).
     if view is not None and dest_path:
         real = view.resolve(dest_path)
@@ -225,17 +265,27 @@ def plan_copy(
             put(Entry(path=cur, type="dir", mode=0o755, uid=uid, gid=gid, mtime=mtime or 0))
 
     hardlinks: dict[tuple[int, int], str] = {}
+    # Where each source path of the current selection lands: a hardlink read from a stage or
+    # an archive names its target by source path, and must name the target's copy instead.
+    landed: dict[str, str] = {}
 
-    def emit(item: Item, target: str) -> None:
+    def emit(item: Item, target: str, keep: bool, own_time: bool = False) -> None:
         src = item.entry
-        uid, gid = (src.uid, src.gid) if keep_ownership else (0, 0)
+        uid, gid = (src.uid, src.gid) if keep else (0, 0)
         if owner is not None:
             uid, gid = owner
         mode = src.mode
         if chmod is not None and src.type in ("file", "dir", "hardlink"):
             mode = chmod
-        e = replace(src, path=target, uid=uid, gid=gid, mode=mode,
-                    mtime=src.mtime if mtime is None else mtime, offset=-1)
+        e = replace(
+            src,
+            path=target,
+            uid=uid,
+            gid=gid,
+            mode=mode,
+            mtime=src.mtime if mtime is None or own_time else mtime,
+            offset=-1,
+        )
         if src.type == "symlink":
             e = replace(e, mode=0o777)
         if item.hardlink_key is not None and src.type == "file":
@@ -244,35 +294,64 @@ def plan_copy(
                 e = replace(e, type="hardlink", link=first, size=0, digest="", source=None)
             else:
                 hardlinks[item.hardlink_key] = target
-        if src.type == "hardlink" and src.link:
-            # A hardlink read from a stage view points at a path there; re-point it below target.
-            e = replace(e, type="file", link="")
+        if src.type == "hardlink":
+            to = landed.get(clean(src.link))
+            if to is None:
+                raise InvalidInput(
+                    f"hardlink {src.path} points to {src.link}, which is not copied with it",
+                    file=file,
+                    line=line,
+                )
+            e = replace(e, link=to, size=0, digest="", source=None)
         put(e)
 
     for sel in selected:
+        # Ownership: a stage's files keep theirs (as an archive's do, unlike the context's).
+        keep = keep_ownership or sel.archive
         if sel.is_dir or sel.archive:
             base = dest_path
             ensure_dirs(base + "/x" if base else "x")
+            landed.clear()
+            for item in sel.items:
+                if item.rel and item.entry.type in ("file", "hardlink"):
+                    landed[clean(item.entry.path)] = posixpath.join(base, item.rel)
             for item in sel.items:
                 if item.rel == "":
-                    if base and not view_exists(base):
-                        if sel.archive:
-                            uid, gid = owner if owner else (0, 0)
-                            put(Entry(path=base, type="dir", mode=0o755, uid=uid, gid=gid,
-                                      mtime=mtime or 0))
-                        else:
-                            emit(item, base)
-                    elif base and not sel.archive:
-                        emit(item, base)
+                    # The destination directory is never a copy of the source directory:
+                    # BuildKit creates it 0755 (owned by --chown) when missing and leaves an
+                    # existing one alone; only --chmod changes its mode (moby/buildkit#585,
+                    # #4945).  ensure_dirs above already created it when it was missing.
+                    if base and chmod is not None and not sel.archive:
+                        old = out.get(base) or (view.get(view.resolve(base)) if view else None)
+                        uid, gid = owner if owner else ((old.uid, old.gid) if old else (0, 0))
+                        facts[f"owner:{base}"] = [uid, gid]
+                        put(
+                            Entry(
+                                path=base,
+                                type="dir",
+                                mode=chmod,
+                                uid=uid,
+                                gid=gid,
+                                mtime=mtime or 0,
+                            )
+                        )
                     continue
-                emit(item, posixpath.join(base, item.rel) if base else item.rel)
+                # An archive's members keep their own times, as docker's ADD does: they are
+                # part of the archive's bytes, hence of the key, so the layer stays a pure
+                # function of its key.
+                emit(
+                    item,
+                    posixpath.join(base, item.rel) if base else item.rel,
+                    keep,
+                    own_time=sel.archive,
+                )
         else:
             into_dir = trailing or multi or view_is_dir(dest_path)
             target = posixpath.join(dest_path, sel.name) if into_dir else dest_path
             if not target:
                 raise InvalidInput("cannot copy a file onto /", file=file, line=line)
             ensure_dirs(target)
-            emit(sel.items[0], target)
+            emit(sel.items[0], target, keep)
     return CopyResult(sorted(out.values(), key=lambda e: e.path.split("/")), facts)
 
 
@@ -289,8 +368,20 @@ def merkle(selected: list[Selected]) -> list[list[Any]]:
             link_group = ""
             if it.hardlink_key is not None:
                 link_group = groups.setdefault(it.hardlink_key, f"{sel.name}/{it.rel}")
-            rows.append([it.rel, e.type, e.mode, e.digest, e.link, e.size, e.uid, e.gid,
-                         e.mtime, link_group])
+            rows.append(
+                [
+                    it.rel,
+                    e.type,
+                    e.mode,
+                    e.digest,
+                    e.link,
+                    e.size,
+                    e.uid,
+                    e.gid,
+                    e.mtime,
+                    link_group,
+                ]
+            )
     return rows
 
 
