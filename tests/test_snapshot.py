@@ -148,6 +148,9 @@ def ch_links_xattrs_setuid(r: Path) -> None:
     os.chmod(r / "usr/bin/tool", 0o4755)
     os.mkfifo(r / "fifo")
     os.mknod(r / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    for p in ("newlink", "link", "fifo", "null"):
+        # Fixed times: the runs compared happen at different moments.
+        os.utime(r / p, (T0 + 7, T0 + 7), follow_symlinks=False)
 
 
 def ch_dir_metadata(r: Path) -> None:
@@ -284,8 +287,21 @@ def test_layers_are_byte_identical_and_round_trip(tmp_path: Path) -> None:
         ch_create_modify_delete(r)
         ch_replace_types(r)
         ch_links_xattrs_setuid(r)
-        for d in ("etc", "usr", "usr/bin", "file_to_dir", "."):
-            os.utime(r / d, (T0 + 9, T0 + 9))
+        # Everything the change made gets a fixed mtime: the two runs happen at other times.
+        made = (
+            "etc",
+            "etc/conf",
+            "usr",
+            "usr/bin",
+            "file_to_dir",
+            ".",
+            "newlink",
+            "link",
+            "fifo",
+            "null",
+        )
+        for p in made:
+            os.utime(r / p, (T0 + 9, T0 + 9), follow_symlinks=False)
 
     diff_ids = []
     for kind in KINDS:
