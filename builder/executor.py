@@ -340,6 +340,9 @@ class _Session:
                 _write_id_maps(proc.pid, self.idmap)
             finally:
                 os.write(go_w, b"g")
+        elif word == "ready":
+            with contextlib.suppress(OSError):
+                os.rmdir(self.payload["run_dir"])
         elif word == "exit":
             self.exit_code = int(rest)
         elif word == "error" and self.error is None:
@@ -646,6 +649,9 @@ def _init_main(payload: dict[str, Any], status: Any, alive_fd: int) -> None:
         signal.signal(sig, signal.SIG_DFL)
     stubs = _setup_rootfs(payload)
     _pivot_root(stubs.rootfs)
+    # The host's run_dir holds no mount of ours any more: the builder may remove it now,
+    # so a builder killed later leaves nothing behind.
+    _report(status, "ready")
     spec = payload["spec"]
     cwd = spec["cwd"]
     os.makedirs(cwd, mode=0o755, exist_ok=True)

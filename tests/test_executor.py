@@ -293,6 +293,8 @@ def test_builder_interrupted_mid_run(rootfs: Path, no_leaks: None, sig: signal.S
         assert p.stdout.readline() == b"started\n"
         assert wait_until(lambda: len(procs_with(f"sleep {marker}")) == 2)
         below = descendants(p.pid)
+        # Mid-run, the sandbox's mounts live only in its own mount namespace.
+        assert [m for m in mountinfo() if "lbuild-run-" in m or str(rootfs) in m] == []
         assert len(below) >= 4  # helper, init, two sleeps (the shell execs the last one)
         p.send_signal(sig)
         _, err = p.communicate(timeout=20)
