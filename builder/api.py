@@ -147,14 +147,19 @@ class Session:
 
     @classmethod
     @contextmanager
-    def open(cls, home: Path | None) -> Iterator[Session]:
-        """Open the cache home; builds hold a shared lock so a prune never runs beside them."""
+    def open(cls, home: Path | None, *, exclusive: bool = False) -> Iterator[Session]:
+        """Open the cache home.
+
+        Builds hold a shared lock for their whole run; prune and verify open with
+        ``exclusive=True``, so they wait for running builds and keep new ones out (a blob
+        is written before its record, and must not be collected in between).
+        """
         from cache.blobs import BlobStore
         from cache.records import Index
 
         h = home_dir(home)
         h.mkdir(parents=True, exist_ok=True)
-        with _lock(h, exclusive=False):
+        with _lock(h, exclusive=exclusive):
             store = BlobStore(h)
             store.sweep_tmp()
             index = Index.open(str(h / "lbuild.db"))
@@ -174,81 +179,6 @@ def _lock(home: Path, *, exclusive: bool) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-@contextmanager
-def exclusive_lock(home: Path) -> Iterator[None]:
-    """Held by prune and verify: waits for running builds, keeps new ones out.
-
-    flock locks belong to the open file description, so taking it on a fresh descriptor in a
-    process that holds the shared lock would deadlock; callers of this function open the
-    Session first (shared) and this upgrades by waiting for other holders only.
-    """
-    import fcntl
-
-    fd = os.open(home / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def image_from_store(store: BlobStore, ref: str, manifest_digest: Digest) -> ExternalImage:
-    """An image whose manifest and blobs are all in the content store."""
-    from builder.plan import ExternalImage
-    from cache.types import BlobInfo
-
-    manifest = json.loads(store.read(manifest_digest))
-    config = json.loads(store.read(Digest(manifest["config"]["digest"])))
-    layers = tuple(BlobInfo(Digest(x["digest"]), int(x["size"]), x["mediaType"])
-                   for x in manifest.get("layers", []))
-    diff_ids = tuple(Digest(d) for d in config.get("rootfs", {}).get("diff_ids", []))
-    for b in layers:
-        if not store.has(b.digest):
-            raise NotFound(f"image {ref}: layer blob {b.digest} is missing from the store")
-    return ExternalImage(ref, manifest_digest, config, layers, diff_ids)
-
-
-def make_resolver(session: Session, build_contexts: Mapping[str, str]) -> Callable[[str], ExternalImage | None]:
-    """Resolve a FROM / COPY --from name: --build-context first, then lbuild's local tags."""
-    from builder.export import load_oci_layout
-
-    loaded: dict[str, ExternalImage] = {}
-
-    def resolve(ref: str) -> ExternalImage | None:
-        if ref in loaded:
-            return loaded[ref]
-        spec = build_contexts.get(ref)
-        img: ExternalImage | None = None
-        if spec is not None:
-            if not spec.startswith("oci-layout://"):
-                raise Unsupported(f"--build-context {ref}={spec}: only oci-layout:// is supported")
-            path, tag = spec[len("oci-layout://"):], "latest"
-            head, sep, tail = path.rpartition(":")
-            if sep and "/" not in tail and head:
-                path, tag = head, tail
-            if not (Path(path) / "index.json").is_file():
-                raise NotFound(f"--build-context {ref}: {path} is not an OCI layout (no index.json)")
-            image, _layers = load_oci_layout(session.store, Path(path), tag)
-            from builder.plan import ExternalImage
-
-            config = json.loads(image.config)
-            img = ExternalImage(ref, image.manifest_digest, config, tuple(image.layers),
-                                tuple(image.diff_ids))
-        else:
-            try:
-                name = full_tag(ref)
-            except InvalidInput:
-                return None
-            found = session.index.get_tag(name)
-            if found is not None:
-                img = image_from_store(session.store, name, found.manifest_digest)
-        if img is not None:
-            loaded[ref] = img
-        return img
-
-    return resolve
 
 
 class IndexCache:

@@ -50,15 +50,18 @@ def parser() -> argparse.ArgumentParser:
     _build_args(w)
 
     c = sub.add_parser("cache", help="inspect and maintain the cache")
-    c.add_argument("--home", type=Path, help="cache directory")
+    home = argparse.ArgumentParser(add_help=False)
+    home.add_argument("--home", type=Path, help="cache directory (default $LBUILD_HOME)")
     csub = c.add_subparsers(dest="cache_command", required=True)
-    csub.add_parser("ls", help="list step records, most recently used first")
-    csub.add_parser("du", help="disk usage of the cache")
-    pr = csub.add_parser("prune", help="remove least recently used records and unneeded blobs")
+    csub.add_parser("ls", parents=[home], help="list step records, most recently used first")
+    csub.add_parser("du", parents=[home], help="disk usage of the cache")
+    pr = csub.add_parser("prune", parents=[home],
+                         help="remove least recently used records and unneeded blobs")
     pr.add_argument("--keep-bytes", help="keep at most this much (e.g. 5GB)")
     pr.add_argument("--keep-duration", help="drop records unused for longer (e.g. 7d, 36h)")
     pr.add_argument("--dry-run", action="store_true", help="only list what would go")
-    csub.add_parser("verify", help="re-hash every blob; drop corrupt ones and their records")
+    csub.add_parser("verify", parents=[home],
+                    help="re-hash every blob; drop corrupt ones and their records")
     from builder import watch
 
     watch.add_parser(sub)
@@ -130,7 +133,8 @@ def cmd_cache(ns: argparse.Namespace) -> int:
     from builder import commands
     from builder.api import Session
 
-    with Session.open(ns.home) as session:
+    exclusive = ns.cache_command in ("prune", "verify")
+    with Session.open(ns.home, exclusive=exclusive) as session:
         if ns.cache_command == "ls":
             for r in commands.cache_ls(session):
                 when = dt.datetime.fromtimestamp(r["last_used"]).strftime("%Y-%m-%d %H:%M:%S")
@@ -179,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lbuild: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `lbuild cache ls | head`
+        sys.stderr.close()
+        return 0
     return EXIT_BAD_INPUT
 
 

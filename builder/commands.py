@@ -163,39 +163,33 @@ def cache_du(session: Session) -> dict[str, int]:
 def cache_prune(session: Session, *, keep_bytes: int | None, keep_duration: float | None,
                 dry_run: bool) -> tuple[list[str], int]:
     """LRU prune; returns what goes (or would go) and the bytes freed."""
-    from builder.api import exclusive_lock
-
-    with exclusive_lock(session.home):
-        sizes = {d: session.store.size(d) for d in session.store.digests()}
-        plan = session.index.prune_plan(keep_bytes=keep_bytes, keep_duration_s=keep_duration,
-                                         now=time.time(), blob_sizes=sizes)
-        lines = [f"step {s.key[:16]} ({s.reason})" for s in plan.steps]
-        lines += [f"blob {d} {human(sizes.get(d, 0))}" for d in plan.blobs]
-        if dry_run:
-            return lines, plan.freed_bytes
-        gone = session.index.apply_prune(plan)
-        freed = 0
-        for d in gone:
-            freed += sizes.get(d, 0)
-            session.store.remove(d)
-        return lines, freed
+    sizes = {d: session.store.size(d) for d in session.store.digests()}
+    plan = session.index.prune_plan(keep_bytes=keep_bytes, keep_duration_s=keep_duration,
+                                     now=time.time(), blob_sizes=sizes)
+    lines = [f"step {s.key[:16]} ({s.reason})" for s in plan.steps]
+    lines += [f"blob {d} {human(sizes.get(d, 0))}" for d in plan.blobs]
+    if dry_run:
+        return lines, plan.freed_bytes
+    gone = session.index.apply_prune(plan)
+    freed = 0
+    for d in gone:
+        freed += sizes.get(d, 0)
+        session.store.remove(d)
+    return lines, freed
 
 
 def cache_verify(session: Session) -> list[str]:
     """Re-hash every blob; drop corrupt blobs and the records that name them. Returns findings."""
-    from builder.api import exclusive_lock
-
     findings: list[str] = []
-    with exclusive_lock(session.home):
-        bad = [d for d in session.store.digests() if not session.store.verify(d)]
-        if not bad:
-            return findings
-        bad_set = set(bad)
-        dead = [r.key for r in session.index.list_steps(limit=None, oldest_first=True)
-                if r.blobs & bad_set]
-        session.index.delete_steps(dead)
-        for d in bad:
-            session.store.remove(d)
-            findings.append(f"corrupt blob {d} removed")
-        findings += [f"record {k[:16]} dropped (its blob was corrupt)" for k in dead]
+    bad = [d for d in session.store.digests() if not session.store.verify(d)]
+    if not bad:
+        return findings
+    bad_set = set(bad)
+    dead = [r.key for r in session.index.list_steps(limit=None, oldest_first=True)
+            if r.blobs & bad_set]
+    session.index.delete_steps(dead)
+    for d in bad:
+        session.store.remove(d)
+        findings.append(f"corrupt blob {d} removed")
+    findings += [f"record {k[:16]} dropped (its blob was corrupt)" for k in dead]
     return findings
