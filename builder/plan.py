@@ -351,7 +351,9 @@ def make_plan(
                 for d in [*chain_prev, *deps]:
                     graph.add_edge(d, sid)
                 chain_prev = [sid]
-            parent_key = st.key
+            # a --link key leaves out the chain below it; the chain key after it must not
+            parent_key = (step_key({"op": "STACK", "below": parent_key, "link": st.key})
+                          if inputs.get("parent", "") is None else st.key)
             steps[sid] = st
             sp.steps.append(st)
         end_id = f"{idx}:end"
