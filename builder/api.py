@@ -49,6 +49,8 @@ class BuildOptions:
     compression: Compression = "gzip"
     keep_mtime: bool = False
     epoch: int | None = None  # SOURCE_DATE_EPOCH; None reads the environment
+    secrets: Mapping[str, Path] = field(default_factory=dict)
+    snapshotter: str | None = None  # overlay | copy | None (automatic)
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,63 @@ def _lock(home: Path, *, exclusive: bool) -> Iterator[None]:
         os.close(fd)
 
 
+def image_from_store(store: BlobStore, ref: str, manifest_digest: Digest) -> ExternalImage:
+    """An image whose manifest and blobs are all in the content store."""
+    from builder.plan import ExternalImage
+    from cache.types import BlobInfo
+
+    manifest = json.loads(store.read(manifest_digest))
+    config = json.loads(store.read(Digest(manifest["config"]["digest"])))
+    layers = tuple(BlobInfo(Digest(x["digest"]), int(x["size"]), x["mediaType"])
+                   for x in manifest.get("layers", []))
+    diff_ids = tuple(Digest(d) for d in config.get("rootfs", {}).get("diff_ids", []))
+    for b in layers:
+        if not store.has(b.digest):
+            raise NotFound(f"image {ref}: layer blob {b.digest} is missing from the store")
+    return ExternalImage(ref, manifest_digest, config, layers, diff_ids)
+
+
+def make_resolver(session: Session, build_contexts: Mapping[str, str]) -> Callable[[str], ExternalImage | None]:
+    """Resolve a FROM / COPY --from name: --build-context first, then lbuild's local tags."""
+    from builder.export import load_oci_layout
+
+    loaded: dict[str, ExternalImage] = {}
+
+    def resolve(ref: str) -> ExternalImage | None:
+        if ref in loaded:
+            return loaded[ref]
+        spec = build_contexts.get(ref)
+        img: ExternalImage | None = None
+        if spec is not None:
+            if not spec.startswith("oci-layout://"):
+                raise Unsupported(f"--build-context {ref}={spec}: only oci-layout:// is supported")
+            path, tag = spec[len("oci-layout://"):], "latest"
+            head, sep, tail = path.rpartition(":")
+            if sep and "/" not in tail and head:
+                path, tag = head, tail
+            if not (Path(path) / "index.json").is_file():
+                raise NotFound(f"--build-context {ref}: {path} is not an OCI layout (no index.json)")
+            image, _layers = load_oci_layout(session.store, Path(path), tag)
+            from builder.plan import ExternalImage
+
+            config = json.loads(image.config)
+            img = ExternalImage(ref, image.manifest_digest, config, tuple(image.layers),
+                                tuple(image.diff_ids))
+        else:
+            try:
+                name = full_tag(ref)
+            except InvalidInput:
+                return None
+            found = session.index.get_tag(name)
+            if found is not None:
+                img = image_from_store(session.store, name, found.manifest_digest)
+        if img is not None:
+            loaded[ref] = img
+        return img
+
+    return resolve
+
+
 class IndexCache:
     """The solver's StepCache over the SQLAlchemy index."""
 
@@ -298,7 +357,7 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
         cache = IndexCache(session, dockerfile_id(opts))
         solver = Solver(plan, session.store, cache, rep, jobs=opts.jobs or (os.cpu_count() or 1),
                         no_cache=no_cache_rule(opts, plan), epoch=epoch,
-                        keep_mtime=opts.keep_mtime, run_step=_run_step())
+                        keep_mtime=opts.keep_mtime, run_step=_run_step(opts, session))
         solver.solve()
         cache.flush()
         image = assemble(solver, session, opts.compression)
@@ -332,9 +391,10 @@ def assemble(solver: Solver, session: Session, codec: Compression) -> Any:
     return make_image(session.store, config, blobs)
 
 
-def _run_step() -> Callable[[Solver, Step], LayerInfo | None] | None:
-    try:
-        from builder.run import run_step
-    except ImportError:
-        return None
-    return run_step
+def _run_step(opts: BuildOptions, session: Session) -> Callable[[Solver, Step], LayerInfo | None]:
+    from builder.run import RunEnv, make_run_step
+
+    clamp = source_date_epoch(opts.epoch) if (opts.epoch is not None
+                                              or os.environ.get("SOURCE_DATE_EPOCH")) else None
+    return make_run_step(RunEnv(session.home, opts.context, dict(opts.secrets),
+                                opts.snapshotter, clamp))

@@ -31,6 +31,10 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip")
     p.add_argument("--keep-mtime", action="store_true",
                    help="keep context file mtimes in COPY/ADD layers (they then enter the key)")
+    p.add_argument("--secret", action="append", default=[], metavar="id=NAME,src=FILE",
+                   help="a secret for RUN --mount=type=secret (never in a layer or a key)")
+    p.add_argument("--snapshotter", choices=["overlay", "copy"],
+                   help="how RUN gets its root filesystem (default: overlay where possible)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
 
 def options_from(ns: argparse.Namespace) -> object:
     from builder.api import BuildOptions, parse_kv, parse_output
+    from builder.run import secrets_from
 
     return BuildOptions(
         context=Path(ns.context),
@@ -85,6 +90,8 @@ def options_from(ns: argparse.Namespace) -> object:
         jobs=ns.jobs,
         compression=ns.compression,
         keep_mtime=ns.keep_mtime,
+        secrets=secrets_from(ns.secret),
+        snapshotter=ns.snapshotter,
     )
 
 

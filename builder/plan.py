@@ -55,6 +55,7 @@ class Step:
     instr: df.Instruction | None = None
     env: tuple[tuple[str, str], ...] = ()
     args: tuple[tuple[str, str], ...] = ()
+    run_env: tuple[tuple[str, str], ...] = ()
     link: bool = False
     from_stage: int | None = None
     from_image: ExternalImage | None = None
@@ -287,7 +288,7 @@ def make_plan(
             instr = r.instruction
             sid = f"{idx}:{pos}"
             st = Step(sid, idx, pos, "config", step_name(stage, pos, total, instr), instr=instr,
-                      env=r.env, args=r.args, line=instr.line)
+                      env=r.env, args=r.args, run_env=r.run_env, line=instr.line)
             st.state = state.clone()
             inputs: dict[str, Any] = {"op": type(instr).__name__.upper(),
                                       "instruction": _instr_fields(instr)}
@@ -325,6 +326,7 @@ def make_plan(
                 st.kind = "run"
                 inputs["state"] = {"env": state.env, "workdir": state.workdir, "user": state.user,
                                    "shell": list(state.shell), "args": [list(a) for a in r.args],
+                                   "run_env": [list(a) for a in r.run_env],
                                    "platform": opts.platform}
                 inputs["parent"] = parent_key
             elif isinstance(instr, df.Workdir):

@@ -1,0 +1,290 @@
+"""RUN: execute a command on a snapshot of the parent chain; its diff becomes the layer.
+
+The parent's layers are unpacked once into committed snapshots named by chain id; the
+command runs in a fresh active snapshot on top (overlayfs or a copy), isolated by
+builder.executor; the snapshot's diff is written as a deterministic layer and the active
+snapshot is removed whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from builder import dockerfile as df
+from cache.errors import InvalidInput, NotFound, StepFailed
+from cache.types import Entry, LayerInfo
+
+if TYPE_CHECKING:
+    from builder.executor import BindSpec
+    from builder.plan import Step
+    from builder.solve import Solver
+    from builder.view import View
+    from cache.snapshot import Snapshotter
+
+
+@dataclass(frozen=True)
+class RunEnv:
+    """What RUN steps of one build share: where snapshots, cache mounts and secrets live."""
+
+    home: Path
+    context: Path
+    secrets: Mapping[str, Path]
+    snapshotter: str | None = None
+    clamp_mtime: int | None = None  # SOURCE_DATE_EPOCH when set
+
+
+def _db_lookup(text: str, name: str) -> list[str] | None:
+    for raw in text.splitlines():
+        parts = raw.split(":")
+        if parts and parts[0] == name:
+            return parts
+    return None
+
+
+def resolve_user(spec: str, read: Callable[[str], bytes | None], file: str,
+                 line: int) -> tuple[int, int, tuple[int, ...], str]:
+    """USER name|uid[:group|gid] -> (uid, gid, supplementary groups, home), as Docker does."""
+    user, _, group = (spec or "root").partition(":")
+    passwd = (read("etc/passwd") or b"").decode(errors="replace")
+    groups_db = (read("etc/group") or b"").decode(errors="replace")
+    home = "/"
+    if user.isdigit():
+        uid, gid, name = int(user), 0, None
+        for raw in passwd.splitlines():
+            p = raw.split(":")
+            if len(p) >= 6 and p[2] == user:
+                gid, name, home = int(p[3]), p[0], p[5]
+                break
+    else:
+        p = _db_lookup(passwd, user)
+        if p is None or len(p) < 4:
+            raise InvalidInput(f"unable to find user {user}: no matching entries in passwd file",
+                               file=file, line=line)
+        uid, gid, name = int(p[2]), int(p[3]), user
+        home = p[5] if len(p) > 5 else "/"
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            g = _db_lookup(groups_db, group)
+            if g is None or len(g) < 3:
+                raise InvalidInput(f"unable to find group {group}: no matching entries in group file",
+                                   file=file, line=line)
+            gid = int(g[2])
+    extra: list[int] = []
+    if name is not None and not group:
+        for raw in groups_db.splitlines():
+            g = raw.split(":")
+            if len(g) >= 4 and name in g[3].split(",") and int(g[2]) != gid:
+                extra.append(int(g[2]))
+    return uid, gid, tuple(sorted(set(extra))), home
+
+
+def command_argv(instr: df.Run, shell: tuple[str, ...]) -> tuple[tuple[str, ...], bytes | None]:
+    """argv (and stdin) for a RUN: exec form as is; shell form through SHELL; heredocs as BuildKit."""
+    if instr.exec_form:
+        return tuple(instr.command), None
+    text = instr.command[0] if instr.command else ""
+    if instr.heredocs:
+        only = len(instr.heredocs) == 1 and text.strip().lstrip("0123456789").startswith("<<") \
+            and len(text.split()) == 1
+        if only:
+            body = instr.heredocs[0].data
+            if body.startswith("#!"):
+                interp = body[2:].split("\n", 1)[0].split()
+                return (*interp, "/dev/stdin"), body.encode()
+            return (*shell, body), None
+        script = text + "\n" + "".join(h.content + h.name + "\n" for h in instr.heredocs)
+        return (*shell, script), None
+    return (*shell, text), None
+
+
+def parse_mount(raw: str, file: str, line: int) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for part in raw.split(","):
+        k, sep, v = part.partition("=")
+        k = k.strip().lower()
+        if k in ("ro", "readonly", "rw", "readwrite") and not sep:
+            v = "true"
+        fields[k] = v
+    fields.setdefault("type", "bind")
+    if fields["type"] not in ("bind", "cache", "tmpfs", "secret", "ssh"):
+        raise InvalidInput(f"unsupported mount type {fields['type']!r}", file=file, line=line)
+    if fields["type"] == "ssh":
+        raise InvalidInput("RUN --mount=type=ssh is not supported", file=file, line=line)
+    for alias in ("dst", "destination"):
+        if alias in fields:
+            fields["target"] = fields.pop(alias)
+    if "src" in fields:
+        fields["source"] = fields.pop("src")
+    if fields["type"] != "secret" and not fields.get("target"):
+        raise InvalidInput(f"--mount={raw}: target is required", file=file, line=line)
+    return fields
+
+
+def _truthy(v: str | None) -> bool:
+    return v is not None and v.lower() in ("", "true", "1")
+
+
+def mounts_for(instr: df.Run, env: RunEnv, workdir: str, file: str,
+               scratch: Path) -> tuple[list[BindSpec], list[str]]:
+    """BindSpecs for a RUN's --mount flags, and the targets to keep out of the layer."""
+    from builder.executor import BindSpec
+
+    out: list[BindSpec] = []
+    targets: list[str] = []
+    for raw in instr.mounts:
+        m = parse_mount(raw, file, instr.line)
+        t = m["type"]
+        target = m.get("target", "")
+        if target and not target.startswith("/"):
+            target = posixpath.join(workdir, target)
+        if t == "cache":
+            cid = m.get("id") or target
+            safe = uuid.uuid5(uuid.NAMESPACE_URL, cid).hex
+            d = env.home / "cache-mounts" / safe
+            d.mkdir(parents=True, exist_ok=True)
+            out.append(BindSpec(str(d), target, "bind", readonly=_truthy(m.get("ro") or m.get("readonly"))))
+        elif t == "tmpfs":
+            out.append(BindSpec(None, target, "tmpfs"))
+        elif t == "secret":
+            sid = m.get("id") or posixpath.basename(target)
+            if not sid:
+                raise InvalidInput("--mount=type=secret needs id= or target=", file=file, line=instr.line)
+            src = env.secrets.get(sid)
+            if src is None:
+                if _truthy(m.get("required")):
+                    raise NotFound(f"secret {sid} not provided (use --secret id={sid},src=FILE)",
+                                   file=file, line=instr.line)
+                continue
+            target = target or f"/run/secrets/{sid}"
+            out.append(BindSpec(str(src), target, "bind", readonly=True))
+        else:  # bind from the context (read-only unless rw; rw writes are thrown away)
+            if m.get("from"):
+                raise InvalidInput("RUN --mount=type=bind,from=... is not supported yet",
+                                   file=file, line=instr.line)
+            src_rel = posixpath.normpath("/" + m.get("source", ".")).lstrip("/")
+            src = (env.context / src_rel) if src_rel else env.context
+            if not src.exists():
+                raise NotFound(f"bind mount source not found in the build context: {src_rel or '.'}",
+                               file=file, line=instr.line)
+            rw = _truthy(m.get("rw") or m.get("readwrite"))
+            if rw:
+                copy = scratch / uuid.uuid4().hex
+                if src.is_dir():
+                    shutil.copytree(src, copy, symlinks=True)
+                else:
+                    shutil.copy2(src, copy)
+                src = copy
+            out.append(BindSpec(str(src), target, "bind", readonly=not rw))
+        targets.append(target)
+    return out, targets
+
+
+def _snapshotter(env: RunEnv) -> Snapshotter:
+    from cache.snapshot import choose_snapshotter
+
+    return choose_snapshotter(env.home / "snapshots", env.snapshotter)
+
+
+def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:
+    """The solver's RUN executor for one build."""
+    snaps: list[Snapshotter] = []
+
+    def run_step(solver: Solver, step: Step) -> LayerInfo | None:
+        from builder.executor import RunSpec, run
+        from cache.snapshot import ensure_chain
+
+        instr = step.instr
+        assert isinstance(instr, df.Run) and step.state is not None
+        file = solver.plan.filename
+        if not snaps:
+            snaps.append(_snapshotter(env))
+        snap = snaps[0]
+        view: View = solver.view(step.stage, step.pos)
+        state = step.state
+        uid, gid, groups, user_home = resolve_user(state.user, solver.read_file(view), file, instr.line)
+        diff_ids = solver.stage_diff_ids(step.stage, step.pos)
+        parent = ensure_chain(snap, diff_ids, solver.store.open) if diff_ids else None
+        key = f"run-{uuid.uuid4().hex}"
+        scratch = Path(tempfile.mkdtemp(prefix="run-", dir=env.home / "tmp"))
+        try:
+            mounts = snap.prepare(key, parent)
+            argv, stdin = command_argv(instr, state.shell)
+            env_pairs = list(step.run_env)
+            names = {k for k, _ in env_pairs}
+            if "PATH" not in names:
+                env_pairs.insert(0, ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"))
+            if "HOME" not in names:
+                env_pairs.append(("HOME", user_home or "/"))
+            binds, targets = mounts_for(instr, env, state.workdir, file, scratch)
+            network = (instr.network or "host").lower()
+            if network == "default":
+                network = "host"
+            if network not in ("host", "none"):
+                raise InvalidInput(f"RUN --network={network} is not supported (use host or none)",
+                                   file=file, line=instr.line)
+            spec = RunSpec(argv=argv, env=tuple(env_pairs), cwd=state.workdir, uid=uid, gid=gid,
+                           groups=groups, network=network,  # type: ignore[arg-type]
+                           extra_mounts=tuple(binds), stdin_data=stdin)
+            code = run(spec, mounts, on_output=lambda b: solver.reporter.step_log(step, b))
+            if code != 0:
+                shown = " ".join(argv) if instr.exec_form else (instr.command[0] if instr.command else "")
+                raise StepFailed(f"RUN {shown} failed: exit code {code}", file=file, line=instr.line)
+            entries = snap.diff(key)
+            entries = [e for e in entries if not _under(e.path, targets)]
+            if env.clamp_mtime is not None:
+                entries = [replace(e, mtime=min(e.mtime, env.clamp_mtime)) for e in entries]
+            if not entries:
+                return None
+            return solver.write(_sorted(entries))
+        finally:
+            try:
+                snap.remove(key)
+            except (OSError, NotFound):
+                pass
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    return run_step
+
+
+def _under(path: str, targets: list[str]) -> bool:
+    for t in targets:
+        t = t.strip("/")
+        if t and (path == t or path.startswith(t + "/")):
+            return True
+    return False
+
+
+def _sorted(entries: list[Entry]) -> list[Entry]:
+    return sorted(entries, key=lambda e: e.path.split("/"))
+
+
+def secrets_from(specs: list[str]) -> dict[str, Path]:
+    """``--secret id=NAME,src=FILE`` (docker buildx syntax) -> {NAME: FILE}."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        fields = dict(p.partition("=")[::2] for p in spec.split(","))
+        sid = fields.get("id")
+        src = fields.get("src") or fields.get("source")
+        if not sid:
+            raise InvalidInput(f"invalid --secret {spec!r}: id= is required")
+        if not src:
+            env_name = fields.get("env") or sid
+            val = os.environ.get(env_name)
+            if val is None:
+                raise InvalidInput(f"invalid --secret {spec!r}: src=FILE is required")
+            raise InvalidInput(f"--secret {sid}: env= secrets are not supported; use src=FILE")
+        p = Path(src)
+        if not p.is_file():
+            raise NotFound(f"--secret {sid}: {src} is not a file")
+        out[sid] = p
+    return out
