@@ -64,12 +64,12 @@ def resolve_user(spec: str, read: Callable[[str], bytes | None], file: str,
                 gid, name, home = int(p[3]), p[0], p[5]
                 break
     else:
-        p = _db_lookup(passwd, user)
-        if p is None or len(p) < 4:
+        found = _db_lookup(passwd, user)
+        if found is None or len(found) < 4:
             raise InvalidInput(f"unable to find user {user}: no matching entries in passwd file",
                                file=file, line=line)
-        uid, gid, name = int(p[2]), int(p[3]), user
-        home = p[5] if len(p) > 5 else "/"
+        uid, gid, name = int(found[2]), int(found[3]), user
+        home = found[5] if len(found) > 5 else "/"
     if group:
         if group.isdigit():
             gid = int(group)
