@@ -21,9 +21,18 @@ from cache.errors import InvalidInput
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_SHELL = ("/bin/sh", "-c")
+AUTHOR_KEY = "_author"  # MAINTAINER, kept in the config state until final_config
 
-_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
-         "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+_ARCH = {
+    "x86_64": "amd64",
+    "amd64": "amd64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "armv7l": "arm",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
 
 
 def host_platform() -> tuple[str, str]:
@@ -62,8 +71,12 @@ class ImageState:
         )
 
     def clone(self) -> ImageState:
-        return ImageState(copy.deepcopy(self.config), [dict(h) for h in self.history],
-                          list(self.diff_ids), self.cmd_set)
+        return ImageState(
+            copy.deepcopy(self.config),
+            [dict(h) for h in self.history],
+            list(self.diff_ids),
+            self.cmd_set,
+        )
 
     # --- accessors used by step keys and executors -------------------------------------
     @property
@@ -105,14 +118,34 @@ class ImageState:
         """The OCI image config JSON object for this state."""
         os_name, arch = host_platform()
         inner = {k: v for k, v in self.config.items() if v not in (None, [], {}, "")}
-        return {
+        author = inner.pop(AUTHOR_KEY, None)
+        created = iso_time(epoch)
+        out: dict[str, Any] = {
             "architecture": arch,
             "os": os_name,
-            "created": iso_time(epoch),
+            "created": created,
             "config": inner,
             "rootfs": {"type": "layers", "diff_ids": list(self.diff_ids)},
-            "history": self.history,
+            "history": _complete_history(self.history, len(self.diff_ids), created),
         }
+        if author:
+            out["author"] = author
+        return out
+
+
+def _complete_history(
+    history: list[dict[str, Any]], layers: int, created: str
+) -> list[dict[str, Any]]:
+    """History with one non-empty entry per layer, as the image spec asks.
+
+    A base image may come without history for its layers (umoci ``--no-history``, hand-made
+    images); as BuildKit does, the missing entries are added in front, where the base's
+    layers are."""
+    missing = layers - sum(1 for h in history if not h.get("empty_layer"))
+    if missing <= 0:
+        return history
+    filler = {"created": created, "created_by": "", "comment": "lbuild: no history in base image"}
+    return [dict(filler) for _ in range(missing)] + history
 
 
 def _shell_wrap(state: ImageState, args: tuple[str, ...], exec_form: bool) -> list[str]:
@@ -172,7 +205,9 @@ def apply_config(state: ImageState, instr: df.Instruction, file: str) -> bool:
         vols = dict(cfg.get("Volumes") or {})
         for v in instr.paths:
             if not v.strip():
-                raise InvalidInput("VOLUME specified can not be an empty string", file=file, line=line)
+                raise InvalidInput(
+                    "VOLUME specified can not be an empty string", file=file, line=line
+                )
             vols[v] = {}
         cfg["Volumes"] = vols
     elif isinstance(instr, df.Cmd):
@@ -189,9 +224,13 @@ def apply_config(state: ImageState, instr: df.Instruction, file: str) -> bool:
             cfg["Healthcheck"] = {"Test": ["NONE"]}
         else:
             hc: dict[str, Any] = {"Test": list(instr.test)}
-            for name, val in (("Interval", instr.interval), ("Timeout", instr.timeout),
-                              ("StartPeriod", instr.start_period),
-                              ("StartInterval", instr.start_interval), ("Retries", instr.retries)):
+            for name, val in (
+                ("Interval", instr.interval),
+                ("Timeout", instr.timeout),
+                ("StartPeriod", instr.start_period),
+                ("StartInterval", instr.start_interval),
+                ("Retries", instr.retries),
+            ):
                 if val is not None:
                     hc[name] = val
             cfg["Healthcheck"] = hc
@@ -200,7 +239,8 @@ def apply_config(state: ImageState, instr: df.Instruction, file: str) -> bool:
     elif isinstance(instr, df.Onbuild):
         cfg["OnBuild"] = [*(cfg.get("OnBuild") or []), instr.expression]
     elif isinstance(instr, df.Maintainer):
-        pass  # recorded as Author at the top level by the caller
+        # the last MAINTAINER wins; final_config moves it to the top-level "author"
+        cfg[AUTHOR_KEY] = instr.name
     elif isinstance(instr, df.Arg):
         pass
     else:

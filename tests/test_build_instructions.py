@@ -260,3 +260,12 @@ def test_build_arg_selects_base(ictx: Path, ihome: Path, tmp_path: Path) -> None
 def test_bad_expose_is_an_error(ictx: Path, ihome: Path, tmp_path: Path) -> None:
     line, df = fail(ictx, ihome, tmp_path, "FROM scratch\nEXPOSE 80/xyz\n")
     assert f"{df}:2:" in line and "xyz" in line
+
+
+def test_maintainer_is_the_top_level_author(ictx: Path, ihome: Path, tmp_path: Path) -> None:
+    b = build(
+        ictx, ihome, tmp_path, "FROM scratch\nMAINTAINER first\nCOPY f /\nMAINTAINER Last One\n"
+    )
+    cfg = raw_config(b.layout)
+    assert cfg["author"] == "Last One"
+    assert "_author" not in cfg["config"] and "author" not in cfg["config"]

@@ -200,6 +200,45 @@ def test_build_context_oci_layout(
     assert f"BASE={want}" in cfg["Env"] and cfg["WorkingDir"] == "/srv"
 
 
+def test_base_image_without_history(ohome: Path, tmp_path: Path) -> None:
+    """A base whose layers have no history entries still gives one entry per layer."""
+    layout = tmp_path / "layout"
+    tool("umoci", "init", "--layout", layout)
+    tool("umoci", "new", "--image", f"{layout}:latest")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        ti = tarfile.TarInfo("f")
+        ti.size, ti.mode = 2, 0o644
+        tf.addfile(ti, io.BytesIO(b"x\n"))
+    (tmp_path / "l.tar").write_bytes(buf.getvalue())
+    tool(
+        "umoci",
+        "raw",
+        "add-layer",
+        "--no-history",
+        "--image",
+        f"{layout}:latest",
+        tmp_path / "l.tar",
+    )
+    ctx = tmp_path / "c"
+    ctx.mkdir()
+    (ctx / "g").write_text("g\n")
+    os.chmod(ctx / "g", 0o644)
+    b = build(
+        ctx,
+        ohome,
+        tmp_path,
+        "FROM base\nLABEL a=b\nCOPY g /g\n",
+        "--build-context",
+        f"base=oci-layout://{layout}",
+    )
+    assert b.tree == {"f": F("x\n"), "g": F("g\n")}
+    cfg = raw_config(b.layout)
+    layers = [h for h in cfg["history"] if not h.get("empty_layer")]
+    assert len(layers) == len(cfg["rootfs"]["diff_ids"]) == 2
+    assert [h["created_by"] for h in cfg["history"]][-2:] == ["LABEL a=b", "COPY g /g"]
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="cache/layer.py _scan: a layer whose last member's data "
