@@ -199,8 +199,12 @@ def image_from_store(store: BlobStore, ref: str, manifest_digest: Digest) -> Ext
     return ExternalImage(ref, manifest_digest, config, layers, diff_ids)
 
 
-def make_resolver(session: Session, build_contexts: Mapping[str, str]) -> Callable[[str], ExternalImage | None]:
-    """Resolve a FROM / COPY --from name: --build-context first, then lbuild's local tags."""
+def make_resolver(session: Session, build_contexts: Mapping[str, str],
+                  used: dict[str, str] | None = None) -> Callable[[str], ExternalImage | None]:
+    """Resolve a FROM / COPY --from name: --build-context first, then lbuild's local tags.
+
+    Local tags resolved are noted in ``used`` (name -> manifest digest) for the no-op memo.
+    """
     from builder.export import load_oci_layout
 
     loaded: dict[str, ExternalImage] = {}
@@ -233,6 +237,8 @@ def make_resolver(session: Session, build_contexts: Mapping[str, str]) -> Callab
             found = session.index.get_tag(name)
             if found is not None:
                 img = image_from_store(session.store, name, found.manifest_digest)
+                if used is not None:
+                    used[name] = found.manifest_digest
         if img is not None:
             loaded[ref] = img
         return img
@@ -297,7 +303,8 @@ def compressed_blob(session: Session, diff_id: Digest, codec: Compression) -> An
     return blob
 
 
-def prepare(opts: BuildOptions, session: Session) -> tuple[Plan, Any]:
+def prepare(opts: BuildOptions, session: Session,
+            tags_used: dict[str, str] | None = None) -> tuple[Plan, Any]:
     """Parse, select the context and plan (keys included). Returns the plan and the context."""
     from builder import dockerfile as df
     from builder.context import BuildContext, hash_file
@@ -316,7 +323,7 @@ def prepare(opts: BuildOptions, session: Session) -> tuple[Plan, Any]:
     popts = PlanOptions(build_args=dict(opts.build_args), target=opts.target,
                         epoch=source_date_epoch(opts.epoch), keep_mtime=opts.keep_mtime,
                         platform=f"{os_name}/{arch}")
-    resolver = make_resolver(session, opts.build_contexts)
+    resolver = make_resolver(session, opts.build_contexts, tags_used)
     from cache.statindex import StatIndex
 
     with StatIndex(session.index) as stats:
@@ -352,8 +359,13 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
     epoch = source_date_epoch(opts.epoch)
     for t in opts.tags:
         split_tag(t)
+    from builder import fastpath
+
     with Session.open(opts.home) as session:
-        plan, _ctx = prepare(opts, session)
+        memo = fastpath.memo_key(opts, epoch)
+        fp = fastpath.fingerprint(memo[1], memo[2], time.time_ns()) if memo else None
+        tags_used: dict[str, str] = {}
+        plan, _ctx = prepare(opts, session, tags_used)
         cache = IndexCache(session, dockerfile_id(opts))
         solver = Solver(plan, session.store, cache, rep, jobs=opts.jobs or (os.cpu_count() or 1),
                         no_cache=no_cache_rule(opts, plan), epoch=epoch,
@@ -376,6 +388,10 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
         cached = sum(1 for s in steps if solver.results[s.id].cached)
         result = BuildResult(image.manifest_digest, image.config_digest, len(steps), cached,
                              time.monotonic() - t0)
+        if memo is not None and fp is not None:
+            shown = [{"id": s.id, "name": s.name, "key": s.key} for s in plan.order()
+                     if s.kind not in ("base", "end")]
+            fastpath.save_memo(session.home, memo[0], fp, result, shown, tags_used, pins)
     rep.finish(result)
     return result
 

@@ -74,7 +74,9 @@ def parser() -> argparse.ArgumentParser:
 
 def options_from(ns: argparse.Namespace) -> object:
     from builder.api import BuildOptions, parse_kv, parse_output
-    from builder.run import secrets_from
+
+    if ns.secret:
+        from builder.run import secrets_from
 
     return BuildOptions(
         context=Path(ns.context),
@@ -90,7 +92,7 @@ def options_from(ns: argparse.Namespace) -> object:
         jobs=ns.jobs,
         compression=ns.compression,
         keep_mtime=ns.keep_mtime,
-        secrets=secrets_from(ns.secret),
+        secrets=secrets_from(ns.secret) if ns.secret else {},
         snapshotter=ns.snapshotter,
     )
 
@@ -101,7 +103,12 @@ def cmd_build(ns: argparse.Namespace) -> int:
 
     opts = options_from(ns)
     assert isinstance(opts, BuildOptions)
-    build(opts, make_reporter(ns.progress))
+    reporter = make_reporter("plain" if ns.progress == "auto" else ns.progress)
+    from builder.fastpath import try_fast
+
+    if try_fast(opts, reporter) is not None:
+        return 0
+    build(opts, make_reporter(ns.progress) if ns.progress == "auto" else reporter)
     return 0
 
 
