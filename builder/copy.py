@@ -251,6 +251,11 @@ def plan_copy(
     def put(e: Entry) -> None:
         out[e.path] = e
 
+    def not_a_dir(p: str) -> None:
+        raise InvalidInput(
+            f"cannot copy to /{dest_path}: /{p} is not a directory", file=file, line=line
+        )
+
     def ensure_dirs(path: str) -> None:
         """Create missing parent directories of ``path`` (0755, root or --chown owner)."""
         parts = path.split("/")[:-1] if path else []
@@ -258,8 +263,14 @@ def plan_copy(
         for p in parts:
             cur = f"{cur}/{p}" if cur else p
             if cur in out:
+                if out[cur].type != "dir":
+                    not_a_dir(cur)
                 continue
             if view_exists(cur):
+                # A file where a directory must be: Docker refuses, and a layer with
+                # entries below a file is one no runtime can unpack.
+                if not view_is_dir(cur):
+                    not_a_dir(cur)
                 continue
             uid, gid = owner if owner else (0, 0)
             put(Entry(path=cur, type="dir", mode=0o755, uid=uid, gid=gid, mtime=mtime or 0))

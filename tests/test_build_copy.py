@@ -736,3 +736,20 @@ def test_copy_keep_mtime(tmp_path: Path, home: Path) -> None:
     c = build(root, home, tmp_path / "w", "FROM scratch\nCOPY f /f\n", "--keep-mtime")
     assert (c.rootfs / "f").stat().st_mtime == 1_600_000_100
     assert b.digest != c.digest
+
+
+@pytest.mark.parametrize(
+    "dockerfile,where",
+    [
+        ("FROM scratch\nCOPY a.txt /x\nCOPY a.txt /x/\n", "/x"),
+        ("FROM scratch\nCOPY a.txt /x/y\nCOPY b.txt /x/y/z\n", "/x/y"),
+        ("FROM scratch\nCOPY a.txt /x\nCOPY dir /x\n", "/x"),
+        ("FROM scratch\nCOPY a.txt /x\nCOPY sticky /x\n", "/x"),
+    ],
+)
+def test_copy_below_a_file_is_an_error(
+    ctx: Path, mhome: Path, tmp_path: Path, dockerfile: str, where: str
+) -> None:
+    """Docker refuses; a layer with entries below a file is one umoci cannot unpack."""
+    line, df = fail(ctx, mhome, tmp_path, dockerfile)
+    assert f"{df}:3:" in line and f"{where} is not a directory" in line
