@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cache.errors import InvalidInput, LbuildError
+from cache.errors import Interrupted, InvalidInput, LbuildError
 from cache.snapshot import (
     MNT_DETACH,
     MS_BIND,
@@ -112,10 +112,15 @@ class RunSpec:
 # the builder side
 # ---------------------------------------------------------------------------------------
 def run(
-    spec: RunSpec, rootfs_mounts: list[Mount] | Path, *, on_output: Callable[[bytes], None]
+    spec: RunSpec,
+    rootfs_mounts: list[Mount] | Path,
+    *,
+    on_output: Callable[[bytes], None],
+    cancel: threading.Event | None = None,
 ) -> int:
     """Run ``spec`` in the root filesystem shown by ``rootfs_mounts`` (or a directory); return
-    its exit code.  Raises ``LbuildError`` when the sandbox cannot be set up."""
+    its exit code.  Raises ``LbuildError`` when the sandbox cannot be set up, and
+    ``Interrupted`` (after killing the sandbox) once ``cancel`` is set."""
     _check_spec(spec)
     if isinstance(rootfs_mounts, Path):
         mounts = [Mount("bind", str(rootfs_mounts), "/", ("rbind", "rw"))]
@@ -141,7 +146,7 @@ def run(
         "files": _etc_files(spec),
     }
     try:
-        return _Session(payload, spec.stdin_data, idmap, on_output).run()
+        return _Session(payload, spec.stdin_data, idmap, on_output, cancel).run()
     finally:
         with contextlib.suppress(OSError):
             os.rmdir(run_dir)
@@ -244,8 +249,10 @@ class _Session:
         stdin_data: bytes | None,
         idmap: _IdMap | None,
         on_output: Callable[[bytes], None],
+        cancel: threading.Event | None = None,
     ) -> None:
         self.payload = payload
+        self.cancel = cancel
         self.stdin_data = stdin_data
         self.idmap = idmap
         self.on_output = on_output
@@ -314,7 +321,12 @@ class _Session:
         pending = b""
         open_fds = 2
         while open_fds:
-            for key, _ in sel.select():
+            # A signal reaches the builder's main thread, not this one: poll for its cancel.
+            ready = sel.select(timeout=None if self.cancel is None else 0.1)
+            if self.cancel is not None and self.cancel.is_set():
+                sel.close()
+                raise Interrupted("RUN interrupted")
+            for key, _ in ready:
                 fd = key.fd
                 data = os.read(fd, 65536)
                 if not data:

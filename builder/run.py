@@ -190,9 +190,13 @@ def mounts_for(instr: df.Run, env: RunEnv, workdir: str, file: str,
 
 
 def _snapshotter(env: RunEnv) -> Snapshotter:
-    from cache.snapshot import choose_snapshotter
+    from cache.snapshot import choose_snapshotter, overlay_works
 
-    return choose_snapshotter(env.home / "snapshots", env.snapshotter)
+    # One root per kind: a committed overlay snapshot holds one layer, a copy snapshot the
+    # whole tree, so a copy snapshotter must never find the overlay's snapshots (or back).
+    root = env.home / "snapshots"
+    kind = env.snapshotter or ("overlay" if overlay_works(root) else "copy")
+    return choose_snapshotter(root / kind, kind)
 
 
 def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:
@@ -235,7 +239,8 @@ def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:
             spec = RunSpec(argv=argv, env=tuple(env_pairs), cwd=state.workdir, uid=uid, gid=gid,
                            groups=groups, network=network,  # type: ignore[arg-type]
                            extra_mounts=tuple(binds), stdin_data=stdin)
-            code = run(spec, mounts, on_output=lambda b: solver.reporter.step_log(step, b))
+            code = run(spec, mounts, on_output=lambda b: solver.reporter.step_log(step, b),
+                       cancel=solver.cancel)
             if code != 0:
                 shown = " ".join(argv) if instr.exec_form else (instr.command[0] if instr.command else "")
                 raise StepFailed(f"RUN {shown} failed: exit code {code}", file=file, line=instr.line)

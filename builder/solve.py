@@ -21,7 +21,7 @@ from builder.imageconfig import ImageState, history_text, iso_time
 from builder.plan import Plan, Step
 from builder.view import View, clean
 from cache.blobs import BlobStore
-from cache.errors import LbuildError, Unsupported
+from cache.errors import Interrupted, LbuildError, Unsupported
 from cache.types import BlobInfo, Digest, Entry, LayerInfo, StepKey
 
 if TYPE_CHECKING:
@@ -85,6 +85,8 @@ class Solver:
     _tocs: dict[Digest, tuple[Entry, ...]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stage_locks: dict[int, threading.Lock] = field(default_factory=dict)
+    # Set when the build is interrupted: running RUN steps kill their sandbox and stop.
+    cancel: threading.Event = field(default_factory=threading.Event)
 
     # --- layer tables of contents and merged views ------------------------------------------
     def toc(self, diff_id: Digest) -> tuple[Entry, ...]:
@@ -256,6 +258,8 @@ class Solver:
     # --- scheduling -----------------------------------------------------------------------------
     def run_one(self, step: Step) -> StepResult:
         t0 = time.monotonic()
+        if self.cancel.is_set():  # queued before an interrupt: do not start it
+            raise Interrupted("build interrupted")
         if step.kind in ("base", "end"):
             return StepResult(None, True, 0.0)
         if not self.no_cache(step):
@@ -286,28 +290,34 @@ class Solver:
         failure: BaseException | None = None
         running: dict[Future[StepResult], str] = {}
         with ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool:
-            while (ready or running):
-                while ready and failure is None:
-                    ready.sort(key=order.__getitem__)
-                    n = ready.pop(0)
-                    running[pool.submit(self.run_one, self.plan.steps[n])] = n
-                if not running:
-                    break
-                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                for fut in done:
-                    n = running.pop(fut)
-                    try:
-                        self.results[n] = fut.result()
-                    except BaseException as e:  # the first failure is the one reported
-                        if failure is None:
-                            failure = e
-                        continue
-                    for succ in graph.successors(n):
-                        indeg[succ] -= 1
-                        if indeg[succ] == 0:
-                            ready.append(succ)
-                if failure is not None:
-                    ready.clear()
+            try:
+                while (ready or running):
+                    while ready and failure is None:
+                        ready.sort(key=order.__getitem__)
+                        n = ready.pop(0)
+                        running[pool.submit(self.run_one, self.plan.steps[n])] = n
+                    if not running:
+                        break
+                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        n = running.pop(fut)
+                        try:
+                            self.results[n] = fut.result()
+                        except BaseException as e:  # the first failure is the one reported
+                            if failure is None:
+                                failure = e
+                            continue
+                        for succ in graph.successors(n):
+                            indeg[succ] -= 1
+                            if indeg[succ] == 0:
+                                ready.append(succ)
+                    if failure is not None:
+                        ready.clear()
+            except BaseException:
+                # SIGINT (KeyboardInterrupt) lands here, in the main thread: stop running RUN
+                # steps, or leaving the pool would wait for them to finish.
+                self.cancel.set()
+                raise
         if failure is not None:
             raise failure
         return self.results
