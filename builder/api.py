@@ -15,6 +15,7 @@ from cache.errors import InvalidInput, NotFound, Unsupported
 from cache.types import Compression, Digest
 
 if TYPE_CHECKING:
+    from builder import fastpath
     from builder.plan import ExternalImage, Plan, Step
     from builder.progress import Reporter
     from builder.solve import CacheHit, Solver
@@ -246,6 +247,12 @@ def make_resolver(session: Session, build_contexts: Mapping[str, str],
     return resolve
 
 
+def _layer_site() -> Site:
+    from cache.records import Site
+
+    return Site("", "", -1)
+
+
 class IndexCache:
     """The solver's StepCache over the SQLAlchemy index."""
 
@@ -280,6 +287,22 @@ class IndexCache:
             inputs=json.dumps(step.inputs, sort_keys=True),
             dockerfile_id=self.dockerfile_id, stage=str(step.stage), position=step.pos,
             created=now, last_used=now, hits=0, build_seconds=seconds))
+
+    def layer_for(self, content_key: StepKey) -> Digest | None:
+        rec = self.session.index.get_step(content_key)
+        if rec is None or rec.diff_id is None:
+            return None
+        self.touched.append((content_key, _layer_site()))
+        return rec.diff_id
+
+    def remember_layer(self, content_key: StepKey, layer: LayerInfo) -> None:
+        from cache.records import StepRecord
+
+        now = time.time()
+        self.session.index.put_step(StepRecord(
+            key=content_key, diff_id=layer.diff_id, layer_size=layer.size, toc_digest=None,
+            config_delta="{}", inputs=json.dumps({"op": "LAYER"}),
+            dockerfile_id="", stage="", position=-1, created=now, last_used=now, hits=0, build_seconds=0.0))
 
     def flush(self) -> None:
         """Write the hits of this build (last used, hit count, site) in one transaction."""
@@ -347,8 +370,12 @@ def no_cache_rule(opts: BuildOptions, plan: Plan) -> Callable[[Step], bool]:
     return skip
 
 
-def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
-    """Build an image: parse, plan, solve, assemble, export and tag."""
+def build(opts: BuildOptions, reporter: Reporter | None = None,
+          probe: fastpath.Probe | None = None) -> BuildResult:
+    """Build an image: parse, plan, solve, assemble, export and tag.
+
+    ``probe`` is what a failed fast-path attempt measured (memo key, context fingerprint).
+    """
     from builder.commands import dockerfile_id
     from builder.export import export_docker_archive, export_oci_layout
     from builder.progress import PlainReporter
@@ -362,8 +389,7 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
     from builder import fastpath
 
     with Session.open(opts.home) as session:
-        memo = fastpath.memo_key(opts, epoch)
-        fp = fastpath.fingerprint(memo[1], memo[2], time.time_ns()) if memo else None
+        memo = probe or fastpath.probe(opts, epoch)
         tags_used: dict[str, str] = {}
         plan, _ctx = prepare(opts, session, tags_used)
         cache = IndexCache(session, dockerfile_id(opts))
@@ -388,10 +414,11 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
         cached = sum(1 for s in steps if solver.results[s.id].cached)
         result = BuildResult(image.manifest_digest, image.config_digest, len(steps), cached,
                              time.monotonic() - t0)
-        if memo is not None and fp is not None:
+        if memo is not None:
             shown = [{"id": s.id, "name": s.name, "key": s.key} for s in plan.order()
                      if s.kind not in ("base", "end")]
-            fastpath.save_memo(session.home, memo[0], fp, result, shown, tags_used, pins)
+            fastpath.save_memo(session.home, memo.key, memo.fingerprint, result, shown,
+                               tags_used, pins)
     rep.finish(result)
     return result
 

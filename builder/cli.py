@@ -106,9 +106,10 @@ def cmd_build(ns: argparse.Namespace) -> int:
     reporter = make_reporter("plain" if ns.progress == "auto" else ns.progress)
     from builder.fastpath import try_fast
 
-    if try_fast(opts, reporter) is not None:
+    done, probe = try_fast(opts, reporter)
+    if done is not None:
         return 0
-    build(opts, make_reporter(ns.progress) if ns.progress == "auto" else reporter)
+    build(opts, make_reporter(ns.progress) if ns.progress == "auto" else reporter, probe)
     return 0
 
 

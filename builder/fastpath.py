@@ -158,32 +158,55 @@ def save_memo(home: Path, key: str, fp: Fingerprint, result: BuildResult,
     os.replace(tmp, path)
 
 
-def try_fast(opts: BuildOptions, reporter: Reporter) -> BuildResult | None:
-    """The build's result if nothing changed since the memo was written; None otherwise."""
-    from builder.api import BuildResult, home_dir, source_date_epoch
+@dataclass(frozen=True)
+class Probe:
+    """What the fast path learnt before giving up: reused by the normal build."""
 
-    t0 = time.monotonic()
-    home = home_dir(opts.home)
-    db = home / "lbuild.db"
-    if not db.exists():
-        return None
-    mk = memo_key(opts, source_date_epoch(opts.epoch))
+    key: str
+    fingerprint: Fingerprint
+
+
+def probe(opts: BuildOptions, epoch: int) -> Probe | None:
+    """Memo key and context fingerprint of a build (None when no memo may be used)."""
+    mk = memo_key(opts, epoch)
     if mk is None:
         return None
     key, ctx, rules = mk
-    raw = _read(memo_path(home, key))
+    return Probe(key, fingerprint(ctx, rules, time.time_ns()))
+
+
+def try_fast(opts: BuildOptions, reporter: Reporter) -> tuple[BuildResult | None, Probe | None]:
+    """The build's result if nothing changed since the memo was written (else None), and the
+    probe the normal build can reuse."""
+    from builder.api import home_dir, source_date_epoch
+
+    t0 = time.monotonic()
+    home = home_dir(opts.home)
+    pr = probe(opts, source_date_epoch(opts.epoch))
+    db = home / "lbuild.db"
+    if pr is None or not db.exists():
+        return None, pr
+    raw = _read(memo_path(home, pr.key))
     if raw is None:
-        return None
+        return None, pr
     try:
         memo = json.loads(raw)
     except ValueError:
-        return None
+        return None, pr
+    if pr.fingerprint.digest != memo["fingerprint"]:
+        return None, pr
+    return _replay(opts, reporter, home, memo, t0), pr
+
+
+def _replay(opts: BuildOptions, reporter: Reporter, home: Path, memo: dict[str, Any],
+            t0: float) -> BuildResult | None:
+    from builder.api import BuildResult
+
+    db = home / "lbuild.db"
     blobs_dir = home / "blobs" / "sha256"
     for d in memo["blobs"]:
         if not (blobs_dir / d.split(":", 1)[1]).is_file():
             return None
-    if fingerprint(ctx, rules, time.time_ns()).digest != memo["fingerprint"]:
-        return None
     wanted_tags = {_full(t) for t in opts.tags}
     if memo["tags_used"] or wanted_tags:
         from cache.fastpath import FastIndex

@@ -61,7 +61,7 @@ class Step:
     from_image: ExternalImage | None = None
     selected: list[Selected] | None = None
     state: ImageState | None = None  # config state before this step (after, for base/end)
-    key: StepKey = StepKey("")
+    key: StepKey = StepKey("")  # noqa: RUF009 (a NewType call, not a mutable default)
     inputs: dict[str, Any] = field(default_factory=dict)
     line: int = 0
 

@@ -8,6 +8,7 @@ snapshot is removed whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import shutil
@@ -252,10 +253,8 @@ def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:
                 return None
             return solver.write(_sorted(entries))
         finally:
-            try:
+            with contextlib.suppress(OSError, NotFound):
                 snap.remove(key)
-            except (OSError, NotFound):
-                pass
             shutil.rmtree(scratch, ignore_errors=True)
 
     return run_step

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gzip
 import io
 import os
 import zlib
@@ -32,8 +31,10 @@ from cache.types import MEDIA_TYPES, BlobInfo, Compression, Digest, Entry, Entry
 LAYER_FORMAT_VERSION = 1
 """Version of the bytes this writer produces; bump it whenever layer bytes would change."""
 
-GZIP_DEFAULT_LEVEL = 6
-"""zlib's own default: most of level 9's ratio at a fraction of its time (Go uses it too)."""
+GZIP_DEFAULT_LEVEL = 3
+"""gzip is written by ISA-L's igzip (levels 0-3): level 3 compresses source trees within a few
+per cent of zlib's level 6 at about ten times the speed, which is what an incremental
+builder's edit loop pays for.  The output is ordinary gzip that every tool reads."""
 
 ZSTD_DEFAULT_LEVEL = 3
 """zstd's own default level."""
@@ -622,7 +623,9 @@ def codec_of(media_type: str) -> Compression:
 def codec_version(codec: Compression) -> str:
     """The version of the library behind a codec (part of a compressed blob's cache key)."""
     if codec == "gzip":
-        return f"zlib-{zlib.ZLIB_RUNTIME_VERSION}"
+        import isal
+
+        return f"isal-{isal.__version__}"
     if codec == "zstd":
         import zstandard
 
@@ -663,6 +666,11 @@ class _Prefixed:
         out, self._head = self._head[:n], self._head[n:]
         return out
 
+    def readinto(self, b: bytearray | memoryview) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
 
 _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x1f\x8b", "gzip"),
@@ -675,7 +683,9 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
 def _decompressed(stack: contextlib.ExitStack, src: BinaryIO, codec: str) -> _Readable:
     """The uncompressed stream of ``src`` (nothing is closed that the caller owns)."""
     if codec == "gzip":
-        return stack.enter_context(gzip.GzipFile(fileobj=src, mode="rb"))
+        from isal import igzip
+
+        return stack.enter_context(igzip.GzipFile(fileobj=src, mode="rb"))  # type: ignore[no-untyped-call]
     if codec == "zstd":
         import zstandard
 
@@ -738,16 +748,18 @@ def compress_layer(
     if codec == "none":
         return BlobInfo(digest=diff_id, size=store.size(diff_id), media_type=MEDIA_TYPES["none"])
     if codec == "gzip":
+        from isal import igzip
+
         lvl = GZIP_DEFAULT_LEVEL if level is None else level
-        if not 0 <= lvl <= 9:
-            raise InvalidInput(f"gzip level must be 0..9, not {lvl}")
+        if not 0 <= lvl <= 3:
+            raise InvalidInput(f"gzip (igzip) level must be 0..3, not {lvl}")
         with (
             store.open(diff_id) as src,
             store.ingest() as w,
-            gzip.GzipFile(filename="", mode="wb", compresslevel=lvl, fileobj=w, mtime=0) as gz,
+            igzip.GzipFile(filename="", mode="wb", compresslevel=lvl, fileobj=w, mtime=0) as gz,  # type: ignore[no-untyped-call]
         ):
             while chunk := src.read(_CHUNK):
-                gz.write(chunk)
+                gz.write(chunk)  # type: ignore[no-untyped-call]
     elif codec == "zstd":
         import zstandard
 
