@@ -66,9 +66,10 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--dry-run", action="store_true", help="only list what would go")
     csub.add_parser("verify", parents=[home],
                     help="re-hash every blob; drop corrupt ones and their records")
-    from builder import watch
+    from builder import unpack, watch
 
     watch.add_parser(sub)
+    unpack.add_parser(sub)
     return p
 
 
@@ -188,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_why(ns)
         if ns.command == "cache":
             return cmd_cache(ns)
+        if ns.command == "unpack":
+            return int(ns.handler(ns))
         if ns.command == "watch":
             from builder.watch import cmd_watch
 
