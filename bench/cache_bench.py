@@ -59,6 +59,7 @@ class Measure:
     rss_mb: float
     note: str = ""
     cpu: float = 0.0
+    export: float = 0.0  # the separate export command's share of ``seconds`` (buildah push)
 
 
 @dataclass
@@ -150,9 +151,10 @@ def lbuild_cmd(
     return cmd
 
 
-def lbuild_env() -> dict[str, str]:
+def lbuild_env(src: Path) -> dict[str, str]:
+    """The environment lbuild runs in: the code under ``src`` first on the path."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(src) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("SOURCE_DATE_EPOCH", None)
     return env
 
@@ -230,6 +232,7 @@ class Buildah:
             max(bud.rss_mb, push.rss_mb),
             f"{hits}/{steps} cached",
             bud.cpu + push.cpu,
+            push.seconds,
         )
 
     def destroy(self) -> None:
@@ -355,11 +358,12 @@ class Results:
 class Bench:
     """One benchmark run in a scratch directory."""
 
-    def __init__(self, work: Path, runs: int, with_buildah: bool) -> None:
+    def __init__(self, work: Path, runs: int, with_buildah: bool, src: Path) -> None:
         self.work = work
         self.runs = runs
         self.with_buildah = with_buildah
-        self.env = lbuild_env()
+        self.src = src
+        self.env = lbuild_env(src)
         self.drop_state: dict[str, bool] = {}
         self.n = 0
         self.scn: Scenario = generate(work / "scenario", ScenarioSpec())
@@ -376,6 +380,7 @@ class Bench:
         run(
             lbuild_cmd(self.scn.base_context, self.work / "base-home", self.base_layout),
             env=self.env,
+            cwd=self.src,
         )
 
     def lbuild(
@@ -392,7 +397,7 @@ class Bench:
                 jobs=jobs,
             ),
             env=self.env,
-            cwd=REPO,
+            cwd=self.src,
         )
         self.last_lbuild_out = dest
         return Measure(m.seconds, m.rss_mb, lbuild_note(m.note), m.cpu)
@@ -493,11 +498,14 @@ class Bench:
     def huge_scenario(self, size: int) -> None:
         """COPY of one ``size``-byte file: time and lbuild's peak RSS (limit 200 MB)."""
         ctx = huge_context(self.work / "huge", size)
+        # the stat index does not record a file changed < 2 s before it was hashed (racy),
+        # and the no-op run below should show a recorded file is not read again
+        time.sleep(2.5)
         home = self.fresh("home-huge")
         dest = self.fresh("out-huge")
         drop_caches(self.drop_state)
-        m = run_rss(lbuild_cmd(ctx, home, dest), env=self.env, cwd=REPO)
-        again = run_rss(lbuild_cmd(ctx, home, self.fresh("out-huge")), env=self.env, cwd=REPO)
+        m = run_rss(lbuild_cmd(ctx, home, dest), env=self.env, cwd=self.src)
+        again = run_rss(lbuild_cmd(ctx, home, self.fresh("out-huge")), env=self.env, cwd=self.src)
         self.res.huge = {
             "size_mib": size / (1 << 20),
             "seconds": m.seconds,
@@ -518,7 +526,9 @@ class Bench:
             self.scn.context, home, dest, base=self.base_layout, python_flags=["-X", "importtime"]
         )
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, env=self.env, cwd=REPO, capture_output=True, text=True, check=False)
+        p = subprocess.run(
+            cmd, env=self.env, cwd=self.src, capture_output=True, text=True, check=False
+        )
         self.res.noop_importtime_wall = time.perf_counter() - t0
         if p.returncode != 0:
             raise BenchError(f"importtime run failed:\n{p.stderr[-2000:]}")
@@ -561,7 +571,7 @@ class Bench:
                 base=self.base_layout,
                 python_flags=["-m", "cProfile", "-o", str(prof)],
             )
-            run(cmd, env=self.env, cwd=REPO)
+            run(cmd, env=self.env, cwd=self.src)
             text_path = out / f"{label}.txt"
             with open(text_path, "w") as f:
                 pstats.Stats(str(prof), stream=f).sort_stats("cumulative").print_stats(35)
@@ -579,7 +589,37 @@ def progress(row: Row) -> None:
     )
 
 
-def machine() -> dict[str, str]:
+def checkout(rev: str, dest: Path) -> str:
+    """Extract ``builder/`` and ``cache/`` of commit ``rev`` into ``dest``; its short hash."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", rev, "builder", "cache"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", rev],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+def working_tree_label() -> str:
+    """This checkout's commit, and whether builder/ or cache/ have uncommitted changes."""
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "builder", "cache"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return f"{head} (working tree{', with uncommitted changes' if dirty else ''})"
+
+
+def machine(code: str) -> dict[str, str]:
     """What the numbers were measured on."""
 
     def first(cmd: list[str]) -> str:
@@ -601,12 +641,7 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "buildah": first(["buildah", "--version"]),
-        "lbuild commit": first(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-        + (
-            " (+ uncommitted changes)"
-            if first(["git", "-C", str(REPO), "status", "--porcelain", "--", "builder", "cache"])
-            else ""
-        ),
+        "lbuild code": code,
         "date": time.strftime("%Y-%m-%d"),
         "load average at start (1, 5, 15 min)": loadavg(),
     }
@@ -624,9 +659,9 @@ def table(res: Results) -> str:
     """The markdown results table: medians, ratios and lbuild's peak RSS."""
     lines = [
         "| scenario | lbuild wall s, median (min-max) | buildah wall s, median (min-max) "
-        "| buildah / lbuild (wall) | CPU s lbuild / buildah | buildah / lbuild (CPU) "
-        "| lbuild peak RSS MB | steps cached lbuild / buildah |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| of which buildah push s | buildah / lbuild (wall) | CPU s lbuild / buildah "
+        "| buildah / lbuild (CPU) | lbuild peak RSS MB | steps cached lbuild / buildah |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in res.rows:
         lb = [m.seconds for m in r.lbuild]
@@ -641,8 +676,9 @@ def table(res: Results) -> str:
         cpu_ratio = f"{bc / lc:.1f}x" if r.buildah and lc else "-"
         rss = f"{median([m.rss_mb for m in r.lbuild]):.0f}"
         notes = f"{r.lbuild[-1].note} / {r.buildah[-1].note if r.buildah else '-'}"
+        push = f"{median([m.export for m in r.buildah]):.2f}" if r.buildah else "-"
         lines.append(
-            f"| {r.name} | {cell(lb)} | {cell(ba)} | {ratio} | {lc:.2f} / {bc:.2f} "
+            f"| {r.name} | {cell(lb)} | {cell(ba)} | {push} | {ratio} | {lc:.2f} / {bc:.2f} "
             f"| {cpu_ratio} | {rss} | {notes} |"
         )
     return "\n".join(lines)
@@ -786,6 +822,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="also write cProfile output of a cold, a no-op and an edit build to DIR",
     )
+    ap.add_argument(
+        "--commit",
+        metavar="REV",
+        help="benchmark builder/ and cache/ as committed at REV (git archive), not the work tree",
+    )
     ap.add_argument("--workdir", type=Path, help="scratch directory (new); default a temp dir")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--json", type=Path, help="write the raw results as JSON")
@@ -804,9 +845,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bst: Buildah | None = None
     with workdir(ns.workdir, ns.keep) as work:
         try:
-            bench = Bench(work, runs, with_buildah)
+            src, code = REPO, working_tree_label()
+            if ns.commit:
+                src = work / "src"
+                code = f"{checkout(ns.commit, src)} (git archive of {ns.commit})"
+            bench = Bench(work, runs, with_buildah, src)
             scn = bench.scn
-            bench.res.machine = machine()
+            bench.res.machine = machine(code)
             bench.res.scenario = {
                 "app context": f"{scn.small_files} small files + 4 x 10 MiB, "
                 f"{scn.context_bytes / (1 << 20):.1f} MiB in all",
