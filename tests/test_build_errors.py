@@ -91,6 +91,7 @@ def test_copy_from_source_missing_in_stage(ectx: Path, home: Path, tmp_path: Pat
     assert f"{df}:4:" in line and "/nope" in line
 
 
+@pytest.mark.slow
 def test_unknown_stage_context_or_image(ectx: Path, home: Path, tmp_path: Path) -> None:
     line, df = bad(ectx, home, tmp_path, "FROM scratch\nCOPY --from=nowhere /x /\n")
     assert f"{df}:2:" in line and "nowhere" in line

@@ -158,6 +158,7 @@ def test_scratch_defaults(ictx: Path, ihome: Path, tmp_path: Path) -> None:
 
 
 # (every image here has a layer: oci-image-tool 1.0.0-rc1 insists on one, per image-spec 1.0)
+@pytest.mark.slow
 def test_cmd_entrypoint_forms(ictx: Path, ihome: Path, tmp_path: Path) -> None:
     b = build(
         ictx,

@@ -302,6 +302,7 @@ def _two_checkouts(tmp_path: Path) -> tuple[Path, Path]:
     return a, b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epoch", ["1700000000", None])
 def test_reproducible_across_paths_mtimes_and_homes(tmp_path: Path, epoch: str | None) -> None:
     a, b = _two_checkouts(tmp_path)
