@@ -22,7 +22,7 @@ from builder.context import BuildContext, ContextFile
 from builder.copy import Item, Selected, chown_is_named, has_wildcard, merkle, parse_chmod
 from builder.imageconfig import ImageState, apply_config, join_workdir
 from builder.keys import step_key, with_format
-from cache.errors import InvalidInput, NotFound, Unsupported
+from cache.errors import InvalidInput, LbuildError, NotFound, Unsupported
 from cache.types import BlobInfo, ContentRef, Digest, Entry, StepKey
 
 StepKind = Literal["base", "copy", "run", "workdir", "config", "end"]
@@ -180,7 +180,15 @@ def select_context(ctx: BuildContext, instr: df.Copy, hasher: Hasher, keep_mtime
         for f in ctx.select(src, file=file, line=instr.line):
             is_dir = f.type == "dir"
             name = posixpath.basename(f.rel.rstrip("/")) if f.rel not in ("", ".") else "."
-            items = _context_items(ctx, f, hasher, keep_mtime, is_dir)
+            try:
+                items = _context_items(ctx, f, hasher, keep_mtime, is_dir)
+            except LbuildError as e:
+                if e.file is None:  # reading the context failed: say which instruction
+                    e.file, e.line = file, instr.line
+                raise
+            except OSError as e:
+                raise InvalidInput(f"cannot read {e.filename or src}: {e.strerror}", file=file,
+                                   line=instr.line) from None
             archive = (instr.is_add and f.type == "file"
                        and looks_like_archive(ctx.root / f.rel))
             out.append(Selected(name, is_dir, items, archive=archive))

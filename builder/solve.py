@@ -21,7 +21,7 @@ from builder.imageconfig import ImageState, history_text, iso_time
 from builder.plan import Plan, Step
 from builder.view import View, clean
 from cache.blobs import BlobStore
-from cache.errors import Interrupted, LbuildError, Unsupported
+from cache.errors import InvalidInput, Interrupted, LbuildError, Unsupported
 from cache.types import BlobInfo, Digest, Entry, LayerInfo, StepKey
 
 if TYPE_CHECKING:
@@ -155,14 +155,19 @@ class Solver:
             assert step.state is not None
             wd = clean(_workdir_after(step))
             view = self.view(step.stage, step.pos)
-            if not wd or view.is_dir(view.resolve(wd)):
+            real = view.resolve(wd)
+            if not wd or view.is_dir(real):
                 return None
             entries = []
             cur = ""
-            for part in wd.split("/"):
+            for part in real.split("/"):
                 cur = f"{cur}/{part}" if cur else part
-                if not view.exists(cur):
-                    entries.append(Entry(path=cur, type="dir", mode=0o755, mtime=self.epoch))
+                if view.exists(cur):
+                    if not view.is_dir(cur):
+                        raise InvalidInput(f"WORKDIR /{wd}: /{cur} is not a directory",
+                                           file=self.plan.filename, line=step.line)
+                    continue
+                entries.append(Entry(path=cur, type="dir", mode=0o755, mtime=self.epoch))
             return self.write(entries)
         if step.kind == "copy":
             assert isinstance(instr, df.Copy)

@@ -408,6 +408,15 @@ class _Input:
         self.pos += len(data)
         return data
 
+    def pad(self, n: int) -> None:
+        """Consume up to ``n`` padding bytes; a tar that ends right after its last member's data
+        (umoci 0.4.7 writes such) is accepted, as Go's archive/tar does."""
+        while n > 0:
+            b = self.read(min(n, _CHUNK))
+            if not b:
+                return
+            n -= len(b)
+
     def feed(self, n: int, h: _Hasher | None, where: str) -> None:
         """Consume exactly ``n`` bytes, hashing them into h if given."""
         while n > 0:
@@ -499,7 +508,7 @@ def _scan(src: _Input) -> tuple[Entry, ...]:
             h = blake3()
             offset = src.pos
             src.feed(size, h, name)
-            src.feed(-size % _BLOCK, None, name)
+            src.pad(-size % _BLOCK)
             e = dataclasses.replace(e, size=size, digest=h.hexdigest(), offset=offset)
         elif kind in ("char", "block"):
             major, minor = _number(hdr[329:337], start), _number(hdr[337:345], start)
