@@ -9,8 +9,8 @@ Lifecycle: the watchdog observer thread only records changes and writes a byte t
 pipe.  The main thread owns everything else: it waits (in ``select``, so idle costs no CPU)
 until changes have been quiet for the debounce period, builds, reports one summary line, and
 restarts the ``--exec`` command.  Changes that arrive during a build are pending when it ends,
-so they cause exactly one more build.  The first SIGINT/SIGTERM stops the watcher after the
-running build (a second one aborts it); the ``--exec`` command is stopped and the observer
+so they cause exactly one more build.  SIGINT/SIGTERM stops the watcher: a running build is
+aborted (as Ctrl-C aborts ``lbuild build``), the ``--exec`` command is stopped and the observer
 joined before exit.
 
 Correctness never depends on the events: every rebuild re-plans and re-selects the whole
@@ -466,11 +466,13 @@ class Watcher:
 
     # -- signals -----------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.stopping and self.building:
-            raise KeyboardInterrupt  # a second signal aborts the running build
         # No printing here: the handler may have interrupted this thread inside the
-        # reporter's lock.  The loop notices the flag after the running build.
+        # reporter's lock.  Idle, the loop sees the flag (the wake-up fd ends its select).
         self.stopping = True
+        if self.building:
+            # Abort the build as Ctrl-C aborts `lbuild build`: the solver cancels running
+            # RUN steps and nothing half-written reaches the store or the outputs.
+            raise KeyboardInterrupt
 
     # -- observer ----------------------------------------------------------------------
     def _start_observer(self) -> Any:
@@ -572,10 +574,14 @@ class Watcher:
         try:
             result = build(self.opts, self.reporter)
         except LbuildError as err:
+            if self.stopping:  # the build reports our own interrupt as its error
+                raise KeyboardInterrupt from None
             error = str(err)
         except KeyboardInterrupt:
             raise
         except Exception as err:  # a bug must not kill the watcher either; say what it was
+            if self.stopping:
+                raise KeyboardInterrupt from None
             error = f"internal error: {type(err).__name__}: {err}"
         finally:
             self.building = False

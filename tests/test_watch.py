@@ -18,9 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import run_fixtures
+from run_fixtures import mount_lines, needs_root, procs_marked
+from util import ROOT, manifest_digest, umoci_unpack, write_files
 
 from builder.watch import Change, ChangeFilter, PendingChanges, Rebuild
-from tests.util import ROOT, manifest_digest, umoci_unpack, write_files
+
+busybox_home = run_fixtures.busybox_home
+bbhome = run_fixtures.bbhome
 
 pytestmark = pytest.mark.skipif(
     not Path("/usr/bin/umoci").exists() and not Path("/usr/local/bin/umoci").exists(),
@@ -53,13 +58,16 @@ class WatchProc:
         )
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.stderr: list[str] = []
+        self.seen: list[dict[str, Any]] = []  # every event, in order
         threading.Thread(target=self._read_stdout, daemon=True).start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
 
     def _read_stdout(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.events.put(json.loads(line))
+            ev = json.loads(line)
+            self.seen.append(ev)
+            self.events.put(ev)
 
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -113,11 +121,13 @@ class WatchProc:
 
 
 @pytest.fixture
-def watcher(tmp_path: Path, home: Path) -> Any:
+def watcher(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    """Start watchers (in the test's ``home`` unless told otherwise); kill any left at the end."""
     started: list[WatchProc] = []
 
-    def start(ctx: Path, *extra: str) -> WatchProc:
-        w = WatchProc(ctx, home, tmp_path / "out", *extra)
+    def start(ctx: Path, *extra: str, home_dir: Path | None = None) -> WatchProc:
+        h = home_dir if home_dir is not None else request.getfixturevalue("home")
+        w = WatchProc(ctx, h, tmp_path / "out", *extra)
         started.append(w)
         return w
 
@@ -347,6 +357,67 @@ def test_change_during_a_build_queues_exactly_one_more(tmp_path: Path, watcher: 
     assert (root / "app/during2.txt").read_text() == "2\n"
     assert (root / "app/big.bin").read_bytes()[:7] == b"changed"
     assert w.stop() == 0
+
+
+RUN_DOCKERFILE = """\
+FROM busybox:test
+COPY app/ /app/
+RUN sh /app/step.sh
+"""
+
+
+@needs_root
+@pytest.mark.slow
+def test_failing_run_is_shown_and_its_fix_rebuilds(
+    tmp_path: Path, bbhome: Path, watcher: Any
+) -> None:
+    ctx = tmp_path / "ctx"
+    write_files(ctx, {"Dockerfile": RUN_DOCKERFILE, "app/step.sh": "echo one > /result\n"})
+    w = watcher(ctx, home_dir=bbhome)
+    w.ok(timeout=120)
+    assert (rootfs(w, tmp_path) / "result").read_text() == "one\n"
+    good = manifest_digest(w.out)
+
+    (ctx / "app/step.sh").write_text("echo about to fail; exit 3\n")
+    ev = w.next()
+    assert not ev["ok"]
+    assert "Dockerfile:3" in ev["error"] and "exit code 3" in ev["error"], ev
+    assert w.proc.poll() is None and manifest_digest(w.out) == good
+    logs = "".join(e["data"] for e in w.seen if e["event"] == "log")
+    assert "about to fail" in logs  # the command's own output is shown
+
+    (ctx / "app/step.sh").write_text("echo fixed > /result\n")
+    ev = w.ok()
+    assert (ev["rebuilt"], ev["cached"]) == (2, 0)  # the COPY and the RUN after it
+    root = rootfs(w, tmp_path)
+    assert (root / "result").read_text() == "fixed\n" and (root / "bin/busybox").is_file()
+    assert w.stop() == 0
+
+
+@needs_root
+@pytest.mark.slow
+def test_sigterm_during_a_run_aborts_it_cleanly(tmp_path: Path, bbhome: Path, watcher: Any) -> None:
+    ctx = tmp_path / "ctx"
+    write_files(ctx, {"Dockerfile": RUN_DOCKERFILE, "app/step.sh": "true\n"})
+    w = watcher(ctx, home_dir=bbhome)
+    w.ok(timeout=120)
+    good = manifest_digest(w.out)
+    marker = f"7{os.getpid():07d}"  # a sleep argument no other process has
+    (ctx / "app/step.sh").write_text(f"sleep {marker}\n")
+    while "RUN" not in w.next("step_start")["name"]:
+        pass
+    for _ in range(200):  # wait until the sandbox runs the command
+        if procs_marked(marker):
+            break
+        time.sleep(0.05)
+    assert procs_marked(marker), "the RUN command never started"
+    t0 = time.monotonic()
+    assert w.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - t0 < 10  # aborted, not waited for
+    assert procs_marked(marker) == []
+    assert mount_lines(str(bbhome)) == []
+    assert list((bbhome / "tmp").iterdir()) == []
+    assert manifest_digest(w.out) == good  # the aborted build exported nothing
 
 
 def _exec_lines(log: Path, n: int) -> list[str]:
