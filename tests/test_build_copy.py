@@ -200,10 +200,6 @@ def under(prefix: str, t: Tree) -> Tree:
     return {f"{prefix}/{k}": v for k, v in t.items()}
 
 
-def owned(t: Tree, uid: int, gid: int) -> Tree:
-    return {k: (v[0], v[1], uid, gid, v[4]) for k, v in t.items()}
-
-
 # --- COPY -----------------------------------------------------------------------------------
 
 
