@@ -237,11 +237,6 @@ def test_unreadable_dir_exit_2(unreadable: Path, home: Path, tmp_path: Path) -> 
 
 
 @needs_setpriv
-@pytest.mark.xfail(
-    strict=True,
-    reason="plan.select_context does not add file:line to the "
-    "context's read errors (hash_file / walk raise without a location)",
-)
 def test_unreadable_source_error_names_the_line(
     unreadable: Path, home: Path, tmp_path: Path
 ) -> None:

@@ -272,11 +272,6 @@ def test_maintainer_is_the_top_level_author(ictx: Path, ihome: Path, tmp_path: P
     assert "_author" not in cfg["config"] and "author" not in cfg["config"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="solve.execute (workdir): WORKDIR onto an existing file "
-    "writes an empty layer and sets WorkingDir instead of failing",
-)
 def test_workdir_onto_a_file_fails(ictx: Path, ihome: Path, tmp_path: Path) -> None:
     line, df = fail(ictx, ihome, tmp_path, "FROM scratch\nCOPY f /w\nWORKDIR /w\n")
     assert f"{df}:3:" in line and "not a directory" in line
