@@ -235,15 +235,16 @@ def _read(path: str) -> bytes:
 
 
 def procs_marked(marker: str) -> list[tuple[int, str]]:
-    """Processes (other than this one) whose command line or environment holds ``marker``."""
+    """Processes (other than this one) whose command line (arguments joined by spaces) or
+    environment holds ``marker``."""
     found = []
     needle = marker.encode()
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
-        cmdline = _read(f"/proc/{pid}/cmdline")
+        cmdline = _read(f"/proc/{pid}/cmdline").replace(b"\0", b" ")
         if needle in cmdline or needle in _read(f"/proc/{pid}/environ"):
-            found.append((int(pid), cmdline.replace(b"\0", b" ").decode(errors="replace")))
+            found.append((int(pid), cmdline.decode(errors="replace")))
     return found
 
 
