@@ -117,7 +117,8 @@ _TYPES = {
 }
 
 
-def _manifest(layout: Path, tag: str) -> dict[str, Any]:
+def image_manifest(layout: Path, tag: str = "latest") -> dict[str, Any]:
+    """The manifest tagged ``tag`` in an OCI layout."""
     index = json.loads((layout / "index.json").read_text())
     for m in index["manifests"]:
         if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
@@ -130,7 +131,7 @@ def blob(layout: Path, digest: str) -> bytes:
 
 
 def image_config(layout: Path, tag: str = "latest") -> dict[str, Any]:
-    return dict(json.loads(blob(layout, _manifest(layout, tag)["config"]["digest"])))
+    return dict(json.loads(blob(layout, image_manifest(layout, tag)["config"]["digest"])))
 
 
 def plain(data: bytes) -> bytes:
@@ -147,7 +148,7 @@ def plain(data: bytes) -> bytes:
 def image_layers(layout: Path, tag: str = "latest") -> list[Layer]:
     import io
 
-    manifest = _manifest(layout, tag)
+    manifest = image_manifest(layout, tag)
     diff_ids = image_config(layout, tag)["rootfs"]["diff_ids"]
     out = []
     for desc, diff_id in zip(manifest["layers"], diff_ids, strict=True):
