@@ -7,7 +7,7 @@ from typing import Any
 
 from cache.types import StepKey
 
-LAYER_FORMAT = 1
+LAYER_FORMAT = 2
 """Version of lbuild's layer writer and key layout: bump it when layer bytes would change."""
 
 

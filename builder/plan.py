@@ -347,8 +347,6 @@ def make_plan(
                 if not apply_config(state, instr, file):
                     raise InvalidInput(f"unsupported instruction: {type(instr).__name__.upper()}",
                                        file=file, line=instr.line)
-                if isinstance(instr, df.Maintainer):
-                    state.config.setdefault("_author", instr.name)
                 inputs["parent"] = parent_key
             st.inputs = with_format(inputs)
             st.key = step_key(inputs)

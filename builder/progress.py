@@ -60,8 +60,8 @@ class PlainReporter:
         rest = self.partial.pop(step.id, b"")
         if rest:
             self._print(f"{step.name}: {rest.decode(errors='replace')}")
-        if error:
-            self._print(f"{step.name} ERROR: {error}")
+        if error:  # the error itself is the CLI's one line; here only which step failed
+            self._print(f"{step.name} FAILED")
         elif cached:
             self._print(f"{step.name} CACHED")
         else:

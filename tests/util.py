@@ -74,7 +74,7 @@ def validate_layout(layout: Path, tag: str = "latest") -> dict[str, Any]:
     """Every check PEERS.md asks for; returns the image config as skopeo sees it."""
     tool("oci-image-tool", "validate", "--type", "image", "--ref", f"name={tag}", layout)
     tool("skopeo", "inspect", f"oci:{layout}:{tag}")
-    cfg = json.loads(tool("skopeo", "inspect", "--config", f"oci:{layout}:{tag}").stdout)
+    cfg: dict[str, Any] = json.loads(tool("skopeo", "inspect", "--config", f"oci:{layout}:{tag}").stdout)
     return cfg
 
 
