@@ -481,7 +481,7 @@ class Bench:
         return home, bst
 
     def jobs_scenario(self) -> None:
-        """--jobs 1 against --jobs 2 on the two independent 20 MB --link steps, cold cache."""
+        """--jobs 1 against --jobs 2 on the two independent 20 MiB --link steps, cold cache."""
         times: dict[str, list[float]] = {"1": [], "2": []}
         for i in range(self.runs):
             for jobs in (1, 2) if i % 2 == 0 else (2, 1):
@@ -720,7 +720,7 @@ def report(res: Results, commands: str) -> str:
         j1, j2 = median(res.jobs["1"]), median(res.jobs["2"])
         out += [
             "",
-            "### `--jobs 2` against `--jobs 1` (two independent 20 MB `--link` steps, empty cache)",
+            "### `--jobs 2` against `--jobs 1` (two independent 20 MiB `--link` steps, empty cache)",
             "",
             f"- `--jobs 1`: {j1:.2f} s; `--jobs 2`: {j2:.2f} s; speed-up {j1 / j2:.2f}x "
             f"(medians of {len(res.jobs['1'])})",
