@@ -331,21 +331,31 @@ def test_exec_that_ignores_sigterm_is_killed(tmp_path: Path, watcher: Any) -> No
     assert w.stop(signal.SIGINT) == 0  # Ctrl-C: a clean stop too
 
 
+RUN_DOCKERFILE = """\
+FROM busybox:test
+COPY app/ /app/
+RUN sh /app/step.sh
+"""
+
+
+@needs_root
 @pytest.mark.slow
-def test_change_during_a_build_queues_exactly_one_more(tmp_path: Path, watcher: Any) -> None:
+def test_change_during_a_build_queues_exactly_one_more(
+    tmp_path: Path, bbhome: Path, watcher: Any
+) -> None:
     ctx = tmp_path / "ctx"
-    # A big incompressible file makes the build slow enough to change things during it.
-    make_context(ctx, {"app/big.bin": os.urandom(40 << 20)})
-    w = watcher(ctx, "--debounce", "50")
-    w.ok()
-    with open(ctx / "app/big.bin", "r+b") as f:
-        f.write(b"changed")
-    w.next("step_start")  # the slow build is running now
+    # A RUN that sleeps makes the build last long enough to change things during it.
+    write_files(ctx, {"Dockerfile": RUN_DOCKERFILE, "app/step.sh": "echo v1 > /result\n"})
+    w = watcher(ctx, "--debounce", "50", home_dir=bbhome)
+    w.ok(timeout=120)
+    (ctx / "app/step.sh").write_text("sleep 2; echo v2 > /result\n")
+    while "RUN" not in w.next("step_start")["name"]:
+        pass
     for i in range(3):  # three changes, each after its own quiet period
         (ctx / f"app/during{i}.txt").write_text(f"{i}\n")
-        time.sleep(0.15)
+        time.sleep(0.2)
     slow = w.ok()
-    assert [c["path"] for c in slow["changed"]] == ["app/big.bin"]
+    assert [c["path"] for c in slow["changed"]] == ["app/step.sh"]
     queued = w.ok()
     assert sorted(c["path"] for c in queued["changed"]) == [
         "app/during0.txt",
@@ -355,15 +365,8 @@ def test_change_during_a_build_queues_exactly_one_more(tmp_path: Path, watcher: 
     w.quiet(1.0)
     root = rootfs(w, tmp_path)
     assert (root / "app/during2.txt").read_text() == "2\n"
-    assert (root / "app/big.bin").read_bytes()[:7] == b"changed"
+    assert (root / "result").read_text() == "v2\n"
     assert w.stop() == 0
-
-
-RUN_DOCKERFILE = """\
-FROM busybox:test
-COPY app/ /app/
-RUN sh /app/step.sh
-"""
 
 
 @needs_root
