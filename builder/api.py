@@ -224,7 +224,7 @@ def make_resolver(session: Session, build_contexts: Mapping[str, str],
                 path, tag = head, tail
             if not (Path(path) / "index.json").is_file():
                 raise NotFound(f"--build-context {ref}: {path} is not an OCI layout (no index.json)")
-            image, _layers = load_oci_layout(session.store, Path(path), tag)
+            image, _layers = load_oci_layout(session.store, Path(path), tag, tocs=False)
             from builder.plan import ExternalImage
 
             config = json.loads(image.config)
@@ -371,10 +371,12 @@ def no_cache_rule(opts: BuildOptions, plan: Plan) -> Callable[[Step], bool]:
 
 
 def build(opts: BuildOptions, reporter: Reporter | None = None,
-          probe: fastpath.Probe | None = None) -> BuildResult:
+          probe: fastpath.Probe | None = None, *, memo: bool = True) -> BuildResult:
     """Build an image: parse, plan, solve, assemble, export and tag.
 
-    ``probe`` is what a failed fast-path attempt measured (memo key, context fingerprint).
+    ``probe`` is what a failed fast-path attempt measured (memo key, context fingerprint);
+    ``memo=False`` skips the no-op memo (a watcher knows something changed: the context walk
+    that a memo needs would be wasted).
     """
     from builder.commands import dockerfile_id
     from builder.export import export_docker_archive, export_oci_layout
@@ -389,7 +391,7 @@ def build(opts: BuildOptions, reporter: Reporter | None = None,
     from builder import fastpath
 
     with Session.open(opts.home) as session:
-        memo = probe or fastpath.probe(opts, epoch)
+        probed = probe or (fastpath.probe(opts, epoch) if memo else None)
         tags_used: dict[str, str] = {}
         plan, _ctx = prepare(opts, session, tags_used)
         cache = IndexCache(session, dockerfile_id(opts))
@@ -414,10 +416,10 @@ def build(opts: BuildOptions, reporter: Reporter | None = None,
         cached = sum(1 for s in steps if solver.results[s.id].cached)
         result = BuildResult(image.manifest_digest, image.config_digest, len(steps), cached,
                              time.monotonic() - t0)
-        if memo is not None:
+        if probed is not None:
             shown = [{"id": s.id, "name": s.name, "key": s.key} for s in plan.order()
                      if s.kind not in ("base", "end")]
-            fastpath.save_memo(session.home, memo.key, memo.fingerprint, result, shown,
+            fastpath.save_memo(session.home, probed.key, probed.fingerprint, result, shown,
                                tags_used, pins)
     rep.finish(result)
     return result

@@ -391,14 +391,16 @@ def _pick_platform(manifests: list[Any], where: str) -> Mapping[str, Any]:
 
 
 def load_oci_layout(
-    store: BlobStore, layout: Path, tag: str = "latest"
+    store: BlobStore, layout: Path, tag: str = "latest", *, tocs: bool = True
 ) -> tuple[Image, tuple[LayerInfo, ...]]:
     """Bring the image tagged ``tag`` in an OCI layout into the store, verifying every blob.
 
     Follows a nested index to this host's platform.  Each layer is stored compressed as
     found and decompressed into an uncompressed tar blob (its diff_id); a diff_id that does
     not match the config's ``rootfs.diff_ids`` raises ``DigestMismatch``.  Returns the image
-    and the uncompressed layers (with TOCs), in order.
+    and the uncompressed layers (with TOCs), in order.  With ``tocs=False`` a layer whose
+    compressed and uncompressed blobs are both in the store already is not read again (its
+    LayerInfo then has an empty TOC): a build that reuses a base image pays nothing for it.
     """
     layout = Path(layout)
     _layout_version(layout)
@@ -427,7 +429,7 @@ def load_oci_layout(
             continue
         if media_type not in _MANIFESTS:
             raise Unsupported(f"{what}: unsupported manifest media type {media_type!r}")
-        return _load_manifest(store, layout, what, digest, data, doc)
+        return _load_manifest(store, layout, what, digest, data, doc, tocs)
     raise InvalidInput(f"{layout}:{tag}: indexes nested too deeply")
 
 
@@ -438,6 +440,7 @@ def _load_manifest(
     manifest_digest: Digest,
     manifest_bytes: bytes,
     manifest: dict[str, Any],
+    tocs: bool = True,
 ) -> tuple[Image, tuple[LayerInfo, ...]]:
     config_desc = manifest.get("config")
     layer_descs = manifest.get("layers")
@@ -465,8 +468,11 @@ def _load_manifest(
                     store.put_stream(f, expected=digest)
             except DigestMismatch as e:
                 raise DigestMismatch(f"{lwhat} {path}", e.expected, e.actual) from None
-        with store.open(digest) as f:
-            info = import_layer(store, f, ldesc["mediaType"])
+        if not tocs and store.has(diff_id):
+            info = LayerInfo(diff_id=diff_id, size=store.size(diff_id), toc=())
+        else:
+            with store.open(digest) as f:
+                info = import_layer(store, f, ldesc["mediaType"])
         if info.diff_id != diff_id:
             raise DigestMismatch(f"{lwhat} {digest} diff_id", diff_id, info.diff_id)
         blobs.append(BlobInfo(digest=digest, size=ldesc["size"], media_type=ldesc["mediaType"]))

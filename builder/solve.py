@@ -21,7 +21,7 @@ from builder.imageconfig import ImageState, history_text, iso_time
 from builder.plan import Plan, Step
 from builder.view import View, clean
 from cache.blobs import BlobStore
-from cache.errors import InvalidInput, Interrupted, LbuildError, Unsupported
+from cache.errors import Interrupted, InvalidInput, LbuildError, Unsupported
 from cache.types import BlobInfo, Digest, Entry, LayerInfo, StepKey
 
 if TYPE_CHECKING:

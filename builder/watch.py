@@ -572,7 +572,7 @@ class Watcher:
         result: BuildResult | None = None
         error: str | None = None
         try:
-            result = build(self.opts, self.reporter)
+            result = build(self.opts, self.reporter, memo=False)
         except LbuildError as err:
             if self.stopping:  # the build reports our own interrupt as its error
                 raise KeyboardInterrupt from None
