@@ -191,13 +191,17 @@ def mounts_for(instr: df.Run, env: RunEnv, workdir: str, file: str,
 
 
 def _snapshotter(env: RunEnv) -> Snapshotter:
-    from cache.snapshot import choose_snapshotter, overlay_works
+    from cache.snapshot import choose_snapshotter, cleanup_stale, overlay_works
 
     # One root per kind: a committed overlay snapshot holds one layer, a copy snapshot the
     # whole tree, so a copy snapshotter must never find the overlay's snapshots (or back).
     root = env.home / "snapshots"
     kind = env.snapshotter or ("overlay" if overlay_works(root) else "copy")
-    return choose_snapshotter(root / kind, kind)
+    snap = choose_snapshotter(root / kind, kind)
+    # A builder killed mid-RUN (SIGKILL, SIGTERM, OOM) leaves its active snapshot behind (a
+    # whole tree for the copy snapshotter); no live process holds its lock, so it goes now.
+    cleanup_stale(root / kind)
+    return snap
 
 
 def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:

@@ -267,34 +267,9 @@ def test_sigint_mid_run_leaves_nothing(bbhome: Path, tmp_path: Path) -> None:
     ctx = tmp_path / "ctx"
     ctx.mkdir()
     (ctx / "Dockerfile").write_text(f"FROM busybox:test\nRUN echo started; {nap}\n")
-    env = dict(os.environ, LBUILD_HOME=str(bbhome))
-    env.pop("SOURCE_DATE_EPOCH", None)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "builder",
-            "build",
-            str(ctx),
-            "--home",
-            str(bbhome),
-            "--progress",
-            "plain",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # A shell's background job starts with SIGINT ignored: give the builder the default.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = start_build(ctx, bbhome, "--progress", "plain")
     try:
-        deadline = time.monotonic() + 60
-        while not procs_marked(nap):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the RUN never started"
-            time.sleep(0.05)
+        wait_for(nap, proc)
         assert procs_marked(str(bbhome))  # the builder and its sandbox helpers
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -359,3 +334,53 @@ def test_bind_mount_content_is_in_the_run_key(bbhome: Path, tmp_path: Path) -> N
     assert sorted(p.name for p in (ctx / "src").iterdir()) == ["in"]
     second = build(ctx, bbhome, df, files={"src/in": "v2\n"})
     assert read_layer_file(second, "out") == "v2\n"
+
+
+def start_build(ctx: Path, home: Path, *args: str) -> subprocess.Popen[str]:
+    """``lbuild build`` in the background.  A shell's background job starts with SIGINT
+    ignored (and the test runner may be one): give the builder the default, as a terminal would."""
+    env = dict(os.environ, LBUILD_HOME=str(home))
+    env.pop("SOURCE_DATE_EPOCH", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "builder", "build", str(ctx), "--home", str(home), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def wait_for(marker: str, proc: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not procs_marked(marker):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{marker} never started"
+        time.sleep(0.05)
+
+
+def test_sigkilled_builder_leaves_no_process_and_the_next_build_collects_its_snapshot(
+    bbhome: Path, tmp_path: Path
+) -> None:
+    nap = f"sleep {random.randint(5000, 5999)}"
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM busybox:test\nRUN {nap}\n")
+    proc = start_build(ctx, bbhome, "--snapshotter", "copy")
+    try:
+        wait_for(nap, proc)
+    finally:
+        proc.kill()
+        proc.communicate()
+    deadline = time.monotonic() + 10
+    while procs_marked(nap) or procs_marked(str(bbhome)):  # the sandbox dies with its parent
+        assert time.monotonic() < deadline, procs_marked(nap) + procs_marked(str(bbhome))
+        time.sleep(0.05)
+    stale = list((bbhome / "snapshots" / "copy" / "active").iterdir())
+    assert len(stale) == 1 and (stale[0] / "fs" / "bin" / "busybox").is_file()
+    assert mount_lines(str(bbhome)) == []
+    (ctx / "Dockerfile").write_text("FROM busybox:test\nRUN echo next > /next\n")
+    b = build(ctx, bbhome, (ctx / "Dockerfile").read_text(), "--snapshotter", "copy")
+    assert read_layer_file(b, "next") == "next\n"
+    assert list((bbhome / "snapshots" / "copy" / "active").iterdir()) == []
