@@ -195,6 +195,31 @@ def select_context(ctx: BuildContext, instr: df.Copy, hasher: Hasher, keep_mtime
     return out
 
 
+def bind_sources(ctx: BuildContext, instr: df.Run, hasher: Hasher, file: str) -> list[Any]:
+    """Merkle rows of what each ``RUN --mount=type=bind`` shows from the context.
+
+    The command reads those files, so their content is an input of the step like a COPY's
+    sources.  The mount shows the directory as it is on disk, so no ignore rule applies here.
+    """
+    from builder.ignore import IgnoreRules
+    from builder.run import parse_mount
+
+    rows: list[Any] = []
+    whole = BuildContext(ctx.root, IgnoreRules())
+    for raw in instr.mounts:
+        m = parse_mount(raw, file, instr.line)
+        if m["type"] != "bind" or m.get("from"):
+            continue
+        src = m.get("source", ".") or "."
+        selected = []
+        for f in whole.select(src, file=file, line=instr.line):
+            is_dir = f.type == "dir"
+            name = posixpath.basename(f.rel.rstrip("/")) if f.rel not in ("", ".") else "."
+            selected.append(Selected(name, is_dir, _context_items(whole, f, hasher, False, is_dir)))
+        rows.append([m.get("target", ""), merkle(selected)])
+    return rows
+
+
 def _instr_fields(instr: df.Instruction) -> dict[str, Any]:
     import dataclasses
 
@@ -336,6 +361,9 @@ def make_plan(
                                    "shell": list(state.shell), "args": [list(a) for a in r.args],
                                    "run_env": [list(a) for a in r.run_env],
                                    "platform": opts.platform}
+                binds = bind_sources(ctx, instr, hasher, file)
+                if binds:
+                    inputs["binds"] = binds
                 inputs["parent"] = parent_key
             elif isinstance(instr, df.Workdir):
                 st.kind = "workdir"
