@@ -680,7 +680,8 @@ def table(res: Results) -> str:
         notes = f"{r.lbuild[-1].note} / {r.buildah[-1].note if r.buildah else '-'}"
         push = f"{median([m.export for m in r.buildah]):.2f}" if r.buildah else "-"
         lines.append(
-            f"| {r.name} | {cell(lb)} | {cell(ba)} | {push} | {ratio} | {lc:.2f} / {bc:.2f} "
+            f"| {r.name} | {cell(lb)} | {cell(ba)} | {push} | {ratio} "
+            f"| {lc:.2f} / {f'{bc:.2f}' if r.buildah else '-'} "
             f"| {cpu_ratio} | {rss} | {notes} |"
         )
     return "\n".join(lines)
