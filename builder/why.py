@@ -82,6 +82,13 @@ def explain(old: dict[str, Any] | None, new: dict[str, Any], label: str) -> list
         reasons.append(f"{label}: instruction changed ({', '.join(fields)})")
     if old.get("sources") != new.get("sources"):
         reasons += [f"{label}: {r}" for r in _diff_sources(old.get("sources") or [], new.get("sources") or [])]
+    if old.get("binds") != new.get("binds"):
+        ob = {str(b[0]): b[1] for b in old.get("binds") or []}
+        nb = {str(b[0]): b[1] for b in new.get("binds") or []}
+        for target in sorted(set(ob) | set(nb)):
+            if ob.get(target) != nb.get(target):
+                changes = _diff_sources(ob.get(target) or [], nb.get(target) or [])
+                reasons += [f"{label}: bind mount {target}: {r}" for r in changes]
     os_, ns = old.get("state") or {}, new.get("state") or {}
     if os_ != ns:
         oe, ne = _env(os_.get("env", [])), _env(ns.get("env", []))
