@@ -397,7 +397,8 @@ def build(opts: BuildOptions, reporter: Reporter | None = None,
         cache = IndexCache(session, dockerfile_id(opts))
         solver = Solver(plan, session.store, cache, rep, jobs=opts.jobs or (os.cpu_count() or 1),
                         no_cache=no_cache_rule(opts, plan), epoch=epoch,
-                        keep_mtime=opts.keep_mtime, run_step=_run_step(opts, session))
+                        keep_mtime=opts.keep_mtime, run_step=_run_step(opts, session),
+                        finish_layer=lambda d: compressed_blob(session, d, opts.compression))
         solver.solve()
         cache.flush()
         image = assemble(solver, session, opts.compression)

@@ -81,6 +81,9 @@ class Solver:
     epoch: int = 0
     keep_mtime: bool = False
     run_step: Callable[[Solver, Step], LayerInfo | None] | None = None
+    # Called in the worker that wrote a layer of the final image (compression runs in
+    # parallel with other steps instead of one layer after another at the end).
+    finish_layer: Callable[[Digest], object] | None = None
     results: dict[str, StepResult] = field(default_factory=dict)
     _tocs: dict[Digest, tuple[Entry, ...]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -280,6 +283,8 @@ class Solver:
         except LbuildError as e:
             self.reporter.step_done(step, cached=False, seconds=time.monotonic() - t0, error=str(e))
             raise
+        if layer is not None and self.finish_layer is not None and step.stage in self.final_stages():
+            self.finish_layer(layer.diff_id)
         secs = time.monotonic() - t0
         self.cache.record(step, layer, secs)
         self.reporter.step_done(step, cached=False, seconds=secs)
@@ -357,6 +362,15 @@ class Solver:
         diff_ids = self.stage_diff_ids(stage, None)
         state.diff_ids = list(diff_ids)
         return state, diff_ids
+
+    def final_stages(self) -> set[int]:
+        """The target stage and the stages it is built FROM: their layers are the image's."""
+        out: set[int] = set()
+        stage: int | None = self.plan.target
+        while stage is not None and stage not in out:
+            out.add(stage)
+            stage = self.plan.stages[stage].base_stage
+        return out
 
     def base_blobs(self, stage: int) -> dict[Digest, BlobInfo]:
         """Compressed blobs base images came with (reused as they are)."""

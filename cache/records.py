@@ -717,17 +717,17 @@ class Index:
             return
 
         def run(s: Session) -> None:
-            # 7 bound values a row: 200 rows stay well under SQLite's cap on parameters
-            for chunk in _chunks(rows, 200):
-                stmt = self._insert(StatRow).values(list(chunk))
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=["path"],
-                    set_={
-                        c: getattr(stmt.excluded, c)
-                        for c in ("size", "mtime_ns", "ctime_ns", "inode", "mode", "blake3")
-                    },
-                )
-                s.execute(stmt)
+            # One statement executed with many parameter sets (the DBAPI's executemany): an
+            # order of magnitude faster than multi-row VALUES statements compiled per chunk.
+            stmt = self._insert(StatRow)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["path"],
+                set_={
+                    c: getattr(stmt.excluded, c)
+                    for c in ("size", "mtime_ns", "ctime_ns", "inode", "mode", "blake3")
+                },
+            )
+            s.execute(stmt, rows)
 
         self._write("writing the stat index", run)
 
