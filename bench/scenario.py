@@ -47,10 +47,23 @@ CMD ["/app/src/main.py"]
 """
 
 # Only the two heavy, independent --link steps: the --jobs 1 vs --jobs 2 comparison.
+# Only the two heavy, independent --link steps (its own context: 2 x 128 MiB), so that the
+# work --jobs can spread over the cores dominates the fixed cost of a build.
 PARALLEL_DOCKERFILE = """\
 FROM scratch
+COPY --link heavy-a/ /heavy/a/
+COPY --link heavy-b/ /heavy/b/
+"""
+
+# Every COPY --link: a base bump must rebuild none of them.
+LINK_DOCKERFILE = """\
+FROM base
+ENV APP_HOME=/app
+COPY --link src/ /app/src/
+COPY --link deps/ /app/vendor/
+COPY --link config/ /app/config/
 COPY --link assets/ /app/assets/
-COPY --link data/ /app/data/
+CMD ["/app/src/main.py"]
 """
 
 HUGE_DOCKERFILE = """\
@@ -103,6 +116,8 @@ class ScenarioSpec:
     config_files: int = 12
     big_files_per_dir: int = 2
     big_size: int = 10 * MIB
+    heavy_files: int = 4
+    heavy_size: int = 32 * MIB
     seed: int = 3
 
 
@@ -114,6 +129,7 @@ class Scenario:
     base_context: Path
     context: Path
     dockerfile: Path
+    parallel_context: Path
     parallel_dockerfile: Path
     edit_file: Path
     bump_file: Path
@@ -209,7 +225,12 @@ def generate(root: Path, spec: ScenarioSpec | None = None) -> Scenario:
         _big(rng, ctx / "assets" / f"asset{i}.bin", spec.big_size)
         _big(rng, ctx / "data" / f"data{i}.bin", spec.big_size)
     _write(ctx / "Dockerfile", APP_DOCKERFILE.encode())
-    _write(ctx / "parallel.Dockerfile", PARALLEL_DOCKERFILE.encode())
+    par = root / "parallel"
+    for i in range(spec.heavy_files):
+        _big(rng, par / "heavy-a" / f"a{i}.bin", spec.heavy_size)
+        _big(rng, par / "heavy-b" / f"b{i}.bin", spec.heavy_size)
+    _write(par / "Dockerfile", PARALLEL_DOCKERFILE.encode())
+    _write(ctx / "link.Dockerfile", LINK_DOCKERFILE.encode())
     _write(ctx / ".dockerignore", b"**/*.pyc\n.git\n")
     _write(
         ctx / "buildah.Dockerfile",
@@ -220,7 +241,8 @@ def generate(root: Path, spec: ScenarioSpec | None = None) -> Scenario:
         base_context=base,
         context=ctx,
         dockerfile=ctx / "Dockerfile",
-        parallel_dockerfile=ctx / "parallel.Dockerfile",
+        parallel_context=par,
+        parallel_dockerfile=par / "Dockerfile",
         edit_file=sorted(src)[len(src) // 2],
         bump_file=rootfs / "etc/os-release",
     )
