@@ -195,6 +195,12 @@ def select_context(ctx: BuildContext, instr: df.Copy, hasher: Hasher, keep_mtime
     return out
 
 
+def copy_is_multi(instr: df.Copy) -> bool:
+    """Several sources (heredocs included) or a wildcard: the destination is a directory."""
+    return (len(instr.sources) + len(instr.heredocs) > 1
+            or any(has_wildcard(s) for s in instr.sources))
+
+
 def bind_sources(ctx: BuildContext, instr: df.Run, hasher: Hasher, file: str) -> list[Any]:
     """Merkle rows of what each ``RUN --mount=type=bind`` shows from the context.
 
@@ -218,6 +224,19 @@ def bind_sources(ctx: BuildContext, instr: df.Run, hasher: Hasher, file: str) ->
             selected.append(Selected(name, is_dir, _context_items(whole, f, hasher, False, is_dir)))
         rows.append([m.get("target", ""), merkle(selected)])
     return rows
+
+
+def heredoc_sources(instr: df.Copy) -> list[Selected]:
+    """``COPY <<EOF /dst``: each heredoc is a file named after its marker (0644, root)."""
+    import blake3
+
+    out: list[Selected] = []
+    for doc in instr.heredocs:
+        data = doc.content.encode()
+        e = Entry(path="", type="file", mode=0o644, size=len(data),
+                  digest=blake3.blake3(data).hexdigest(), source=ContentRef(data=data))
+        out.append(Selected(doc.name, False, (Item("", e),)))
+    return out
 
 
 def _instr_fields(instr: df.Instruction) -> dict[str, Any]:
@@ -345,9 +364,10 @@ def make_plan(
                         st.from_image = img
                         inputs["from"] = {"image": img.manifest_digest}
                 else:
-                    st.selected = select_context(ctx, instr, hasher, opts.keep_mtime, file)
+                    st.selected = [*select_context(ctx, instr, hasher, opts.keep_mtime, file),
+                                   *heredoc_sources(instr)]
                     inputs["sources"] = merkle(st.selected)
-                inputs["multi"] = len(instr.sources) > 1 or any(has_wildcard(s) for s in instr.sources)
+                inputs["multi"] = copy_is_multi(instr)
                 inputs["epoch"] = opts.epoch
                 if not instr.dest.startswith("/"):
                     inputs["workdir"] = state.workdir

@@ -214,9 +214,10 @@ class Solver:
         if instr.chown:
             chown = resolve_chown(instr.chown, self.read_file(parent_view or self.view(step.stage, step.pos)),
                                   file, instr.line)
-        from builder.copy import has_wildcard, parse_chmod
+        from builder.copy import parse_chmod
+        from builder.plan import copy_is_multi
 
-        multi = len(instr.sources) > 1 or any(has_wildcard(s) for s in instr.sources)
+        multi = copy_is_multi(instr)
         assert step.state is not None
         res = plan_copy(
             selected, dest=instr.dest, workdir=step.state.workdir, multi=multi, view=parent_view,
