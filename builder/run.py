@@ -12,7 +12,6 @@ import contextlib
 import os
 import posixpath
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -179,6 +178,7 @@ def mounts_for(instr: df.Run, env: RunEnv, workdir: str, file: str,
                                file=file, line=instr.line)
             rw = _truthy(m.get("rw") or m.get("readwrite"))
             if rw:
+                scratch.mkdir(parents=True, exist_ok=True)
                 copy = scratch / uuid.uuid4().hex
                 if src.is_dir():
                     shutil.copytree(src, copy, symlinks=True)
@@ -201,7 +201,19 @@ def _snapshotter(env: RunEnv) -> Snapshotter:
     # A builder killed mid-RUN (SIGKILL, SIGTERM, OOM) leaves its active snapshot behind (a
     # whole tree for the copy snapshotter); no live process holds its lock, so it goes now.
     cleanup_stale(root / kind)
+    _sweep_scratch(env.home / "tmp")
     return snap
+
+
+def _sweep_scratch(tmp: Path, older_than_s: float = 6 * 3600) -> None:
+    """Remove run scratch directories a killed builder left (old enough not to be in use)."""
+    import time
+
+    now = time.time()
+    for d in tmp.glob("run-*"):
+        with contextlib.suppress(OSError):
+            if now - d.lstat().st_mtime > older_than_s:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:
@@ -224,7 +236,8 @@ def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:
         diff_ids = solver.stage_diff_ids(step.stage, step.pos)
         parent = ensure_chain(snap, diff_ids, solver.store.open) if diff_ids else None
         key = f"run-{uuid.uuid4().hex}"
-        scratch = Path(tempfile.mkdtemp(prefix="run-", dir=env.home / "tmp"))
+        # Only a read-write bind mount needs scratch space (a throwaway copy of its source).
+        scratch = env.home / "tmp" / f"run-{uuid.uuid4().hex}"
         try:
             mounts = snap.prepare(key, parent)
             argv, stdin = command_argv(instr, state.shell)
