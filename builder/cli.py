@@ -1,18 +1,20 @@
 """The ``lbuild`` command line: a thin layer over builder.api.
 
 Exit codes (one table, here): 0 success; 1 the build failed (a step failed, the store is
-unusable); 2 bad usage or bad input (Dockerfile errors, missing sources, bad flags);
-130 interrupted.
+unusable, the system refused an operation, an internal error); 2 bad usage or bad input
+(Dockerfile errors, missing sources, bad flags); 130 interrupted.  Every error is one line
+on stderr; ``LBUILD_DEBUG=1`` shows the traceback of an internal error.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cache.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, LbuildError
+from cache.errors import EXIT_BAD_INPUT, EXIT_BUILD_FAILED, EXIT_INTERRUPTED, LbuildError
 
 
 def _build_args(p: argparse.ArgumentParser) -> None:
@@ -204,6 +206,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `lbuild cache ls | head`
         sys.stderr.close()
         return 0
+    except OSError as e:  # the machine said no: disk full, permissions on the cache home, ...
+        where = f" {e.filename}" if e.filename else ""
+        print(f"lbuild: error:{where}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BUILD_FAILED
+    except Exception as e:  # a bug: one line, the traceback only on request
+        if os.environ.get("LBUILD_DEBUG"):
+            raise
+        print(f"lbuild: internal error: {type(e).__name__}: {e} (set LBUILD_DEBUG=1 for a "
+              "traceback)", file=sys.stderr)
+        return EXIT_BUILD_FAILED
     return EXIT_BAD_INPUT
 
 
