@@ -331,8 +331,8 @@ def prepare(opts: BuildOptions, session: Session,
     """Parse, select the context and plan (keys included). Returns the plan and the context."""
     from builder import dockerfile as df
     from builder.context import BuildContext, hash_file
+    from builder.hostplatform import host_platform
     from builder.ignore import load_ignore
-    from builder.imageconfig import host_platform
     from builder.plan import PlanOptions, make_plan
 
     ctx_dir = opts.context
@@ -342,7 +342,7 @@ def prepare(opts: BuildOptions, session: Session,
     dockerfile = df.load(dfile)
     rules, _ = load_ignore(ctx_dir, dfile)
     ctx = BuildContext(ctx_dir, rules)
-    os_name, arch = host_platform()
+    os_name, arch, _variant = host_platform()
     popts = PlanOptions(build_args=dict(opts.build_args), target=opts.target,
                         epoch=source_date_epoch(opts.epoch), keep_mtime=opts.keep_mtime,
                         platform=f"{os_name}/{arch}")

@@ -86,24 +86,6 @@ _PROXY_ARGS = frozenset(
     for n in (name, name.lower())
 )
 
-# platform.machine() -> (GOARCH, variant), the names OCI platforms use.
-_ARCHES: Mapping[str, tuple[str, str]] = MappingProxyType(
-    {
-        "x86_64": ("amd64", ""),
-        "amd64": ("amd64", ""),
-        "aarch64": ("arm64", ""),
-        "arm64": ("arm64", ""),
-        "armv7l": ("arm", "v7"),
-        "armv6l": ("arm", "v6"),
-        "i386": ("386", ""),
-        "i686": ("386", ""),
-        "ppc64le": ("ppc64le", ""),
-        "s390x": ("s390x", ""),
-        "riscv64": ("riscv64", ""),
-    }
-)
-
-
 # --------------------------------------------------------------------------- values
 
 
@@ -964,10 +946,9 @@ def load(path: str | Path) -> Dockerfile:
 
 def host_platform_args() -> dict[str, str]:
     """The predefined platform ARGs for this machine (build = target: no cross builds)."""
-    import platform
+    from builder.hostplatform import host_platform
 
-    machine = platform.machine().lower()
-    arch, variant = _ARCHES.get(machine, (machine, ""))
+    _os, arch, variant = host_platform()
     plat = f"linux/{arch}" + (f"/{variant}" if variant else "")
     values: dict[str, str] = {}
     for prefix in ("BUILD", "TARGET"):

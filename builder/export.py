@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import shutil
 import tempfile
 import uuid
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from builder.hostplatform import host_platform
+from builder.keys import canonical as canonical_json
 from cache.blobs import BlobStore
 from cache.errors import DigestMismatch, InvalidInput, NotFound, Unsupported
 from cache.layer import import_layer
@@ -43,19 +44,6 @@ LAYOUT_VERSION = "1.0.0"
 _MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
 _INDEXES = (OCI_INDEX, DOCKER_LIST)
 _MAX_METADATA = 16 << 20  # manifests, configs and indexes are small; refuse to slurp a layer
-_GOARCH = {
-    "x86_64": "amd64",
-    "amd64": "amd64",
-    "aarch64": "arm64",
-    "arm64": "arm64",
-    "armv7l": "arm",
-    "armv6l": "arm",
-    "i386": "386",
-    "i686": "386",
-    "ppc64le": "ppc64le",
-    "s390x": "s390x",
-    "riscv64": "riscv64",
-}
 
 
 @dataclass(frozen=True)
@@ -68,17 +56,6 @@ class Image:
     config: bytes
     layers: tuple[BlobInfo, ...]
     diff_ids: tuple[Digest, ...]
-
-
-def canonical_json(obj: Any) -> bytes:
-    """lbuild's JSON bytes: sorted keys, no spaces, UTF-8 (same object, same bytes)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def host_platform() -> tuple[str, str]:
-    """(os, architecture) of this machine in OCI/Go spelling."""
-    machine = platform.machine().lower()
-    return "linux", _GOARCH.get(machine, machine)
 
 
 def make_image(store: BlobStore, config: Mapping[str, Any], layers: Sequence[BlobInfo]) -> Image:
@@ -379,7 +356,7 @@ def _read_small_blob(layout: Path, desc: Mapping[str, Any], what: str) -> tuple[
 
 
 def _pick_platform(manifests: list[Any], where: str) -> Mapping[str, Any]:
-    host_os, host_arch = host_platform()
+    host_os, host_arch, _variant = host_platform()
     for m in manifests:
         plat = m.get("platform") if isinstance(m, dict) else None
         if isinstance(plat, dict) and (plat.get("os"), plat.get("architecture")) == (

@@ -10,35 +10,18 @@ place; FROM scratch gets WorkingDir ``/`` and a default PATH.
 from __future__ import annotations
 
 import copy
-import json
-import platform
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
 from builder import dockerfile as df
+from builder.hostplatform import host_platform
 from cache.errors import InvalidInput
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_SHELL = ("/bin/sh", "-c")
 AUTHOR_KEY = "_author"  # MAINTAINER, kept in the config state until final_config
 
-_ARCH = {
-    "x86_64": "amd64",
-    "amd64": "amd64",
-    "aarch64": "arm64",
-    "arm64": "arm64",
-    "armv7l": "arm",
-    "ppc64le": "ppc64le",
-    "s390x": "s390x",
-    "riscv64": "riscv64",
-}
-
-
-def host_platform() -> tuple[str, str]:
-    """(os, architecture) of this machine in OCI terms."""
-    m = platform.machine().lower()
-    return "linux", _ARCH.get(m, m)
 
 
 def iso_time(epoch: int) -> str:
@@ -116,7 +99,7 @@ class ImageState:
 
     def final_config(self, epoch: int) -> dict[str, Any]:
         """The OCI image config JSON object for this state."""
-        os_name, arch = host_platform()
+        os_name, arch, variant = host_platform()
         inner = {k: v for k, v in self.config.items() if v not in (None, [], {}, "")}
         author = inner.pop(AUTHOR_KEY, None)
         created = iso_time(epoch)
@@ -128,6 +111,8 @@ class ImageState:
             "rootfs": {"type": "layers", "diff_ids": list(self.diff_ids)},
             "history": _complete_history(self.history, len(self.diff_ids), created),
         }
+        if variant:
+            out["variant"] = variant
         if author:
             out["author"] = author
         return out
@@ -253,7 +238,3 @@ def join_workdir(current: str, path: str) -> str:
     if not path.startswith("/"):
         path = posixpath.join(current or "/", path)
     return posixpath.normpath(path) if path != "/" else "/"
-
-
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
