@@ -425,11 +425,3 @@ def make_plan(
     plan_stage(target)
     return Plan(graph, steps, stages, target, dockerfile, file)
 
-
-def workdir_of(step: Step) -> str:
-    return step.state.workdir if step.state else "/"
-
-
-def link_dest_note() -> str:
-    return ("--link: the destination is judged on its own (a path without a trailing '/' is a "
-            "file unless the source is a directory), as BuildKit does")
