@@ -174,14 +174,7 @@ class _Applier:
             return
         path = self._abs(rel)
         if m.isdir():
-            try:
-                st: os.stat_result | None = os.lstat(path)
-            except FileNotFoundError:
-                st = None
-            if st is None or not stat.S_ISDIR(st.st_mode):
-                if st is not None:
-                    os.unlink(path)
-                os.mkdir(path, 0o700)
+            _ensure_dir(path, 0o700)
         else:
             self._remove(path)
             if m.isreg():
@@ -250,14 +243,7 @@ class _Applier:
 
     def _opaque(self, dir_rel: str) -> None:
         path = self._abs(dir_rel)
-        try:
-            st: os.stat_result | None = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        if st is None or not stat.S_ISDIR(st.st_mode):
-            if st is not None:
-                os.unlink(path)
-            os.mkdir(path, 0o755)
+        if _ensure_dir(path, 0o755):
             self.created.add(dir_rel)
         if self.overlay:
             os.setxattr(path, OVERLAY_OPAQUE_XATTR, b"y", follow_symlinks=False)
@@ -335,3 +321,17 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path)
     except FileNotFoundError:
         return
+
+
+def _ensure_dir(path: str, mode: int) -> bool:
+    """Make ``path`` a directory (replacing a non-directory); True if it had to be made."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISDIR(st.st_mode):
+            return False
+        os.unlink(path)
+    os.mkdir(path, mode)
+    return True
