@@ -35,6 +35,27 @@ def _visible(step: Step) -> bool:
     return step.kind not in ("end",)
 
 
+def _visible_deps(plan: Plan, sid: str) -> tuple[str, ...]:
+    """The visible steps ``sid`` waits for: a hidden ``end`` node stands for its own deps.
+
+    Edges between stages go through the source stage's ``end`` node (``FROM <stage>``,
+    ``COPY --from``); dropping it without following it would lose them.
+    """
+    out: list[str] = []
+    todo = sorted(plan.graph.predecessors(sid))
+    seen: set[str] = set()
+    while todo:
+        d = todo.pop(0)
+        if d in seen:
+            continue
+        seen.add(d)
+        if _visible(plan.steps[d]):
+            out.append(d)
+        else:
+            todo.extend(sorted(plan.graph.predecessors(d)))
+    return tuple(out)
+
+
 def dockerfile_id(opts: BuildOptions) -> str:
     """Identity of "the same Dockerfile" across builds (for why): its resolved path."""
     return str((opts.dockerfile or opts.context / "Dockerfile").resolve())
@@ -52,8 +73,7 @@ def planned(opts: BuildOptions, session: Session) -> tuple[Plan, list[PlannedSte
         if not _visible(step):
             continue
         hit = step.kind == "base" or (not skip(step) and cache.lookup(step.key) is not None)
-        deps = tuple(d for d in plan.graph.predecessors(step.id)
-                     if _visible(plan.steps[d]))
+        deps = _visible_deps(plan, step.id)
         out.append(PlannedStep(step.id, step.name, step.kind, step.key, hit, step.link, deps))
     return plan, out
 
@@ -61,10 +81,23 @@ def planned(opts: BuildOptions, session: Session) -> tuple[Plan, list[PlannedSte
 def plan_text(steps: list[PlannedStep], fmt: str) -> str:
     """Render ``lbuild plan`` as text, JSON or Graphviz dot."""
     if fmt == "json":
-        return json.dumps({"steps": [
-            {"id": s.id, "name": s.name, "kind": s.kind, "key": s.key,
-             "status": "HIT" if s.hit else "MISS", "link": s.link, "deps": list(s.deps)}
-            for s in steps]}, indent=2)
+        return json.dumps(
+            {
+                "steps": [
+                    {
+                        "id": s.id,
+                        "name": s.name,
+                        "kind": s.kind,
+                        "key": s.key,
+                        "status": "HIT" if s.hit else "MISS",
+                        "link": s.link,
+                        "deps": list(s.deps),
+                    }
+                    for s in steps
+                ]
+            },
+            indent=2,
+        )
     if fmt == "dot":
         lines = ["digraph lbuild {", "  rankdir=TB;", "  node [shape=box, fontname=monospace];"]
         for s in steps:
@@ -85,10 +118,12 @@ def plan_text(steps: list[PlannedStep], fmt: str) -> str:
 
 def why(opts: BuildOptions, session: Session) -> list[tuple[PlannedStep, list[str]]]:
     """For every MISS, the reasons against the last record of the same step."""
+    from builder.api import no_cache_rule
     from builder.why import explain
 
     plan, steps = planned(opts, session)
     did = dockerfile_id(opts)
+    skip = no_cache_rule(opts, plan)
     out: list[tuple[PlannedStep, list[str]]] = []
     for ps in steps:
         if ps.hit:
@@ -98,17 +133,54 @@ def why(opts: BuildOptions, session: Session) -> list[tuple[PlannedStep, list[st
         if opts.no_cache:
             out.append((ps, ["--no-cache"]))
             continue
+        if skip(step):
+            stage = plan.stages[step.stage].name or str(step.stage)
+            out.append((ps, [f"--no-cache-filter {stage}"]))
+            continue
         rec = session.index.last_record_at(did, str(step.stage), step.pos)
         old = json.loads(rec.inputs) if rec is not None else None
-        label = (step.instr.original.split("\n", 1)[0].strip() if step.instr else step.name)
-        out.append((ps, explain(old, step.inputs, label)))
+        label = step.instr.original.split("\n", 1)[0].strip() if step.instr else step.name
+        reasons = explain(old, step.inputs, label)
+        base = plan.steps.get(f"{step.stage}:base")
+        parent_is_base = base is not None and step.inputs.get("parent") == base.key
+        if reasons == ["parent step changed"] and base is not None and parent_is_base:
+            # the base step has no record of its own: name what changed below the stage
+            # instead of pointing at a FROM that is listed as a HIT
+            reasons = [_base_changed(plan, base)]
+        if not reasons:
+            # same inputs, so the same key: the record is there but its layer is not
+            reasons = ["the cached layer is missing from the store"]
+        out.append((ps, reasons))
     return out
 
 
+def _base_changed(plan: Plan, base: Step) -> str:
+    sp = plan.stages[base.stage]
+    text = base.name.split("] ", 1)[-1]
+    if sp.base_image is not None:
+        return f"base image changed: {text} is now {sp.base_image.manifest_digest}"
+    if sp.base_stage is not None:
+        return f"base stage changed: {text}"
+    return f"base changed: {text}"
+
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
-          "tb": 1000**4, "tib": 1024**4}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
 _DUR = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _DUR_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -143,9 +215,17 @@ def cache_ls(session: Session) -> list[dict[str, Any]]:
     rows = []
     for r in session.index.list_steps(limit=None, oldest_first=False):
         inputs = json.loads(r.inputs) if r.inputs else {}
-        rows.append({"key": r.key, "op": inputs.get("op", "?"), "diff_id": r.diff_id,
-                     "size": r.layer_size, "hits": r.hits, "last_used": r.last_used,
-                     "created": r.created})
+        rows.append(
+            {
+                "key": r.key,
+                "op": inputs.get("op", "?"),
+                "diff_id": r.diff_id,
+                "size": r.layer_size,
+                "hits": r.hits,
+                "last_used": r.last_used,
+                "created": r.created,
+            }
+        )
     return rows
 
 
@@ -157,15 +237,22 @@ def cache_du(session: Session) -> dict[str, int]:
         total += session.store.size(d)
         count += 1
     steps = len(session.index.list_steps(limit=None, oldest_first=True))
-    return {"blobs": count, "bytes": total, "records": steps, "tags": len(session.index.list_tags())}
+    return {
+        "blobs": count,
+        "bytes": total,
+        "records": steps,
+        "tags": len(session.index.list_tags()),
+    }
 
 
-def cache_prune(session: Session, *, keep_bytes: int | None, keep_duration: float | None,
-                dry_run: bool) -> tuple[list[str], int]:
+def cache_prune(
+    session: Session, *, keep_bytes: int | None, keep_duration: float | None, dry_run: bool
+) -> tuple[list[str], int]:
     """LRU prune; returns what goes (or would go) and the bytes freed."""
     sizes = {d: session.store.size(d) for d in session.store.digests()}
-    plan = session.index.prune_plan(keep_bytes=keep_bytes, keep_duration_s=keep_duration,
-                                     now=time.time(), blob_sizes=sizes)
+    plan = session.index.prune_plan(
+        keep_bytes=keep_bytes, keep_duration_s=keep_duration, now=time.time(), blob_sizes=sizes
+    )
     lines = [f"step {s.key[:16]} ({s.reason})" for s in plan.steps]
     lines += [f"blob {d} {human(sizes.get(d, 0))}" for d in plan.blobs]
     if dry_run:
@@ -185,8 +272,9 @@ def cache_verify(session: Session) -> list[str]:
     if not bad:
         return findings
     bad_set = set(bad)
-    dead = [r.key for r in session.index.list_steps(limit=None, oldest_first=True)
-            if r.blobs & bad_set]
+    dead = [
+        r.key for r in session.index.list_steps(limit=None, oldest_first=True) if r.blobs & bad_set
+    ]
     session.index.delete_steps(dead)
     for d in bad:
         session.store.remove(d)

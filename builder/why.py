@@ -69,7 +69,10 @@ def explain(old: dict[str, Any] | None, new: dict[str, Any], label: str) -> list
     oi, ni = old.get("instruction") or {}, new.get("instruction") or {}
     op = str(new.get("op", ""))
     if oi.get("type") != ni.get("type"):
-        return [f"instruction changed: {oi.get('type')} -> {ni.get('type')}"]
+        # the type names are the dataclass names (Copy, Label): say them as written
+        return [
+            f"instruction changed: {str(oi.get('type')).upper()} -> {str(ni.get('type')).upper()}"
+        ]
     if op in ("ENV", "ARG") and oi != ni:
         o_env = {str(p[0]): p[1] for p in oi.get("pairs", [])}
         n_env = {str(p[0]): p[1] for p in ni.get("pairs", [])}
@@ -81,7 +84,10 @@ def explain(old: dict[str, Any] | None, new: dict[str, Any], label: str) -> list
         fields = sorted(k for k in set(oi) | set(ni) if oi.get(k) != ni.get(k))
         reasons.append(f"{label}: instruction changed ({', '.join(fields)})")
     if old.get("sources") != new.get("sources"):
-        reasons += [f"{label}: {r}" for r in _diff_sources(old.get("sources") or [], new.get("sources") or [])]
+        reasons += [
+            f"{label}: {r}"
+            for r in _diff_sources(old.get("sources") or [], new.get("sources") or [])
+        ]
     if old.get("binds") != new.get("binds"):
         ob = {str(b[0]): b[1] for b in old.get("binds") or []}
         nb = {str(b[0]): b[1] for b in new.get("binds") or []}
