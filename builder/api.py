@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cache.errors import InvalidInput, NotFound, Unsupported
+from cache.errors import InvalidInput, LbuildError, NotFound, Unsupported
 from cache.types import Compression, Digest
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from builder.solve import CacheHit, Solver
     from cache.blobs import BlobStore
     from cache.records import Index, Site
-    from cache.types import LayerInfo, StepKey
+    from cache.types import BlobInfo, LayerInfo, StepKey
 
 
 @dataclass(frozen=True)
@@ -194,10 +194,26 @@ def image_from_store(store: BlobStore, ref: str, manifest_digest: Digest) -> Ext
     layers = tuple(BlobInfo(Digest(x["digest"]), int(x["size"]), x["mediaType"])
                    for x in manifest.get("layers", []))
     diff_ids = tuple(Digest(d) for d in config.get("rootfs", {}).get("diff_ids", []))
-    for b in layers:
-        if not store.has(b.digest):
-            raise NotFound(f"image {ref}: layer blob {b.digest} is missing from the store")
+    for b, diff_id in zip(layers, diff_ids, strict=True):
+        if not store.has(b.digest) and not _recompress(store, b, diff_id):
+            raise NotFound(f"image {ref}: layer blob {b.digest} is missing from the store",
+                           hint=f"rebuild {ref}")
     return ExternalImage(ref, manifest_digest, config, layers, diff_ids)
+
+
+def _recompress(store: BlobStore, blob: BlobInfo, diff_id: Digest) -> bool:
+    """Make a missing compressed layer again from its uncompressed tar (same codec, same bytes)."""
+    from cache.layer import codec_of, compress_layer
+
+    if not store.has(diff_id):
+        return False
+    try:
+        again = compress_layer(store, diff_id, codec_of(blob.media_type))
+    except LbuildError:
+        return False
+    # Another codec version gives other bytes: not the blob the manifest names (the extra
+    # blob is left for the next prune).
+    return again.digest == blob.digest
 
 
 def make_resolver(session: Session, build_contexts: Mapping[str, str],

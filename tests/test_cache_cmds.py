@@ -286,12 +286,6 @@ def test_verify_corrupt_compressed_layer_is_reported_and_recompressed(
     assert cache(home, "verify") == ["cache verified: no corruption"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="builder/api.py image_from_store demands every compressed layer blob of a tag, "
-    "though the layer tar (diff_id) is still in the store and compression is a cached, "
-    "repeatable step: after verify drops a tag's corrupt gzip blob, FROM tag fails (exit 2)",
-)
 def test_from_tag_after_verify_dropped_its_compressed_layer(tmp_path: Path, home: Path) -> None:
     base = make_ctx(
         tmp_path / "base", {"Dockerfile": "FROM scratch\nCOPY x.txt /x\n", "x.txt": "x\n"}
