@@ -191,13 +191,17 @@ def image_from_store(store: BlobStore, ref: str, manifest_digest: Digest) -> Ext
 
     manifest = json.loads(store.read(manifest_digest))
     config = json.loads(store.read(Digest(manifest["config"]["digest"])))
-    layers = tuple(BlobInfo(Digest(x["digest"]), int(x["size"]), x["mediaType"])
-                   for x in manifest.get("layers", []))
+    layers = tuple(
+        BlobInfo(Digest(x["digest"]), int(x["size"]), x["mediaType"])
+        for x in manifest.get("layers", [])
+    )
     diff_ids = tuple(Digest(d) for d in config.get("rootfs", {}).get("diff_ids", []))
     for b, diff_id in zip(layers, diff_ids, strict=True):
         if not store.has(b.digest) and not _recompress(store, b, diff_id):
-            raise NotFound(f"image {ref}: layer blob {b.digest} is missing from the store",
-                           hint=f"rebuild {ref}")
+            raise NotFound(
+                f"image {ref}: layer blob {b.digest} is missing from the store",
+                hint=f"rebuild {ref}",
+            )
     return ExternalImage(ref, manifest_digest, config, layers, diff_ids)
 
 
@@ -216,8 +220,9 @@ def _recompress(store: BlobStore, blob: BlobInfo, diff_id: Digest) -> bool:
     return again.digest == blob.digest
 
 
-def make_resolver(session: Session, build_contexts: Mapping[str, str],
-                  used: dict[str, str] | None = None) -> Callable[[str], ExternalImage | None]:
+def make_resolver(
+    session: Session, build_contexts: Mapping[str, str], used: dict[str, str] | None = None
+) -> Callable[[str], ExternalImage | None]:
     """Resolve a FROM / COPY --from name: --build-context first, then lbuild's local tags.
 
     Local tags resolved are noted in ``used`` (name -> manifest digest) for the no-op memo.
@@ -234,18 +239,21 @@ def make_resolver(session: Session, build_contexts: Mapping[str, str],
         if spec is not None:
             if not spec.startswith("oci-layout://"):
                 raise Unsupported(f"--build-context {ref}={spec}: only oci-layout:// is supported")
-            path, tag = spec[len("oci-layout://"):], "latest"
+            path, tag = spec[len("oci-layout://") :], "latest"
             head, sep, tail = path.rpartition(":")
             if sep and "/" not in tail and head:
                 path, tag = head, tail
             if not (Path(path) / "index.json").is_file():
-                raise NotFound(f"--build-context {ref}: {path} is not an OCI layout (no index.json)")
+                raise NotFound(
+                    f"--build-context {ref}: {path} is not an OCI layout (no index.json)"
+                )
             image, _layers = load_oci_layout(session.store, Path(path), tag, tocs=False)
             from builder.plan import ExternalImage
 
             config = json.loads(image.config)
-            img = ExternalImage(ref, image.manifest_digest, config, tuple(image.layers),
-                                tuple(image.diff_ids))
+            img = ExternalImage(
+                ref, image.manifest_digest, config, tuple(image.layers), tuple(image.diff_ids)
+            )
         else:
             try:
                 name = full_tag(ref)
@@ -297,12 +305,23 @@ class IndexCache:
         from cache.records import StepRecord
 
         now = time.time()
-        self.session.index.put_step(StepRecord(
-            key=step.key, diff_id=layer.diff_id if layer else None,
-            layer_size=layer.size if layer else 0, toc_digest=None, config_delta="{}",
-            inputs=json.dumps(step.inputs, sort_keys=True),
-            dockerfile_id=self.dockerfile_id, stage=str(step.stage), position=step.pos,
-            created=now, last_used=now, hits=0, build_seconds=seconds))
+        self.session.index.put_step(
+            StepRecord(
+                key=step.key,
+                diff_id=layer.diff_id if layer else None,
+                layer_size=layer.size if layer else 0,
+                toc_digest=None,
+                config_delta="{}",
+                inputs=json.dumps(step.inputs, sort_keys=True),
+                dockerfile_id=self.dockerfile_id,
+                stage=str(step.stage),
+                position=step.pos,
+                created=now,
+                last_used=now,
+                hits=0,
+                build_seconds=seconds,
+            )
+        )
 
     def layer_for(self, content_key: StepKey) -> Digest | None:
         rec = self.session.index.get_step(content_key)
@@ -315,16 +334,30 @@ class IndexCache:
         from cache.records import StepRecord
 
         now = time.time()
-        self.session.index.put_step(StepRecord(
-            key=content_key, diff_id=layer.diff_id, layer_size=layer.size, toc_digest=None,
-            config_delta="{}", inputs=json.dumps({"op": "LAYER"}),
-            dockerfile_id="", stage="", position=-1, created=now, last_used=now, hits=0, build_seconds=0.0))
+        self.session.index.put_step(
+            StepRecord(
+                key=content_key,
+                diff_id=layer.diff_id,
+                layer_size=layer.size,
+                toc_digest=None,
+                config_delta="{}",
+                inputs=json.dumps({"op": "LAYER"}),
+                dockerfile_id="",
+                stage="",
+                position=-1,
+                created=now,
+                last_used=now,
+                hits=0,
+                build_seconds=0.0,
+            )
+        )
 
     def flush(self) -> None:
         """Write the hits of this build (last used, hit count, site) in one transaction."""
         if self.touched:
-            self.session.index.touch_steps([k for k, _ in self.touched], time.time(),
-                                           sites=[s for _, s in self.touched])
+            self.session.index.touch_steps(
+                [k for k, _ in self.touched], time.time(), sites=[s for _, s in self.touched]
+            )
             self.touched.clear()
 
 
@@ -342,8 +375,9 @@ def compressed_blob(session: Session, diff_id: Digest, codec: Compression) -> An
     return blob
 
 
-def prepare(opts: BuildOptions, session: Session,
-            tags_used: dict[str, str] | None = None) -> tuple[Plan, Any]:
+def prepare(
+    opts: BuildOptions, session: Session, tags_used: dict[str, str] | None = None
+) -> tuple[Plan, Any]:
     """Parse, select the context and plan (keys included). Returns the plan and the context."""
     from builder import dockerfile as df
     from builder.context import BuildContext, hash_file
@@ -359,9 +393,13 @@ def prepare(opts: BuildOptions, session: Session,
     rules, _ = load_ignore(ctx_dir, dfile)
     ctx = BuildContext(ctx_dir, rules)
     os_name, arch, _variant = host_platform()
-    popts = PlanOptions(build_args=dict(opts.build_args), target=opts.target,
-                        epoch=source_date_epoch(opts.epoch), keep_mtime=opts.keep_mtime,
-                        platform=f"{os_name}/{arch}")
+    popts = PlanOptions(
+        build_args=dict(opts.build_args),
+        target=opts.target,
+        epoch=source_date_epoch(opts.epoch),
+        keep_mtime=opts.keep_mtime,
+        platform=f"{os_name}/{arch}",
+    )
     resolver = make_resolver(session, opts.build_contexts, tags_used)
     from cache.statindex import StatIndex
 
@@ -386,8 +424,13 @@ def no_cache_rule(opts: BuildOptions, plan: Plan) -> Callable[[Step], bool]:
     return skip
 
 
-def build(opts: BuildOptions, reporter: Reporter | None = None,
-          probe: fastpath.Probe | None = None, *, memo: bool = True) -> BuildResult:
+def build(
+    opts: BuildOptions,
+    reporter: Reporter | None = None,
+    probe: fastpath.Probe | None = None,
+    *,
+    memo: bool = True,
+) -> BuildResult:
     """Build an image: parse, plan, solve, assemble, export and tag.
 
     ``probe`` is what a failed fast-path attempt measured (memo key, context fingerprint);
@@ -411,10 +454,18 @@ def build(opts: BuildOptions, reporter: Reporter | None = None,
         tags_used: dict[str, str] = {}
         plan, _ctx = prepare(opts, session, tags_used)
         cache = IndexCache(session, dockerfile_id(opts))
-        solver = Solver(plan, session.store, cache, rep, jobs=opts.jobs or (os.cpu_count() or 1),
-                        no_cache=no_cache_rule(opts, plan), epoch=epoch,
-                        keep_mtime=opts.keep_mtime, run_step=_run_step(opts, session),
-                        finish_layer=lambda d: compressed_blob(session, d, opts.compression))
+        solver = Solver(
+            plan,
+            session.store,
+            cache,
+            rep,
+            jobs=opts.jobs or (os.cpu_count() or 1),
+            no_cache=no_cache_rule(opts, plan),
+            epoch=epoch,
+            keep_mtime=opts.keep_mtime,
+            run_step=_run_step(opts, session),
+            finish_layer=lambda d: compressed_blob(session, d, opts.compression),
+        )
         solver.solve()
         cache.flush()
         image = assemble(solver, session, opts.compression)
@@ -423,21 +474,31 @@ def build(opts: BuildOptions, reporter: Reporter | None = None,
                 tag = split_tag(opts.tags[0])[1] if opts.tags else "latest"
                 export_oci_layout(session.store, image, out.dest, tag)
             else:
-                export_docker_archive(session.store, image, out.dest,
-                                      [full_tag(t) for t in opts.tags])
-        pins = [image.manifest_digest, image.config_digest, *(b.digest for b in image.layers),
-                *image.diff_ids]
+                export_docker_archive(
+                    session.store, image, out.dest, [full_tag(t) for t in opts.tags]
+                )
+        pins = [
+            image.manifest_digest,
+            image.config_digest,
+            *(b.digest for b in image.layers),
+            *image.diff_ids,
+        ]
         for t in opts.tags:
             session.index.set_tag(full_tag(t), image.manifest_digest, "{}", blobs=pins)
         steps = [s for s in plan.steps.values() if s.kind not in ("base", "end")]
         cached = sum(1 for s in steps if solver.results[s.id].cached)
-        result = BuildResult(image.manifest_digest, image.config_digest, len(steps), cached,
-                             time.monotonic() - t0)
+        result = BuildResult(
+            image.manifest_digest, image.config_digest, len(steps), cached, time.monotonic() - t0
+        )
         if probed is not None:
-            shown = [{"id": s.id, "name": s.name, "key": s.key} for s in plan.order()
-                     if s.kind not in ("base", "end")]
-            fastpath.save_memo(session.home, probed.key, probed.fingerprint, result, shown,
-                               tags_used, pins)
+            shown = [
+                {"id": s.id, "name": s.name, "key": s.key}
+                for s in plan.order()
+                if s.kind not in ("base", "end")
+            ]
+            fastpath.save_memo(
+                session.home, probed.key, probed.fingerprint, result, shown, tags_used, pins
+            )
     rep.finish(result)
     return result
 
@@ -456,7 +517,11 @@ def assemble(solver: Solver, session: Session, codec: Compression) -> Any:
 def _run_step(opts: BuildOptions, session: Session) -> Callable[[Solver, Step], LayerInfo | None]:
     from builder.run import RunEnv, make_run_step
 
-    clamp = source_date_epoch(opts.epoch) if (opts.epoch is not None
-                                              or os.environ.get("SOURCE_DATE_EPOCH")) else None
-    return make_run_step(RunEnv(session.home, opts.context, dict(opts.secrets),
-                                opts.snapshotter, clamp))
+    clamp = (
+        source_date_epoch(opts.epoch)
+        if (opts.epoch is not None or os.environ.get("SOURCE_DATE_EPOCH"))
+        else None
+    )
+    return make_run_step(
+        RunEnv(session.home, opts.context, dict(opts.secrets), opts.snapshotter, clamp)
+    )

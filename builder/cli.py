@@ -19,24 +19,45 @@ from cache.errors import EXIT_BAD_INPUT, EXIT_BUILD_FAILED, EXIT_INTERRUPTED, Lb
 
 def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("context", metavar="CONTEXT", help="build context directory")
-    p.add_argument("-f", "--file", dest="dockerfile", help="Dockerfile (default CONTEXT/Dockerfile)")
+    p.add_argument(
+        "-f", "--file", dest="dockerfile", help="Dockerfile (default CONTEXT/Dockerfile)"
+    )
     p.add_argument("-t", "--tag", dest="tags", action="append", default=[], help="NAME[:TAG]")
     p.add_argument("--build-arg", action="append", default=[], metavar="K=V")
-    p.add_argument("--build-context", action="append", default=[],
-                   metavar="NAME=oci-layout://DIR[:TAG]")
+    p.add_argument(
+        "--build-context", action="append", default=[], metavar="NAME=oci-layout://DIR[:TAG]"
+    )
     p.add_argument("--target", help="stage to build")
     p.add_argument("--no-cache", action="store_true", help="build every step again")
-    p.add_argument("--no-cache-filter", action="append", default=[], metavar="STAGE",
-                   help="build these stages again")
-    p.add_argument("--home", type=Path, help="cache directory (default $LBUILD_HOME or ~/.cache/lbuild)")
+    p.add_argument(
+        "--no-cache-filter",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="build these stages again",
+    )
+    p.add_argument(
+        "--home", type=Path, help="cache directory (default $LBUILD_HOME or ~/.cache/lbuild)"
+    )
     p.add_argument("--jobs", "-j", type=int, default=0, help="parallel steps (default: cores)")
     p.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip")
-    p.add_argument("--keep-mtime", action="store_true",
-                   help="keep context file mtimes in COPY/ADD layers (they then enter the key)")
-    p.add_argument("--secret", action="append", default=[], metavar="id=NAME,src=FILE",
-                   help="a secret for RUN --mount=type=secret (never in a layer or a key)")
-    p.add_argument("--snapshotter", choices=["overlay", "copy"],
-                   help="how RUN gets its root filesystem (default: overlay where possible)")
+    p.add_argument(
+        "--keep-mtime",
+        action="store_true",
+        help="keep context file mtimes in COPY/ADD layers (they then enter the key)",
+    )
+    p.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="id=NAME,src=FILE",
+        help="a secret for RUN --mount=type=secret (never in a layer or a key)",
+    )
+    p.add_argument(
+        "--snapshotter",
+        choices=["overlay", "copy"],
+        help="how RUN gets its root filesystem (default: overlay where possible)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,8 +65,13 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build an image from a Dockerfile")
     _build_args(b)
-    b.add_argument("-o", "--output", action="append", default=[],
-                   metavar="type=oci,dest=DIR|type=docker,dest=FILE")
+    b.add_argument(
+        "-o",
+        "--output",
+        action="append",
+        default=[],
+        metavar="type=oci,dest=DIR|type=docker,dest=FILE",
+    )
     b.add_argument("--progress", choices=["auto", "plain", "json"], default="auto")
 
     pl = sub.add_parser("plan", help="print the step DAG with keys and HIT/MISS, building nothing")
@@ -61,13 +87,15 @@ def parser() -> argparse.ArgumentParser:
     csub = c.add_subparsers(dest="cache_command", required=True)
     csub.add_parser("ls", parents=[home], help="list step records, most recently used first")
     csub.add_parser("du", parents=[home], help="disk usage of the cache")
-    pr = csub.add_parser("prune", parents=[home],
-                         help="remove least recently used records and unneeded blobs")
+    pr = csub.add_parser(
+        "prune", parents=[home], help="remove least recently used records and unneeded blobs"
+    )
     pr.add_argument("--keep-bytes", help="keep at most this much (e.g. 5GB)")
     pr.add_argument("--keep-duration", help="drop records unused for longer (e.g. 7d, 36h)")
     pr.add_argument("--dry-run", action="store_true", help="only list what would go")
-    csub.add_parser("verify", parents=[home],
-                    help="re-hash every blob; drop corrupt ones and their records")
+    csub.add_parser(
+        "verify", parents=[home], help="re-hash every blob; drop corrupt ones and their records"
+    )
     from builder import unpack, watch
 
     watch.add_parser(sub)
@@ -156,18 +184,25 @@ def cmd_cache(ns: argparse.Namespace) -> int:
         if ns.cache_command == "ls":
             for r in commands.cache_ls(session):
                 when = dt.datetime.fromtimestamp(r["last_used"]).strftime("%Y-%m-%d %H:%M:%S")
-                print(f"{r['key'][:16]} {r['op']:<11} {commands.human(r['size']):>10} "
-                      f"hits={r['hits']:<4} last_used={when}")
+                print(
+                    f"{r['key'][:16]} {r['op']:<11} {commands.human(r['size']):>10} "
+                    f"hits={r['hits']:<4} last_used={when}"
+                )
         elif ns.cache_command == "du":
             du = commands.cache_du(session)
-            print(f"{du['blobs']} blobs, {commands.human(du['bytes'])} "
-                  f"({du['bytes']} bytes); {du['records']} step records; {du['tags']} tags")
+            print(
+                f"{du['blobs']} blobs, {commands.human(du['bytes'])} "
+                f"({du['bytes']} bytes); {du['records']} step records; {du['tags']} tags"
+            )
         elif ns.cache_command == "prune":
             lines, freed = commands.cache_prune(
                 session,
                 keep_bytes=commands.parse_size(ns.keep_bytes) if ns.keep_bytes else None,
-                keep_duration=commands.parse_duration(ns.keep_duration) if ns.keep_duration else None,
-                dry_run=ns.dry_run)
+                keep_duration=commands.parse_duration(ns.keep_duration)
+                if ns.keep_duration
+                else None,
+                dry_run=ns.dry_run,
+            )
             for line in lines:
                 print(("would remove " if ns.dry_run else "removed ") + line)
             verb = "would free" if ns.dry_run else "freed"
@@ -176,7 +211,10 @@ def cmd_cache(ns: argparse.Namespace) -> int:
             findings = commands.cache_verify(session)
             for f in findings:
                 print(f)
-            print("cache verified: " + (f"{len(findings)} problems fixed" if findings else "no corruption"))
+            print(
+                "cache verified: "
+                + (f"{len(findings)} problems fixed" if findings else "no corruption")
+            )
     return 0
 
 
@@ -213,8 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug: one line, the traceback only on request
         if os.environ.get("LBUILD_DEBUG"):
             raise
-        print(f"lbuild: internal error: {type(e).__name__}: {e} (set LBUILD_DEBUG=1 for a "
-              "traceback)", file=sys.stderr)
+        print(
+            f"lbuild: internal error: {type(e).__name__}: {e} (set LBUILD_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
         return EXIT_BUILD_FAILED
     return EXIT_BAD_INPUT
 

@@ -93,8 +93,10 @@ def fingerprint(root: Path, ignore_rules: Any, now_ns: int) -> Fingerprint:
             if s.st_ctime_ns > limit or s.st_mtime_ns > limit:
                 racy = True
             link = os.readlink(full) if st_mod.S_ISLNK(s.st_mode) else ""
-            lines.append(f"{rel}\0{s.st_mode}\0{s.st_size}\0{s.st_mtime_ns}\0{s.st_ctime_ns}\0"
-                         f"{s.st_ino}\0{s.st_nlink}\0{int(excluded)}\0{link}")
+            lines.append(
+                f"{rel}\0{s.st_mode}\0{s.st_size}\0{s.st_mtime_ns}\0{s.st_ctime_ns}\0"
+                f"{s.st_ino}\0{s.st_nlink}\0{int(excluded)}\0{link}"
+            )
             if is_dir:
                 subdirs.append((rel, state))
         stack.extend(reversed(subdirs))
@@ -119,7 +121,7 @@ def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
     for name, spec in sorted(opts.build_contexts.items()):
         if not spec.startswith("oci-layout://"):
             return None
-        path = spec[len("oci-layout://"):]
+        path = spec[len("oci-layout://") :]
         head, sep, tail = path.rpartition(":")
         if sep and "/" not in tail and head:
             path = head
@@ -128,12 +130,19 @@ def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
             return None
         contexts[name] = f"{spec}\0{_b3(index)}"
     ident = {
-        "memo": MEMO_FORMAT, "layer_format": LAYER_FORMAT, "dockerfile": str(dfile),
-        "dockerfile_b3": _b3(data), "context": str(ctx),
+        "memo": MEMO_FORMAT,
+        "layer_format": LAYER_FORMAT,
+        "dockerfile": str(dfile),
+        "dockerfile_b3": _b3(data),
+        "context": str(ctx),
         "ignore": str(ignore_path) if ignore_path else None,
         "ignore_b3": _b3(_read(ignore_path) or b"") if ignore_path else None,
-        "args": sorted(opts.build_args.items()), "contexts": contexts, "target": opts.target,
-        "compression": opts.compression, "keep_mtime": opts.keep_mtime, "epoch": epoch,
+        "args": sorted(opts.build_args.items()),
+        "contexts": contexts,
+        "target": opts.target,
+        "compression": opts.compression,
+        "keep_mtime": opts.keep_mtime,
+        "epoch": epoch,
         "snapshotter": opts.snapshotter,
     }
     return _b3(json.dumps(ident, sort_keys=True).encode()), ctx, rules
@@ -143,14 +152,27 @@ def memo_path(home: Path, key: str) -> Path:
     return home / "memo" / f"{key}.json"
 
 
-def save_memo(home: Path, key: str, fp: Fingerprint, result: BuildResult,
-              steps: list[dict[str, str]], tags_used: dict[str, str], blobs: list[str]) -> None:
+def save_memo(
+    home: Path,
+    key: str,
+    fp: Fingerprint,
+    result: BuildResult,
+    steps: list[dict[str, str]],
+    tags_used: dict[str, str],
+    blobs: list[str],
+) -> None:
     """Write the memo atomically (never when the fingerprint was racy)."""
     if fp.racy:
         return
-    body = {"fingerprint": fp.digest, "manifest": result.manifest_digest,
-            "config": result.config_digest, "steps": steps, "tags_used": tags_used,
-            "blobs": blobs, "touched": time.time()}
+    body = {
+        "fingerprint": fp.digest,
+        "manifest": result.manifest_digest,
+        "config": result.config_digest,
+        "steps": steps,
+        "tags_used": tags_used,
+        "blobs": blobs,
+        "touched": time.time(),
+    }
     path = memo_path(home, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -198,8 +220,9 @@ def try_fast(opts: BuildOptions, reporter: Reporter) -> tuple[BuildResult | None
     return _replay(opts, reporter, home, memo, t0), pr
 
 
-def _replay(opts: BuildOptions, reporter: Reporter, home: Path, memo: dict[str, Any],
-            t0: float) -> BuildResult | None:
+def _replay(
+    opts: BuildOptions, reporter: Reporter, home: Path, memo: dict[str, Any], t0: float
+) -> BuildResult | None:
     from builder.api import BuildResult
 
     db = home / "lbuild.db"
@@ -234,8 +257,13 @@ def _replay(opts: BuildOptions, reporter: Reporter, home: Path, memo: dict[str, 
             if not (blobs_dir / d.split(":", 1)[1]).is_file():
                 return None
         _export(opts, home, memo)
-    result = BuildResult(memo["manifest"], memo["config"], len(memo["steps"]), len(memo["steps"]),
-                         time.monotonic() - t0)
+    result = BuildResult(
+        memo["manifest"],
+        memo["config"],
+        len(memo["steps"]),
+        len(memo["steps"]),
+        time.monotonic() - t0,
+    )
     for s in memo["steps"]:
         reporter.step_done(_Shown(s["id"], s["name"], s["key"]), cached=True, seconds=0.0)  # type: ignore[arg-type]
     reporter.finish(result)
@@ -292,10 +320,13 @@ def stored_image(store: Any, manifest_digest: str) -> Any:
     manifest = store.read(Digest(manifest_digest))
     m = json.loads(manifest)
     config = store.read(Digest(m["config"]["digest"]))
-    layers = tuple(BlobInfo(Digest(x["digest"]), int(x["size"]), x["mediaType"]) for x in m["layers"])
+    layers = tuple(
+        BlobInfo(Digest(x["digest"]), int(x["size"]), x["mediaType"]) for x in m["layers"]
+    )
     diff_ids = tuple(Digest(d) for d in json.loads(config)["rootfs"]["diff_ids"])
-    return Image(Digest(manifest_digest), manifest, Digest(m["config"]["digest"]), config, layers,
-                 diff_ids)
+    return Image(
+        Digest(manifest_digest), manifest, Digest(m["config"]["digest"]), config, layers, diff_ids
+    )
 
 
 def _layout_has(dest: Path, manifest: str, tag: str) -> bool:
@@ -309,5 +340,8 @@ def _layout_has(dest: Path, manifest: str, tag: str) -> bool:
     for m in index.get("manifests", []):
         if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
             digest = str(m.get("digest", ""))
-            return digest == manifest and (dest / "blobs" / "sha256" / manifest.split(":")[1]).is_file()
+            return (
+                digest == manifest
+                and (dest / "blobs" / "sha256" / manifest.split(":")[1]).is_file()
+            )
     return False

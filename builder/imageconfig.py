@@ -23,7 +23,6 @@ DEFAULT_SHELL = ("/bin/sh", "-c")
 AUTHOR_KEY = "_author"  # MAINTAINER, kept in the config state until final_config
 
 
-
 def iso_time(epoch: int) -> str:
     import datetime as _dt
 

@@ -130,27 +130,39 @@ def _stage_by_ref(dockerfile: df.Dockerfile, ref: str, before: int | None) -> in
     return None
 
 
-def _context_items(ctx: BuildContext, top: ContextFile, hasher: Hasher, keep_mtime: bool,
-                   is_dir: bool) -> tuple[Item, ...]:
+def _context_items(
+    ctx: BuildContext, top: ContextFile, hasher: Hasher, keep_mtime: bool, is_dir: bool
+) -> tuple[Item, ...]:
     """Items (with content digests) for one selected context source; host owner/mtime dropped."""
 
     def item(f: ContextFile, rel: str) -> Item:
         path = ctx.root / f.rel
         digest = ""
         if f.type == "file":
-            digest = hasher(path, os.lstat(path) if not (rel == "" and not is_dir) else os.stat(path))
+            digest = hasher(
+                path, os.lstat(path) if not (rel == "" and not is_dir) else os.stat(path)
+            )
         hl = (f.dev, f.ino) if f.type == "file" and f.nlink > 1 else None
         mtime = f.mtime_ns // 1_000_000_000 if keep_mtime else 0
-        e = Entry(path=rel, type=f.type, mode=f.mode, uid=0, gid=0,
-                  size=f.size if f.type == "file" else 0, digest=digest, link=f.link, mtime=mtime,
-                  source=ContentRef(host_path=str(path)) if f.type == "file" else None)
+        e = Entry(
+            path=rel,
+            type=f.type,
+            mode=f.mode,
+            uid=0,
+            gid=0,
+            size=f.size if f.type == "file" else 0,
+            digest=digest,
+            link=f.link,
+            mtime=mtime,
+            source=ContentRef(host_path=str(path)) if f.type == "file" else None,
+        )
         return Item(rel, e, hl)
 
     items = [item(top, "")]
     if is_dir:
         prefix = top.rel.rstrip("/") + "/" if top.rel not in ("", ".") else ""
         for f in ctx.walk(top.rel):
-            items.append(item(f, f.rel[len(prefix):]))
+            items.append(item(f, f.rel[len(prefix) :]))
     return tuple(items)
 
 
@@ -169,14 +181,16 @@ def looks_like_archive(path: Path) -> bool:
     return len(head) == 512 and head[257:262] == b"ustar"
 
 
-def select_context(ctx: BuildContext, instr: df.Copy, hasher: Hasher, keep_mtime: bool,
-                   file: str) -> list[Selected]:
+def select_context(
+    ctx: BuildContext, instr: df.Copy, hasher: Hasher, keep_mtime: bool, file: str
+) -> list[Selected]:
     """Resolve a COPY/ADD's context sources (wildcards, dirs, symlinks) into hashed items."""
     out: list[Selected] = []
     for src in instr.sources:
         if instr.is_add and ("://" in src or src.startswith("git@")):
-            raise Unsupported(f"ADD from a URL is not supported yet: {src}", file=file,
-                              line=instr.line)
+            raise Unsupported(
+                f"ADD from a URL is not supported yet: {src}", file=file, line=instr.line
+            )
         for f in ctx.select(src, file=file, line=instr.line):
             is_dir = f.type == "dir"
             name = posixpath.basename(f.rel.rstrip("/")) if f.rel not in ("", ".") else "."
@@ -187,18 +201,19 @@ def select_context(ctx: BuildContext, instr: df.Copy, hasher: Hasher, keep_mtime
                     e.file, e.line = file, instr.line
                 raise
             except OSError as e:
-                raise InvalidInput(f"cannot read {e.filename or src}: {e.strerror}", file=file,
-                                   line=instr.line) from None
-            archive = (instr.is_add and f.type == "file"
-                       and looks_like_archive(ctx.root / f.rel))
+                raise InvalidInput(
+                    f"cannot read {e.filename or src}: {e.strerror}", file=file, line=instr.line
+                ) from None
+            archive = instr.is_add and f.type == "file" and looks_like_archive(ctx.root / f.rel)
             out.append(Selected(name, is_dir, items, archive=archive))
     return out
 
 
 def copy_is_multi(instr: df.Copy) -> bool:
     """Several sources (heredocs included) or a wildcard: the destination is a directory."""
-    return (len(instr.sources) + len(instr.heredocs) > 1
-            or any(has_wildcard(s) for s in instr.sources))
+    return len(instr.sources) + len(instr.heredocs) > 1 or any(
+        has_wildcard(s) for s in instr.sources
+    )
 
 
 def bind_sources(ctx: BuildContext, instr: df.Run, hasher: Hasher, file: str) -> list[Any]:
@@ -233,8 +248,14 @@ def heredoc_sources(instr: df.Copy) -> list[Selected]:
     out: list[Selected] = []
     for doc in instr.heredocs:
         data = doc.content.encode()
-        e = Entry(path="", type="file", mode=0o644, size=len(data),
-                  digest=blake3.blake3(data).hexdigest(), source=ContentRef(data=data))
+        e = Entry(
+            path="",
+            type="file",
+            mode=0o644,
+            size=len(data),
+            digest=blake3.blake3(data).hexdigest(),
+            source=ContentRef(data=data),
+        )
         out.append(Selected(doc.name, False, (Item("", e),)))
     return out
 
@@ -247,8 +268,14 @@ def _instr_fields(instr: df.Instruction) -> dict[str, Any]:
         if f.name in ("line", "end_line", "original"):
             continue
         v = getattr(instr, f.name)
-        if dataclasses.is_dataclass(v) or (isinstance(v, tuple) and v and dataclasses.is_dataclass(v[0])):
-            v = [dataclasses.asdict(x) for x in v] if isinstance(v, tuple) else dataclasses.asdict(v)  # type: ignore[arg-type]
+        if dataclasses.is_dataclass(v) or (
+            isinstance(v, tuple) and v and dataclasses.is_dataclass(v[0])
+        ):
+            v = (
+                [dataclasses.asdict(x) for x in v]
+                if isinstance(v, tuple)
+                else dataclasses.asdict(v)
+            )  # type: ignore[arg-type]
         out[f.name] = v
     return out
 
@@ -283,8 +310,11 @@ def make_plan(
             return stages[idx]
         if idx in visiting:
             cycle = " -> ".join(dockerfile.stages[i].name or str(i) for i in [*visiting, idx])
-            raise InvalidInput(f"circular dependency detected on stage: {cycle}", file=file,
-                               line=dockerfile.stages[idx].base.line)
+            raise InvalidInput(
+                f"circular dependency detected on stage: {cycle}",
+                file=file,
+                line=dockerfile.stages[idx].base.line,
+            )
         visiting.append(idx)
         try:
             sp = _plan_stage(idx)
@@ -296,8 +326,12 @@ def make_plan(
     def external(ref: str, line: int, what: str) -> ExternalImage:
         img = resolve_image(ref)
         if img is None:
-            raise NotFound(f"{what} {ref!r}: no such stage, build context or local image "
-                           "(registry pulls are not supported yet)", file=file, line=line)
+            raise NotFound(
+                f"{what} {ref!r}: no such stage, build context or local image "
+                "(registry pulls are not supported yet)",
+                file=file,
+                line=line,
+            )
         return img
 
     def _plan_stage(idx: int) -> StagePlan:
@@ -305,8 +339,15 @@ def make_plan(
         base_ref = df.resolve_base(dockerfile, stage, opts.build_args)
         sp = StagePlan(idx, stage.name, [])
         base_id = f"{idx}:base"
-        base = Step(base_id, idx, -1, "base", f"[{stage.name or f'stage-{idx}'}] FROM {base_ref}",
-                    instr=stage.base, line=stage.base.line)
+        base = Step(
+            base_id,
+            idx,
+            -1,
+            "base",
+            f"[{stage.name or f'stage-{idx}'}] FROM {base_ref}",
+            instr=stage.base,
+            line=stage.base.line,
+        )
         if base_ref.lower() == "scratch":
             state = ImageState.scratch()
             base.key = step_key({"op": "FROM", "image": "scratch", "platform": opts.platform})
@@ -339,11 +380,23 @@ def make_plan(
         for pos, r in enumerate(resolved):
             instr = r.instruction
             sid = f"{idx}:{pos}"
-            st = Step(sid, idx, pos, "config", step_name(stage, pos, total, instr), instr=instr,
-                      env=r.env, args=r.args, run_env=r.run_env, line=instr.line)
+            st = Step(
+                sid,
+                idx,
+                pos,
+                "config",
+                step_name(stage, pos, total, instr),
+                instr=instr,
+                env=r.env,
+                args=r.args,
+                run_env=r.run_env,
+                line=instr.line,
+            )
             st.state = state.clone()
-            inputs: dict[str, Any] = {"op": type(instr).__name__.upper(),
-                                      "instruction": _instr_fields(instr)}
+            inputs: dict[str, Any] = {
+                "op": type(instr).__name__.upper(),
+                "instruction": _instr_fields(instr),
+            }
             deps: list[str] = []
             if isinstance(instr, df.Copy):
                 st.kind = "copy"
@@ -352,8 +405,11 @@ def make_plan(
                 if instr.from_:
                     ref_stage = _stage_by_ref(dockerfile, instr.from_, before=None)
                     if ref_stage == idx:
-                        raise InvalidInput(f"circular dependency detected on stage: {instr.from_}",
-                                           file=file, line=instr.line)
+                        raise InvalidInput(
+                            f"circular dependency detected on stage: {instr.from_}",
+                            file=file,
+                            line=instr.line,
+                        )
                     if ref_stage is not None:
                         src = plan_stage(ref_stage)
                         st.from_stage = ref_stage
@@ -364,8 +420,10 @@ def make_plan(
                         st.from_image = img
                         inputs["from"] = {"image": img.manifest_digest}
                 else:
-                    st.selected = [*select_context(ctx, instr, hasher, opts.keep_mtime, file),
-                                   *heredoc_sources(instr)]
+                    st.selected = [
+                        *select_context(ctx, instr, hasher, opts.keep_mtime, file),
+                        *heredoc_sources(instr),
+                    ]
                     inputs["sources"] = merkle(st.selected)
                 inputs["multi"] = copy_is_multi(instr)
                 inputs["epoch"] = opts.epoch
@@ -377,10 +435,15 @@ def make_plan(
                     inputs["parent"] = parent_key
             elif isinstance(instr, df.Run):
                 st.kind = "run"
-                inputs["state"] = {"env": state.env, "workdir": state.workdir, "user": state.user,
-                                   "shell": list(state.shell), "args": [list(a) for a in r.args],
-                                   "run_env": [list(a) for a in r.run_env],
-                                   "platform": opts.platform}
+                inputs["state"] = {
+                    "env": state.env,
+                    "workdir": state.workdir,
+                    "user": state.user,
+                    "shell": list(state.shell),
+                    "args": [list(a) for a in r.args],
+                    "run_env": [list(a) for a in r.run_env],
+                    "platform": opts.platform,
+                }
                 binds = bind_sources(ctx, instr, hasher, file)
                 if binds:
                     inputs["binds"] = binds
@@ -393,8 +456,11 @@ def make_plan(
                 inputs["parent"] = parent_key
             else:
                 if not apply_config(state, instr, file):
-                    raise InvalidInput(f"unsupported instruction: {type(instr).__name__.upper()}",
-                                       file=file, line=instr.line)
+                    raise InvalidInput(
+                        f"unsupported instruction: {type(instr).__name__.upper()}",
+                        file=file,
+                        line=instr.line,
+                    )
                 inputs["parent"] = parent_key
             st.inputs = with_format(inputs)
             st.key = step_key(inputs)
@@ -408,13 +474,23 @@ def make_plan(
                     graph.add_edge(d, sid)
                 chain_prev = [sid]
             # a --link key leaves out the chain below it; the chain key after it must not
-            parent_key = (step_key({"op": "STACK", "below": parent_key, "link": st.key})
-                          if inputs.get("parent", "") is None else st.key)
+            parent_key = (
+                step_key({"op": "STACK", "below": parent_key, "link": st.key})
+                if inputs.get("parent", "") is None
+                else st.key
+            )
             steps[sid] = st
             sp.steps.append(st)
         end_id = f"{idx}:end"
-        end = Step(end_id, idx, len(resolved), "end", f"[{stage.name or f'stage-{idx}'}] end",
-                   key=parent_key, state=state)
+        end = Step(
+            end_id,
+            idx,
+            len(resolved),
+            "end",
+            f"[{stage.name or f'stage-{idx}'}] end",
+            key=parent_key,
+            state=state,
+        )
         graph.add_node(end_id)
         for d in chain_prev:
             graph.add_edge(d, end_id)
@@ -424,4 +500,3 @@ def make_plan(
 
     plan_stage(target)
     return Plan(graph, steps, stages, target, dockerfile, file)
-

@@ -22,7 +22,9 @@ class Reporter(Protocol):
 
     def step_start(self, step: Step) -> None: ...
     def step_log(self, step: Step, data: bytes) -> None: ...
-    def step_done(self, step: Step, *, cached: bool, seconds: float, error: str | None = None) -> None: ...
+    def step_done(
+        self, step: Step, *, cached: bool, seconds: float, error: str | None = None
+    ) -> None: ...
     def message(self, text: str) -> None: ...
     def finish(self, result: BuildResult) -> None: ...
 
@@ -54,7 +56,9 @@ class PlainReporter:
         for line in lines:
             self._print(f"{step.name}: {line.decode(errors='replace')}")
 
-    def step_done(self, step: Step, *, cached: bool, seconds: float, error: str | None = None) -> None:
+    def step_done(
+        self, step: Step, *, cached: bool, seconds: float, error: str | None = None
+    ) -> None:
         if not _visible(step):
             return
         rest = self.partial.pop(step.id, b"")
@@ -71,8 +75,9 @@ class PlainReporter:
         self._print(text)
 
     def finish(self, result: BuildResult) -> None:
-        self._print(f"{result.steps_cached}/{result.steps_total} steps cached, "
-                    f"{result.seconds:.2f}s")
+        self._print(
+            f"{result.steps_cached}/{result.steps_total} steps cached, {result.seconds:.2f}s"
+        )
         self._print(f"image {result.manifest_digest}")
 
 
@@ -96,11 +101,19 @@ class JsonReporter:
     def step_log(self, step: Step, data: bytes) -> None:
         self._emit({"event": "log", "id": step.id, "data": data.decode(errors="replace")})
 
-    def step_done(self, step: Step, *, cached: bool, seconds: float, error: str | None = None) -> None:
+    def step_done(
+        self, step: Step, *, cached: bool, seconds: float, error: str | None = None
+    ) -> None:
         if not _visible(step):
             return
-        obj: dict[str, Any] = {"event": "step_done", "id": step.id, "name": step.name,
-                               "key": step.key, "cached": cached, "seconds": round(seconds, 4)}
+        obj: dict[str, Any] = {
+            "event": "step_done",
+            "id": step.id,
+            "name": step.name,
+            "key": step.key,
+            "cached": cached,
+            "seconds": round(seconds, 4),
+        }
         if error:
             obj["error"] = error
         self._emit(obj)
@@ -109,9 +122,16 @@ class JsonReporter:
         self._emit({"event": "message", "text": text})
 
     def finish(self, result: BuildResult) -> None:
-        self._emit({"event": "done", "digest": result.manifest_digest,
-                    "config": result.config_digest, "steps": result.steps_total,
-                    "cached": result.steps_cached, "seconds": round(result.seconds, 4)})
+        self._emit(
+            {
+                "event": "done",
+                "digest": result.manifest_digest,
+                "config": result.config_digest,
+                "steps": result.steps_total,
+                "cached": result.steps_cached,
+                "seconds": round(result.seconds, 4),
+            }
+        )
 
 
 class RichReporter(PlainReporter):
@@ -145,7 +165,9 @@ class RichReporter(PlainReporter):
                 self.running[step.id] = (step.name, time.monotonic())
                 self.live.update(self._render())
 
-    def step_done(self, step: Step, *, cached: bool, seconds: float, error: str | None = None) -> None:
+    def step_done(
+        self, step: Step, *, cached: bool, seconds: float, error: str | None = None
+    ) -> None:
         with self.lock:
             self.running.pop(step.id, None)
         super().step_done(step, cached=cached, seconds=seconds, error=error)

@@ -49,8 +49,9 @@ def _db_lookup(text: str, name: str) -> list[str] | None:
     return None
 
 
-def resolve_user(spec: str, read: Callable[[str], bytes | None], file: str,
-                 line: int) -> tuple[int, int, tuple[int, ...], str]:
+def resolve_user(
+    spec: str, read: Callable[[str], bytes | None], file: str, line: int
+) -> tuple[int, int, tuple[int, ...], str]:
     """USER name|uid[:group|gid] -> (uid, gid, supplementary groups, home), as Docker does."""
     user, _, group = (spec or "root").partition(":")
     passwd = (read("etc/passwd") or b"").decode(errors="replace")
@@ -66,8 +67,11 @@ def resolve_user(spec: str, read: Callable[[str], bytes | None], file: str,
     else:
         found = _db_lookup(passwd, user)
         if found is None or len(found) < 4:
-            raise InvalidInput(f"unable to find user {user}: no matching entries in passwd file",
-                               file=file, line=line)
+            raise InvalidInput(
+                f"unable to find user {user}: no matching entries in passwd file",
+                file=file,
+                line=line,
+            )
         uid, gid, name = int(found[2]), int(found[3]), user
         home = found[5] if len(found) > 5 else "/"
     if group:
@@ -76,8 +80,11 @@ def resolve_user(spec: str, read: Callable[[str], bytes | None], file: str,
         else:
             g = _db_lookup(groups_db, group)
             if g is None or len(g) < 3:
-                raise InvalidInput(f"unable to find group {group}: no matching entries in group file",
-                                   file=file, line=line)
+                raise InvalidInput(
+                    f"unable to find group {group}: no matching entries in group file",
+                    file=file,
+                    line=line,
+                )
             gid = int(g[2])
     extra: list[int] = []
     if name is not None and not group:
@@ -94,8 +101,11 @@ def command_argv(instr: df.Run, shell: tuple[str, ...]) -> tuple[tuple[str, ...]
         return tuple(instr.command), None
     text = instr.command[0] if instr.command else ""
     if instr.heredocs:
-        only = len(instr.heredocs) == 1 and text.strip().lstrip("0123456789").startswith("<<") \
+        only = (
+            len(instr.heredocs) == 1
+            and text.strip().lstrip("0123456789").startswith("<<")
             and len(text.split()) == 1
+        )
         if only:
             body = instr.heredocs[0].data
             if body.startswith("#!"):
@@ -134,8 +144,9 @@ def _truthy(v: str | None) -> bool:
     return v is not None and v.lower() in ("", "true", "1")
 
 
-def mounts_for(instr: df.Run, env: RunEnv, workdir: str, file: str,
-               scratch: Path) -> tuple[list[BindSpec], list[str]]:
+def mounts_for(
+    instr: df.Run, env: RunEnv, workdir: str, file: str, scratch: Path
+) -> tuple[list[BindSpec], list[str]]:
     """BindSpecs for a RUN's --mount flags, and the targets to keep out of the layer."""
     from builder.executor import BindSpec
 
@@ -152,30 +163,43 @@ def mounts_for(instr: df.Run, env: RunEnv, workdir: str, file: str,
             safe = uuid.uuid5(uuid.NAMESPACE_URL, cid).hex
             d = env.home / "cache-mounts" / safe
             d.mkdir(parents=True, exist_ok=True)
-            out.append(BindSpec(str(d), target, "bind", readonly=_truthy(m.get("ro") or m.get("readonly"))))
+            out.append(
+                BindSpec(str(d), target, "bind", readonly=_truthy(m.get("ro") or m.get("readonly")))
+            )
         elif t == "tmpfs":
             out.append(BindSpec(None, target, "tmpfs"))
         elif t == "secret":
             sid = m.get("id") or posixpath.basename(target)
             if not sid:
-                raise InvalidInput("--mount=type=secret needs id= or target=", file=file, line=instr.line)
+                raise InvalidInput(
+                    "--mount=type=secret needs id= or target=", file=file, line=instr.line
+                )
             src = env.secrets.get(sid)
             if src is None:
                 if _truthy(m.get("required")):
-                    raise NotFound(f"secret {sid} not provided (use --secret id={sid},src=FILE)",
-                                   file=file, line=instr.line)
+                    raise NotFound(
+                        f"secret {sid} not provided (use --secret id={sid},src=FILE)",
+                        file=file,
+                        line=instr.line,
+                    )
                 continue
             target = target or f"/run/secrets/{sid}"
             out.append(BindSpec(str(src), target, "bind", readonly=True))
         else:  # bind from the context (read-only unless rw; rw writes are thrown away)
             if m.get("from"):
-                raise InvalidInput("RUN --mount=type=bind,from=... is not supported yet",
-                                   file=file, line=instr.line)
+                raise InvalidInput(
+                    "RUN --mount=type=bind,from=... is not supported yet",
+                    file=file,
+                    line=instr.line,
+                )
             src_rel = posixpath.normpath("/" + m.get("source", ".")).lstrip("/")
             src = (env.context / src_rel) if src_rel else env.context
             if not src.exists():
-                raise NotFound(f"bind mount source not found in the build context: {src_rel or '.'}",
-                               file=file, line=instr.line)
+                raise NotFound(
+                    f"bind mount source not found in the build context: {src_rel or '.'}",
+                    file=file,
+                    line=instr.line,
+                )
             rw = _truthy(m.get("rw") or m.get("readwrite"))
             if rw:
                 scratch.mkdir(parents=True, exist_ok=True)
@@ -232,7 +256,9 @@ def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:
         snap = snaps[0]
         view: View = solver.view(step.stage, step.pos)
         state = step.state
-        uid, gid, groups, user_home = resolve_user(state.user, solver.read_file(view), file, instr.line)
+        uid, gid, groups, user_home = resolve_user(
+            state.user, solver.read_file(view), file, instr.line
+        )
         diff_ids = solver.stage_diff_ids(step.stage, step.pos)
         parent = ensure_chain(snap, diff_ids, solver.store.open) if diff_ids else None
         key = f"run-{uuid.uuid4().hex}"
@@ -244,7 +270,9 @@ def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:
             env_pairs = list(step.run_env)
             names = {k for k, _ in env_pairs}
             if "PATH" not in names:
-                env_pairs.insert(0, ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"))
+                env_pairs.insert(
+                    0, ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+                )
             if "HOME" not in names:
                 env_pairs.append(("HOME", user_home or "/"))
             binds, targets = mounts_for(instr, env, state.workdir, file, scratch)
@@ -252,16 +280,37 @@ def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:
             if network == "default":
                 network = "host"
             if network not in ("host", "none"):
-                raise InvalidInput(f"RUN --network={network} is not supported (use host or none)",
-                                   file=file, line=instr.line)
-            spec = RunSpec(argv=argv, env=tuple(env_pairs), cwd=state.workdir, uid=uid, gid=gid,
-                           groups=groups, network=network,  # type: ignore[arg-type]
-                           extra_mounts=tuple(binds), stdin_data=stdin)
-            code = run(spec, mounts, on_output=lambda b: solver.reporter.step_log(step, b),
-                       cancel=solver.cancel)
+                raise InvalidInput(
+                    f"RUN --network={network} is not supported (use host or none)",
+                    file=file,
+                    line=instr.line,
+                )
+            spec = RunSpec(
+                argv=argv,
+                env=tuple(env_pairs),
+                cwd=state.workdir,
+                uid=uid,
+                gid=gid,
+                groups=groups,
+                network=network,  # type: ignore[arg-type]
+                extra_mounts=tuple(binds),
+                stdin_data=stdin,
+            )
+            code = run(
+                spec,
+                mounts,
+                on_output=lambda b: solver.reporter.step_log(step, b),
+                cancel=solver.cancel,
+            )
             if code != 0:
-                shown = " ".join(argv) if instr.exec_form else (instr.command[0] if instr.command else "")
-                raise StepFailed(f"RUN {shown} failed: exit code {code}", file=file, line=instr.line)
+                shown = (
+                    " ".join(argv)
+                    if instr.exec_form
+                    else (instr.command[0] if instr.command else "")
+                )
+                raise StepFailed(
+                    f"RUN {shown} failed: exit code {code}", file=file, line=instr.line
+                )
             entries = snap.diff(key)
             entries = [e for e in entries if not _under(e.path, targets)]
             if env.clamp_mtime is not None:

@@ -167,8 +167,11 @@ class Solver:
                 cur = f"{cur}/{part}" if cur else part
                 if view.exists(cur):
                     if not view.is_dir(cur):
-                        raise InvalidInput(f"WORKDIR /{wd}: /{cur} is not a directory",
-                                           file=self.plan.filename, line=step.line)
+                        raise InvalidInput(
+                            f"WORKDIR /{wd}: /{cur} is not a directory",
+                            file=self.plan.filename,
+                            line=step.line,
+                        )
                     continue
                 entries.append(Entry(path=cur, type="dir", mode=0o755, mtime=self.epoch))
             return self.write(entries)
@@ -177,8 +180,9 @@ class Solver:
             return self.execute_copy(step, instr)
         if step.kind == "run":
             if self.run_step is None:
-                raise Unsupported("RUN is not supported yet", file=self.plan.filename,
-                                  line=step.line)
+                raise Unsupported(
+                    "RUN is not supported yet", file=self.plan.filename, line=step.line
+                )
             return self.run_step(self, step)
         raise AssertionError(step.kind)
 
@@ -212,18 +216,30 @@ class Solver:
             selected = [self._with_blob_sources(s, src_view) for s in selected]
         chown = None
         if instr.chown:
-            chown = resolve_chown(instr.chown, self.read_file(parent_view or self.view(step.stage, step.pos)),
-                                  file, instr.line)
+            chown = resolve_chown(
+                instr.chown,
+                self.read_file(parent_view or self.view(step.stage, step.pos)),
+                file,
+                instr.line,
+            )
         from builder.copy import parse_chmod
         from builder.plan import copy_is_multi
 
         multi = copy_is_multi(instr)
         assert step.state is not None
         res = plan_copy(
-            selected, dest=instr.dest, workdir=step.state.workdir, multi=multi, view=parent_view,
-            chown=chown, chmod=parse_chmod(instr.chmod, file, instr.line),
-            mtime=None if self.keep_mtime else self.epoch, keep_ownership=keep_owner,
-            file=file, line=instr.line)
+            selected,
+            dest=instr.dest,
+            workdir=step.state.workdir,
+            multi=multi,
+            view=parent_view,
+            chown=chown,
+            chmod=parse_chmod(instr.chmod, file, instr.line),
+            mtime=None if self.keep_mtime else self.epoch,
+            keep_ownership=keep_owner,
+            file=file,
+            line=instr.line,
+        )
         return self.write(res.entries)
 
     def _with_blob_sources(self, sel: Selected, view: View) -> Selected:
@@ -284,7 +300,11 @@ class Solver:
         except LbuildError as e:
             self.reporter.step_done(step, cached=False, seconds=time.monotonic() - t0, error=str(e))
             raise
-        if layer is not None and self.finish_layer is not None and step.stage in self.final_stages():
+        if (
+            layer is not None
+            and self.finish_layer is not None
+            and step.stage in self.final_stages()
+        ):
             self.finish_layer(layer.diff_id)
         secs = time.monotonic() - t0
         self.cache.record(step, layer, secs)
@@ -302,7 +322,7 @@ class Solver:
         running: dict[Future[StepResult], str] = {}
         with ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool:
             try:
-                while (ready or running):
+                while ready or running:
                     while ready and failure is None:
                         ready.sort(key=order.__getitem__)
                         n = ready.pop(0)
@@ -354,8 +374,11 @@ class Solver:
             assert st.instr is not None
             r = self.results.get(st.id)
             has_layer = r is not None and r.diff_id is not None
-            entry: dict[str, Any] = {"created": created, "created_by": history_text(st.instr),
-                                     "comment": "lbuild"}
+            entry: dict[str, Any] = {
+                "created": created,
+                "created_by": history_text(st.instr),
+                "comment": "lbuild",
+            }
             if not has_layer:
                 entry["empty_layer"] = True
             history.append(entry)

@@ -19,7 +19,9 @@ Digest = NewType("Digest", str)
 StepKey = NewType("StepKey", str)
 """blake3 hex of a step's canonical inputs."""
 
-EntryType = Literal["file", "dir", "symlink", "hardlink", "char", "block", "fifo", "whiteout", "opaque"]
+EntryType = Literal[
+    "file", "dir", "symlink", "hardlink", "char", "block", "fifo", "whiteout", "opaque"
+]
 """Kinds of TOC entries.  ``whiteout`` deletes ``path``; ``opaque`` hides everything below the
 directory ``path`` that lower layers had (written as ``path/.wh..wh..opq``)."""
 
