@@ -268,14 +268,8 @@ def _instr_fields(instr: df.Instruction) -> dict[str, Any]:
         if f.name in ("line", "end_line", "original"):
             continue
         v = getattr(instr, f.name)
-        if dataclasses.is_dataclass(v) or (
-            isinstance(v, tuple) and v and dataclasses.is_dataclass(v[0])
-        ):
-            v = (
-                [dataclasses.asdict(x) for x in v]
-                if isinstance(v, tuple)
-                else dataclasses.asdict(v)
-            )  # type: ignore[arg-type]
+        if isinstance(v, tuple) and v and isinstance(v[0], df.Heredoc):
+            v = [dataclasses.asdict(x) for x in v]
         out[f.name] = v
     return out
 
