@@ -668,7 +668,6 @@ class Index:
 
     def stat_get_many(self, paths: Iterable[str]) -> dict[str, StatEntry]:
         """Stat rows for these absolute paths (missing paths are absent from the answer)."""
-        from sqlalchemy import select
 
         from cache.models import StatRow
 
@@ -677,7 +676,7 @@ class Index:
         def run(s: Session) -> dict[str, StatEntry]:
             out: dict[str, StatEntry] = {}
             for chunk in _chunks(wanted):
-                for r in s.scalars(select(StatRow).where(StatRow.path.in_(chunk))):
+                for r in s.execute(_stat_columns().where(StatRow.path.in_(chunk))):
                     out[r.path] = _stat_from_row(r)
             return out
 
@@ -685,15 +684,15 @@ class Index:
 
     def stat_under(self, root: str) -> dict[str, StatEntry]:
         """Every stat row for a path below the absolute directory ``root``."""
-        from sqlalchemy import select
 
         from cache.models import StatRow
 
         low, high = prefix_range(root)
 
         def run(s: Session) -> dict[str, StatEntry]:
-            q = select(StatRow).where(StatRow.path >= low, StatRow.path < high)
-            return {r.path: _stat_from_row(r) for r in s.scalars(q)}
+            # Plain rows, not ORM objects: a context of thousands of files is loaded at once.
+            q = _stat_columns().where(StatRow.path >= low, StatRow.path < high)
+            return {r.path: _stat_from_row(r) for r in s.execute(q)}
 
         return self._read("reading the stat index", run)
 
@@ -753,6 +752,23 @@ def prefix_range(root: str) -> tuple[str, str]:
     prefix = root.rstrip("/") + "/"
     # '0' is the character after '/': every "prefix..." string sorts below prefix[:-1] + "0"
     return prefix, prefix[:-1] + "0"
+
+
+def _stat_columns() -> Any:
+    """SELECT of the stat index's columns (rows as tuples, no ORM identity map)."""
+    from sqlalchemy import select
+
+    from cache.models import StatRow
+
+    return select(
+        StatRow.path,
+        StatRow.size,
+        StatRow.mtime_ns,
+        StatRow.ctime_ns,
+        StatRow.inode,
+        StatRow.mode,
+        StatRow.blake3,
+    )
 
 
 def _stat_from_row(r: Any) -> StatEntry:
