@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from builder.solve import CacheHit, Solver
     from cache.blobs import BlobStore
     from cache.records import Index, Site
-    from cache.types import BlobInfo, LayerInfo, StepKey
+    from cache.types import BlobInfo, Entry, LayerInfo, StepKey
 
 
 @dataclass(frozen=True)
@@ -430,12 +430,14 @@ def build(
     probe: fastpath.Probe | None = None,
     *,
     memo: bool = True,
+    tocs: dict[Digest, tuple[Entry, ...]] | None = None,
 ) -> BuildResult:
     """Build an image: parse, plan, solve, assemble, export and tag.
 
     ``probe`` is what a failed fast-path attempt measured (memo key, context fingerprint);
     ``memo=False`` skips the no-op memo (a watcher knows something changed: the context walk
-    that a memo needs would be wasted).
+    that a memo needs would be wasted); ``tocs`` is a layer-TOC cache a long-lived caller
+    (the watcher) keeps across builds (a TOC never changes for a diff_id).
     """
     from builder.commands import dockerfile_id
     from builder.export import export_docker_archive, export_oci_layout
@@ -464,6 +466,7 @@ def build(
             epoch=epoch,
             keep_mtime=opts.keep_mtime,
             run_step=_run_step(opts, session),
+            _tocs={} if tocs is None else tocs,
             finish_layer=lambda d: compressed_blob(session, d, opts.compression),
         )
         solver.solve()

@@ -16,7 +16,7 @@ import re
 import stat
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -31,7 +31,7 @@ from cache.errors import InvalidInput, NotFound
 
 ContextFileType = Literal["file", "dir", "symlink"]
 
-FileHasher = Callable[[Path, os.stat_result], str]
+FileHasher = Callable[[str, os.stat_result], str]
 """Returns the blake3 hex of a regular file's content, given its path and a fresh stat."""
 
 _MMAP_THRESHOLD = 1 << 20  # below this a plain read is cheaper than mapping + threads
@@ -58,6 +58,8 @@ class ContextFile:
     dev: int
     nlink: int
     link: str = ""
+    # The stat this row was made from (what the stat index compares): saves a second lstat.
+    stat: os.stat_result | None = field(default=None, compare=False, repr=False)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -101,6 +103,7 @@ def _make_file(rel: str, st: os.stat_result, link: str = "") -> ContextFile | No
         dev=st.st_dev,
         nlink=st.st_nlink,
         link=link if kind == "symlink" else "",
+        stat=st,
     )
 
 
@@ -398,7 +401,7 @@ class BuildContext:
 _BIG_CHUNK = 16 << 20
 
 
-def hash_file(path: Path, st: os.stat_result | None = None) -> str:
+def hash_file(path: str | os.PathLike[str], st: os.stat_result | None = None) -> str:
     """Return the blake3 hex of a regular file's content, streamed, never held in memory.
 
     ``st`` (a fresh stat of ``path``) saves a syscall.  Large files are read in 16 MiB

@@ -40,7 +40,7 @@ class ExternalImage:
 
 
 ImageResolver = Callable[[str], ExternalImage | None]
-Hasher = Callable[[Path, os.stat_result], str]
+Hasher = Callable[[str, os.stat_result], str]
 
 
 @dataclass
@@ -135,13 +135,17 @@ def _context_items(
 ) -> tuple[Item, ...]:
     """Items (with content digests) for one selected context source; host owner/mtime dropped."""
 
+    root = str(ctx.root)
+
     def item(f: ContextFile, rel: str) -> Item:
-        path = ctx.root / f.rel
+        # strings, not pathlib, and the walk's own stat: this runs once per context file
+        path = root if f.rel in ("", ".") else f"{root}/{f.rel}"
         digest = ""
         if f.type == "file":
-            digest = hasher(
-                path, os.lstat(path) if not (rel == "" and not is_dir) else os.stat(path)
-            )
+            st = f.stat
+            if st is None:  # a followed top-level symlink is hashed through its target
+                st = os.stat(path) if rel == "" and not is_dir else os.lstat(path)
+            digest = hasher(path, st)
         hl = (f.dev, f.ino) if f.type == "file" and f.nlink > 1 else None
         mtime = f.mtime_ns // 1_000_000_000 if keep_mtime else 0
         e = Entry(
@@ -154,7 +158,7 @@ def _context_items(
             digest=digest,
             link=f.link,
             mtime=mtime,
-            source=ContentRef(host_path=str(path)) if f.type == "file" else None,
+            source=ContentRef(host_path=path) if f.type == "file" else None,
         )
         return Item(rel, e, hl)
 

@@ -450,6 +450,7 @@ class Watcher:
         skip = [o.dest for o in opts.outputs] + [home_dir(opts.home)]
         self.filter = ChangeFilter(opts.context, self.dockerfile, skip)
         self.pending = PendingChanges()
+        self.tocs: dict[Any, Any] = {}  # layer TOCs by diff_id, kept across rebuilds
         self.runner = (
             ExecRunner(
                 wopts.exec_command, wopts.exec_grace, stdout=exec_stdout, report=reporter.notice
@@ -572,7 +573,7 @@ class Watcher:
         result: BuildResult | None = None
         error: str | None = None
         try:
-            result = build(self.opts, self.reporter, memo=False)
+            result = build(self.opts, self.reporter, memo=False, tocs=self.tocs)
         except LbuildError as err:
             if self.stopping:  # the build reports our own interrupt as its error
                 raise KeyboardInterrupt from None

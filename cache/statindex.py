@@ -213,10 +213,10 @@ class StatIndex:
         self._writer().stat_put_many(rows)
         self._pending.clear()
 
-    def hasher(self, fallback: Callable[[Path], str]) -> Callable[[Path, os.stat_result], str]:
+    def hasher(self, fallback: Callable[[str], str]) -> Callable[[str, os.stat_result], str]:
         """A file hasher that reads a file (through ``fallback``) only when its stat changed."""
 
-        def hash_file(path: Path, st: os.stat_result) -> str:
+        def hash_file(path: str, st: os.stat_result) -> str:
             known = self.lookup(path, st)
             if known is not None:
                 return known
