@@ -53,6 +53,7 @@ import stat
 import struct
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,7 +323,7 @@ def _lock_fd(path: Path, *, blocking: bool) -> int | None:
     return fd
 
 
-class _Base:
+class _Base(ABC):
     """Bookkeeping shared by both snapshotters: directories, parents, locks."""
 
     overlay_layout = False
@@ -407,8 +408,9 @@ class _Base:
         self._held[key] = fd
         return final
 
+    @abstractmethod
     def _populate(self, d: Path, parent: str | None, kind: str) -> None:
-        raise NotImplementedError
+        """Fill a new active snapshot directory ``d`` on top of ``parent``."""
 
     def prepare(self, key: str, parent: str | None) -> list[Mount]:
         self._new_active(key, parent, "active")
@@ -418,8 +420,9 @@ class _Base:
         self._new_active(key, parent, "view")
         return self.mounts(key)
 
+    @abstractmethod
     def mounts(self, key: str) -> list[Mount]:
-        raise NotImplementedError
+        """How to mount the active snapshot ``key`` (data; nothing is mounted here)."""
 
     def commit(self, name: str, key: str) -> None:
         d, kind, _parent = self._active_info(key)
@@ -438,7 +441,7 @@ class _Base:
         self._after_commit(final)
         self._release(key)
 
-    def _before_commit(self, d: Path) -> None:
+    def _before_commit(self, d: Path) -> None:  # noqa: B027 (an optional hook, empty by default)
         """Leave a committed snapshot nothing but its files."""
 
     def _after_commit(self, d: Path) -> None:
