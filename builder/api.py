@@ -121,6 +121,17 @@ def parse_kv(items: Sequence[str], what: str) -> dict[str, str]:
     return out
 
 
+def oci_layout_ref(spec: str) -> tuple[str, str] | None:
+    """``oci-layout://DIR[:TAG]`` -> (DIR, TAG), TAG defaulting to ``latest``; None otherwise."""
+    if not spec.startswith("oci-layout://"):
+        return None
+    path, tag = spec[len("oci-layout://") :], "latest"
+    head, sep, tail = path.rpartition(":")
+    if sep and "/" not in tail and head:
+        path, tag = head, tail
+    return path, tag
+
+
 def split_tag(name: str) -> tuple[str, str]:
     """``repo[:tag]`` -> (repo, tag); the tag defaults to ``latest``."""
     if not name or name != name.strip() or " " in name:
@@ -237,12 +248,10 @@ def make_resolver(
         spec = build_contexts.get(ref)
         img: ExternalImage | None = None
         if spec is not None:
-            if not spec.startswith("oci-layout://"):
+            layout = oci_layout_ref(spec)
+            if layout is None:
                 raise Unsupported(f"--build-context {ref}={spec}: only oci-layout:// is supported")
-            path, tag = spec[len("oci-layout://") :], "latest"
-            head, sep, tail = path.rpartition(":")
-            if sep and "/" not in tail and head:
-                path, tag = head, tail
+            path, tag = layout
             if not (Path(path) / "index.json").is_file():
                 raise NotFound(
                     f"--build-context {ref}: {path} is not an OCI layout (no index.json)"

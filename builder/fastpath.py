@@ -106,6 +106,7 @@ def fingerprint(root: Path, ignore_rules: Any, now_ns: int) -> Fingerprint:
 
 def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
     """(key, ignore-rules) for a build, or None when the fast path must not be tried."""
+    from builder.api import oci_layout_ref
     from builder.ignore import load_ignore
     from builder.keys import LAYER_FORMAT
 
@@ -119,13 +120,10 @@ def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
     rules, ignore_path = load_ignore(ctx, dfile)
     contexts: dict[str, str] = {}
     for name, spec in sorted(opts.build_contexts.items()):
-        if not spec.startswith("oci-layout://"):
+        layout = oci_layout_ref(spec)
+        if layout is None:
             return None
-        path = spec[len("oci-layout://") :]
-        head, sep, tail = path.rpartition(":")
-        if sep and "/" not in tail and head:
-            path = head
-        index = _read(Path(path) / "index.json")
+        index = _read(Path(layout[0]) / "index.json")
         if index is None:
             return None
         contexts[name] = f"{spec}\0{_b3(index)}"
