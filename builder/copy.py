@@ -66,17 +66,23 @@ def parse_chmod(spec: str | None, file: str, line: int) -> int | None:
     return int(spec, 8)
 
 
-def _lookup(db: str, name: str, field_index: int) -> tuple[int, int] | None:
-    for raw in db.splitlines():
+def db_entry(text: str, name: str) -> list[str] | None:
+    """The ``:``-separated fields of the /etc/passwd or /etc/group line for ``name``."""
+    for raw in text.splitlines():
         parts = raw.split(":")
-        if len(parts) > field_index and parts[0] == name:
-            try:
-                return int(parts[2]), int(parts[3]) if len(parts) > 3 and parts[
-                    3
-                ].isdigit() else int(parts[2])
-            except ValueError:
-                return None
+        if parts and parts[0] == name:
+            return parts
     return None
+
+
+def _ids(parts: list[str] | None, *fields: int) -> tuple[int, ...] | None:
+    """Numeric fields of a passwd/group entry (None when missing or not numbers)."""
+    if parts is None or len(parts) <= max(fields):
+        return None
+    try:
+        return tuple(int(parts[f]) for f in fields)
+    except ValueError:
+        return None
 
 
 def resolve_chown(
@@ -91,7 +97,7 @@ def resolve_chown(
         primary = uid
     else:
         passwd = (read_file("etc/passwd") or b"").decode(errors="replace")
-        found = _lookup(passwd, user, 3)
+        found = _ids(db_entry(passwd, user), 2, 3)
         if found is None:
             raise InvalidInput(
                 f"unable to convert uid/gid chown string to host mapping: user {user!r} "
@@ -107,7 +113,7 @@ def resolve_chown(
     if group.isdigit():
         return uid, int(group)
     groups = (read_file("etc/group") or b"").decode(errors="replace")
-    g = _lookup(groups, group, 2)
+    g = _ids(db_entry(groups, group), 2)
     if g is None:
         raise InvalidInput(
             f"unable to convert uid/gid chown string to host mapping: group {group!r} "

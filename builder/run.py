@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from builder import dockerfile as df
+from builder.copy import db_entry
 from cache.errors import InvalidInput, NotFound, StepFailed
 from cache.types import Entry, LayerInfo
 
@@ -41,14 +42,6 @@ class RunEnv:
     clamp_mtime: int | None = None  # SOURCE_DATE_EPOCH when set
 
 
-def _db_lookup(text: str, name: str) -> list[str] | None:
-    for raw in text.splitlines():
-        parts = raw.split(":")
-        if parts and parts[0] == name:
-            return parts
-    return None
-
-
 def resolve_user(
     spec: str, read: Callable[[str], bytes | None], file: str, line: int
 ) -> tuple[int, int, tuple[int, ...], str]:
@@ -65,7 +58,7 @@ def resolve_user(
                 gid, name, home = int(p[3]), p[0], p[5]
                 break
     else:
-        found = _db_lookup(passwd, user)
+        found = db_entry(passwd, user)
         if found is None or len(found) < 4:
             raise InvalidInput(
                 f"unable to find user {user}: no matching entries in passwd file",
@@ -78,7 +71,7 @@ def resolve_user(
         if group.isdigit():
             gid = int(group)
         else:
-            g = _db_lookup(groups_db, group)
+            g = db_entry(groups_db, group)
             if g is None or len(g) < 3:
                 raise InvalidInput(
                     f"unable to find group {group}: no matching entries in group file",
