@@ -106,11 +106,13 @@ def parse_output(spec: str) -> Output:
     return Output(typ, Path(fields["dest"]))
 
 
-def parse_kv(items: Sequence[str], what: str) -> dict[str, str]:
+def parse_kv(items: Sequence[str], what: str, *, from_env: bool = True) -> dict[str, str]:
+    """``NAME=VALUE`` flags; a bare ``NAME`` takes the environment's value (as ``docker build
+    --build-arg NAME`` does) when ``from_env``, and is an error otherwise."""
     out: dict[str, str] = {}
     for it in items:
         k, sep, v = it.partition("=")
-        if not k:
+        if not k or (not sep and not from_env):
             raise InvalidInput(f"invalid {what} {it!r}: expected NAME=VALUE")
         if not sep:
             env = os.environ.get(k)

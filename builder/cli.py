@@ -114,7 +114,7 @@ def options_from(ns: argparse.Namespace) -> object:
         dockerfile=Path(ns.dockerfile) if ns.dockerfile else None,
         tags=tuple(ns.tags),
         build_args=parse_kv(ns.build_arg, "--build-arg"),
-        build_contexts=parse_kv(ns.build_context, "--build-context"),
+        build_contexts=parse_kv(ns.build_context, "--build-context", from_env=False),
         target=ns.target,
         no_cache=ns.no_cache,
         no_cache_filter=tuple(ns.no_cache_filter),
