@@ -28,6 +28,9 @@ from cache.types import Digest, digest_hex, sha256_digest
 
 _INGEST_PREFIX = "ingest-"
 _CHUNK = 1 << 20
+_WRITE_BUFFER = 1 << 20
+"""Buffer of an ingest's temp file.  Layer tars arrive as many small writes (a header, a few
+KB of data, padding): with the default 8 KiB buffer most of them cost a write syscall."""
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -106,7 +109,7 @@ class BlobStore:
             self.path(expected)  # validates the digest before any work is done
         fd, tmp_name = tempfile.mkstemp(prefix=_INGEST_PREFIX, dir=self._tmp)
         tmp = Path(tmp_name)
-        f = os.fdopen(fd, "wb")
+        f = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
         writer = BlobWriter(f, tmp)
         try:
             yield writer
@@ -184,8 +187,9 @@ class BlobStore:
     def sweep_tmp(self, older_than_s: float = 3600) -> None:
         """Remove this store's abandoned ingest files not written to for ``older_than_s``.
 
-        A live ingest's file has a recent mtime (every write updates it), so this is safe
-        while other builders are writing.
+        A live ingest's file has a recent mtime (its creation and every buffer's worth of
+        writes, ``_WRITE_BUFFER`` bytes at most, update it), so this is safe while other
+        builders are writing.
         """
         cutoff = time.time() - older_than_s
         with os.scandir(self._tmp) as it:
