@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from cache.errors import InvalidInput, LbuildError, NotFound, Unsupported
 from cache.types import Compression, Digest
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from builder.progress import Reporter
     from builder.solve import CacheHit, Solver
     from cache.blobs import BlobStore
+    from cache.buildindex import BuildIndex
     from cache.records import Index, Site
     from cache.types import BlobInfo, Entry, LayerInfo, StepKey
 
@@ -155,44 +157,75 @@ def full_tag(name: str) -> str:
 
 @dataclass
 class Session:
-    """An opened cache home: content store and index. Built at the edge, passed in."""
+    """An opened cache home: content store and index. Built at the edge, passed in.
+
+    ``index`` is the full ``Index`` (SQLAlchemy), or for a build opened with
+    ``deferred=True`` a ``BuildIndex`` (stdlib reads, writes in a child process; see
+    :mod:`cache.buildindex`).  Commands that need more than a build's reads and writes use
+    ``full_index``.
+    """
 
     home: Path
     store: BlobStore
-    index: Index
+    index: Index | BuildIndex
+
+    @property
+    def full_index(self) -> Index:
+        """The SQLAlchemy ``Index`` (only for sessions opened without ``deferred``)."""
+        from cache.records import Index
+
+        if not isinstance(self.index, Index):
+            raise TypeError("this session's index is a build index; open it without deferred")
+        return self.index
 
     @classmethod
     @contextmanager
-    def open(cls, home: Path | None, *, exclusive: bool = False) -> Iterator[Session]:
+    def open(
+        cls, home: Path | None, *, exclusive: bool = False, deferred: bool = False
+    ) -> Iterator[Session]:
         """Open the cache home.
 
         Builds hold a shared lock for their whole run; prune and verify open with
         ``exclusive=True``, so they wait for running builds and keep new ones out (a blob
-        is written before its record, and must not be collected in between).
+        is written before its record, and must not be collected in between).  With
+        ``deferred``, index writes go to a child process that also holds that lock until its
+        last write is committed; leaving the block waits for it and raises ``StoreError`` if
+        a write failed (unless the block is already failing: then the writes that were sent
+        are still committed, and the block's own error is the one raised).
         """
         from cache.blobs import BlobStore
-        from cache.records import Index
 
         h = home_dir(home)
         h.mkdir(parents=True, exist_ok=True)
-        with _lock(h, exclusive=exclusive):
+        with _lock(h, exclusive=exclusive) as lock_fd:
             store = BlobStore(h)
             store.sweep_tmp()
-            index = Index.open(str(h / "lbuild.db"))
+            index: Index | BuildIndex | None = None
+            if deferred:
+                from cache.buildindex import BuildIndex
+
+                index = BuildIndex.open(h / "lbuild.db", keep_fds=(lock_fd,))
+            if index is None:
+                from cache.records import Index
+
+                index = Index.open(str(h / "lbuild.db"))
             try:
                 yield cls(h, store, index)
-            finally:
-                index.close()
+            except BaseException:
+                with suppress(LbuildError):
+                    index.close()
+                raise
+            index.close()
 
 
 @contextmanager
-def _lock(home: Path, *, exclusive: bool) -> Iterator[None]:
+def _lock(home: Path, *, exclusive: bool) -> Iterator[int]:
     import fcntl
 
     fd = os.open(home / "lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
+        yield fd
     finally:
         os.close(fd)
 
@@ -442,6 +475,7 @@ def build(
     *,
     memo: bool = True,
     tocs: dict[Digest, tuple[Entry, ...]] | None = None,
+    writer: Literal["auto", "process", "inline"] = "auto",
 ) -> BuildResult:
     """Build an image: parse, plan, solve, assemble, export and tag.
 
@@ -449,6 +483,11 @@ def build(
     ``memo=False`` skips the no-op memo (a watcher knows something changed: the context walk
     that a memo needs would be wasted); ``tocs`` is a layer-TOC cache a long-lived caller
     (the watcher) keeps across builds (a TOC never changes for a diff_id).
+
+    ``writer`` says where index writes happen: ``"process"`` in a child that imports
+    SQLAlchemy while this process builds (:mod:`cache.buildindex`), ``"inline"`` through
+    SQLAlchemy here; ``"auto"`` picks the child unless SQLAlchemy is already imported (a
+    long-lived caller has paid for it: nothing to overlap).
     """
     from builder.commands import dockerfile_id
     from builder.export import export_docker_archive, export_oci_layout
@@ -462,7 +501,8 @@ def build(
         split_tag(t)
     from builder import fastpath
 
-    with Session.open(opts.home) as session:
+    deferred = writer == "process" or (writer == "auto" and "sqlalchemy" not in sys.modules)
+    with Session.open(opts.home, deferred=deferred) as session:
         probed = probe or (fastpath.probe(opts, epoch) if memo else None)
         tags_used: dict[str, str] = {}
         plan, _ctx = prepare(opts, session, tags_used)

@@ -137,7 +137,7 @@ def why(opts: BuildOptions, session: Session) -> list[tuple[PlannedStep, list[st
             stage = plan.stages[step.stage].name or str(step.stage)
             out.append((ps, [f"--no-cache-filter {stage}"]))
             continue
-        rec = session.index.last_record_at(did, str(step.stage), step.pos)
+        rec = session.full_index.last_record_at(did, str(step.stage), step.pos)
         old = json.loads(rec.inputs) if rec is not None else None
         label = step.instr.original.split("\n", 1)[0].strip() if step.instr else step.name
         reasons = explain(old, step.inputs, label)
@@ -213,7 +213,7 @@ def human(n: float) -> str:
 def cache_ls(session: Session) -> list[dict[str, Any]]:
     """Every step record, most recently used first."""
     rows = []
-    for r in session.index.list_steps(limit=None, oldest_first=False):
+    for r in session.full_index.list_steps(limit=None, oldest_first=False):
         inputs = json.loads(r.inputs) if r.inputs else {}
         rows.append(
             {
@@ -236,12 +236,12 @@ def cache_du(session: Session) -> dict[str, int]:
     for d in session.store.digests():
         total += session.store.size(d)
         count += 1
-    steps = len(session.index.list_steps(limit=None, oldest_first=True))
+    steps = len(session.full_index.list_steps(limit=None, oldest_first=True))
     return {
         "blobs": count,
         "bytes": total,
         "records": steps,
-        "tags": len(session.index.list_tags()),
+        "tags": len(session.full_index.list_tags()),
     }
 
 
@@ -250,14 +250,14 @@ def cache_prune(
 ) -> tuple[list[str], int]:
     """LRU prune; returns what goes (or would go) and the bytes freed."""
     sizes = {d: session.store.size(d) for d in session.store.digests()}
-    plan = session.index.prune_plan(
+    plan = session.full_index.prune_plan(
         keep_bytes=keep_bytes, keep_duration_s=keep_duration, now=time.time(), blob_sizes=sizes
     )
     lines = [f"step {s.key[:16]} ({s.reason})" for s in plan.steps]
     lines += [f"blob {d} {human(sizes.get(d, 0))}" for d in plan.blobs]
     if dry_run:
         return lines, plan.freed_bytes
-    gone = session.index.apply_prune(plan)
+    gone = session.full_index.apply_prune(plan)
     freed = 0
     for d in gone:
         freed += sizes.get(d, 0)
@@ -273,9 +273,11 @@ def cache_verify(session: Session) -> list[str]:
         return findings
     bad_set = set(bad)
     dead = [
-        r.key for r in session.index.list_steps(limit=None, oldest_first=True) if r.blobs & bad_set
+        r.key
+        for r in session.full_index.list_steps(limit=None, oldest_first=True)
+        if r.blobs & bad_set
     ]
-    session.index.delete_steps(dead)
+    session.full_index.delete_steps(dead)
     for d in bad:
         session.store.remove(d)
         findings.append(f"corrupt blob {d} removed")

@@ -25,7 +25,7 @@ from typing import Any
 
 from cache.db import BUSY_TIMEOUT_S, SCHEMA_VERSION, sqlite_file
 from cache.records import CHUNK, StatEntry, StepRecord, TagRecord, prefix_range
-from cache.types import Digest, StepKey
+from cache.types import BlobInfo, Digest, StepKey
 
 _STEP_COLUMNS = (
     "key, diff_id, layer_size, toc_digest, config_delta, inputs, dockerfile_id, stage,"
@@ -144,6 +144,19 @@ class FastIndex:
                 )
             )
         return out
+
+    # -- compressed layers -------------------------------------------------------------
+
+    def get_compressed(
+        self, diff_id: Digest, codec: str, level: int, codec_version: str
+    ) -> BlobInfo | None:
+        """The blob compressing ``diff_id`` this way gave (same answer as ``Index``'s)."""
+        row = self._conn.execute(
+            "SELECT digest, size, media_type FROM compressed"
+            " WHERE diff_id = ? AND codec = ? AND level = ? AND codec_version = ?",
+            (diff_id, codec, level, codec_version),
+        ).fetchone()
+        return BlobInfo(Digest(row[0]), row[1], row[2]) if row is not None else None
 
     # -- tags --------------------------------------------------------------------------
 

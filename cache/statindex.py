@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 from cache.records import StatEntry, prefix_range
 
 if TYPE_CHECKING:
+    from cache.buildindex import BuildIndex
     from cache.fastpath import FastIndex
     from cache.records import Index
 
@@ -72,7 +73,7 @@ class StatIndex:
 
     def __init__(
         self,
-        index: Index | None = None,
+        index: Index | BuildIndex | None = None,
         *,
         db: str | os.PathLike[str] | None = None,
         batch_size: int = BATCH,
@@ -111,7 +112,7 @@ class StatIndex:
         """A stat index over the database at ``db`` (a path or SQLAlchemy URL)."""
         return cls(db=db, batch_size=batch_size, racy_ns=racy_ns)
 
-    def _writer(self) -> Index:
+    def _writer(self) -> Index | BuildIndex:
         if self._index is None:
             from cache.records import Index
 

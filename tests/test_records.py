@@ -492,10 +492,18 @@ def test_fastindex_agrees_with_index(index: Index, db: Path) -> None:
     ]
     rows.append(StatEntry("/ctx2/f1", 1, 2, 3, 4, 0o100755, "e" * 64))
     index.stat_put_many(rows)
+    gz = BlobInfo(dg(40), 123, MEDIA_TYPES["gzip"])
+    index.put_compressed(dg(11), "gzip", 3, "isal-1", gz)
 
     fast = FastIndex.open(db)
     assert fast is not None
     with fast:
+        assert fast.get_compressed(dg(11), "gzip", 3, "isal-1") == gz
+        assert fast.get_compressed(dg(11), "gzip", 3, "isal-1") == index.get_compressed(
+            dg(11), "gzip", 3, "isal-1"
+        )
+        assert fast.get_compressed(dg(11), "gzip", 6, "isal-1") is None
+        assert fast.get_compressed(dg(11), "zstd", 3, "isal-1") is None
         assert fast.get_step(key(1)) == index.get_step(key(1))
         assert fast.get_step(key(2)) == index.get_step(key(2))
         assert fast.get_step(key(3)) is None

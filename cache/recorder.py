@@ -1,0 +1,212 @@
+"""The index writer process: a build's index writes, done by a child that imports SQLAlchemy.
+
+Why a process: importing SQLAlchemy and the models costs about 0.2 s here, more than the rest
+of a one-file-edit rebuild.  A build's reads are served by :mod:`cache.fastpath` (stdlib
+``sqlite3``), so SQLAlchemy is needed only to *write* — and writes need not happen before the
+build goes on.  ``Recorder.start`` spawns ``python -m cache.recorder DB``; while the parent
+walks the context, plans and writes layers on one core, the child imports SQLAlchemy and
+opens :class:`cache.records.Index` on the other, then applies the writes the parent sends.
+
+Protocol (stdin → child, child → stdout): length-prefixed pickles.  A *call* frame
+``("call", method, args, kwargs)`` names one of :data:`WRITE_METHODS` of ``Index``; each
+call is its own transaction there, exactly as in-process (a step record still lands only
+after the parent committed its blobs, since the parent sends it only then).  A ``("sync",)``
+frame asks for a reply: None when every call so far succeeded, else the first error's
+message.  Calls after a failed one are skipped.  On end of input the child applies every
+whole frame it received, then exits; so a parent killed mid-build leaves whole records or
+none, never a half-written one.
+
+Lifecycle and guarantees:
+
+- the child runs in its own session (Ctrl-C in a terminal does not reach it: it stops when
+  its input ends, after the frames it already has);
+- ``keep_fds`` are inherited: the build's shared lock on the cache home is passed, so
+  ``cache prune`` cannot start until the child's last write is committed, even if the
+  parent died first;
+- ``Recorder.close()`` ends the input and waits for the child, raising ``StoreError`` if any
+  write failed or the child died.
+
+This module imports neither SQLAlchemy nor :mod:`cache.records` in the parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from cache.errors import StoreError
+
+WRITE_METHODS = frozenset(
+    {"put_step", "touch_steps", "put_compressed", "set_tag", "stat_put_many", "add_build"}
+)
+"""The ``Index`` methods a child may be asked to call (writes only)."""
+
+_HEADER = struct.Struct(">I")
+_PIPE_BYTES = 1 << 20
+"""Pipe capacity asked for, so that the parent rarely waits while the child is importing."""
+
+
+def _write_frame(out: IO[bytes], obj: object) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    out.write(_HEADER.pack(len(data)) + data)
+
+
+def _read_frame(inp: IO[bytes]) -> object | None:
+    """The next frame, or None at end of input (a partial last frame counts as the end)."""
+    head = inp.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        return None
+    (n,) = _HEADER.unpack(head)
+    data = inp.read(n)
+    if len(data) < n:
+        return None
+    obj: object = pickle.loads(data)
+    return obj
+
+
+class Recorder:
+    """The parent's end: send writes, ask whether they all succeeded, wait for the child."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        """Wrap a started child; use ``Recorder.start``."""
+        self._proc = proc
+        assert proc.stdin is not None and proc.stdout is not None
+        self._in: IO[bytes] = proc.stdin
+        self._out: IO[bytes] = proc.stdout
+        self._broken: str | None = None
+        self._closed = False
+
+    @classmethod
+    def start(cls, db: str | os.PathLike[str], *, keep_fds: Sequence[int] = ()) -> Recorder:
+        """Spawn the child for the index at ``db`` (a path or SQLAlchemy URL)."""
+        root = str(Path(__file__).resolve().parent.parent)  # so a source checkout works too
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cache.recorder", os.fspath(db)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                pass_fds=tuple(keep_fds),
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise StoreError(f"cannot start the cache index writer: {e.strerror or e}") from e
+        rec = cls(proc)
+        rec._grow_pipe()
+        return rec
+
+    def _grow_pipe(self) -> None:
+        try:
+            import fcntl
+
+            fcntl.fcntl(self._in.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        except (OSError, AttributeError):
+            pass  # a smaller pipe only means the parent may wait for the child sooner
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Ask the child to call ``Index.<method>(*args, **kwargs)``; does not wait for it."""
+        if method not in WRITE_METHODS:
+            raise ValueError(f"not an index write: {method}")
+        if self._closed:
+            raise StoreError("cache index writer is already closed")
+        if self._broken is not None:
+            return  # reported by sync/close
+        try:
+            _write_frame(self._in, ("call", method, args, kwargs))
+            self._in.flush()
+        except (BrokenPipeError, OSError) as e:
+            self._broken = f"the cache index writer stopped ({e.strerror or e})"
+
+    def sync(self) -> None:
+        """Wait until the child has applied every call so far; raise the first failure."""
+        if self._broken is None:
+            try:
+                _write_frame(self._in, ("sync",))
+                self._in.flush()
+                reply = _read_frame(self._out)
+            except (BrokenPipeError, OSError) as e:
+                self._broken = f"the cache index writer stopped ({e.strerror or e})"
+            else:
+                if reply is None:
+                    self._broken = self._death()
+                elif reply is not False:
+                    raise StoreError(str(reply))
+        if self._broken is not None:
+            raise StoreError(self._broken)
+
+    def close(self) -> None:
+        """Apply everything sent, end the child and wait for it; raise if a write failed."""
+        if self._closed:
+            return
+        try:
+            self.sync()
+        finally:
+            self._closed = True
+            for f in (self._in, self._out):
+                with contextlib.suppress(OSError):
+                    f.close()
+            self._proc.wait()
+
+    def _death(self) -> str:
+        code = self._proc.wait()
+        return f"the cache index writer exited with status {code} before finishing its writes"
+
+
+def serve(db: str, inp: IO[bytes], out: IO[bytes]) -> int:
+    """The child's loop: open the index, apply call frames, answer sync frames."""
+    error: str | None = None
+    index: Any = None
+    try:
+        from cache.records import Index
+
+        index = Index.open(db)
+    except Exception as e:  # reported on the next sync, never as a traceback
+        error = f"cannot open the cache index: {e}"
+    try:
+        while True:
+            frame = _read_frame(inp)
+            if frame is None:
+                break
+            assert isinstance(frame, tuple)
+            if frame[0] == "sync":
+                _write_frame(out, error if error is not None else False)
+                out.flush()
+                continue
+            _, method, args, kwargs = frame
+            if error is not None or method not in WRITE_METHODS:
+                continue
+            try:
+                getattr(index, method)(*args, **kwargs)
+            except Exception as e:
+                error = str(e)
+    finally:
+        if index is not None:
+            index.close()
+    return 0 if error is None else 1
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m cache.recorder DB``: serve frames from stdin until it ends."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the writes end
+    if len(argv) != 1:
+        print("usage: python -m cache.recorder DB", file=sys.stderr)
+        return 2
+    # the protocol gets its own copy of stdout; anything printed goes to stderr instead
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    return serve(argv[0], sys.stdin.buffer, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

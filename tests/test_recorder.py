@@ -1,0 +1,285 @@
+"""The index writer child (cache.recorder) and the build index over it (cache.buildindex).
+
+Everything runs for real: the child is a real ``python -m cache.recorder`` process writing a
+real SQLite file, read back through SQLAlchemy's ``Index``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from builder.api import BuildOptions, Output, build
+from builder.progress import PlainReporter
+from cache.buildindex import BuildIndex
+from cache.errors import StoreError
+from cache.recorder import Recorder
+from cache.records import Index, Site, StatEntry, StepRecord
+from cache.types import MEDIA_TYPES, BlobInfo, Digest, StepKey
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def key(n: int) -> StepKey:
+    return StepKey(f"{n:064x}")
+
+
+def dg(n: int) -> Digest:
+    return Digest(f"sha256:{n:064x}")
+
+
+def rec(n: int, *, diff: int | None = None) -> StepRecord:
+    return StepRecord(
+        key=key(n),
+        diff_id=dg(diff) if diff is not None else None,
+        layer_size=10 * n if diff is not None else 0,
+        toc_digest=None,
+        config_delta="{}",
+        inputs=f'{{"n": {n}}}',
+        dockerfile_id="df",
+        stage="0",
+        position=n,
+        created=1.0,
+        last_used=2.0,
+        hits=0,
+        build_seconds=0.5,
+    )
+
+
+def test_recorder_applies_every_write(tmp_path: Path) -> None:
+    db = tmp_path / "lbuild.db"
+    r = Recorder.start(db)
+    r.call("put_step", rec(1, diff=11))
+    r.call("put_step", rec(2))
+    gz = BlobInfo(dg(40), 99, MEDIA_TYPES["gzip"])
+    r.call("put_compressed", dg(11), "gzip", 3, "v1", gz)
+    r.call("set_tag", "localhost/app:latest", dg(5), "{}", blobs=(dg(11), dg(40)), now=3.0)
+    rows = [StatEntry(f"/ctx/f{n}", n, n, n, n, 0o100644, f"{n:064x}") for n in range(1500)]
+    r.call("stat_put_many", rows)
+    r.call("touch_steps", [key(1)], 7.0, sites=[Site("other", "1", 4)])
+    r.sync()
+    # after a sync, everything is committed and visible to another reader
+    with Index.open(db) as index:
+        assert index.get_step(key(1)) == StepRecord(
+            **{**rec(1, diff=11).__dict__, "last_used": 7.0, "hits": 1}
+        )
+        assert index.get_step(key(2)) == rec(2)
+        assert index.get_compressed(dg(11), "gzip", 3, "v1") == gz
+        tag = index.get_tag("localhost/app:latest")
+        assert tag is not None and tag.manifest_digest == dg(5) and tag.blobs == (dg(11), dg(40))
+        assert index.stat_under("/ctx") == {e.path: e for e in rows}
+        assert index.last_record_at("other", "1", 4) is not None
+    r.close()
+    r.close()  # idempotent
+
+
+def test_recorder_refuses_reads_and_unknown_methods(tmp_path: Path) -> None:
+    r = Recorder.start(tmp_path / "lbuild.db")
+    try:
+        with pytest.raises(ValueError, match="not an index write"):
+            r.call("delete_steps", [key(1)])
+        with pytest.raises(ValueError, match="not an index write"):
+            r.call("get_step", key(1))
+    finally:
+        r.close()
+
+
+def test_recorder_reports_a_failed_write_once_and_skips_the_rest(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    r = Recorder.start(blocker / "lbuild.db")
+    r.call("put_step", rec(1))
+    with pytest.raises(StoreError, match="cannot open the cache index"):
+        r.sync()
+    with pytest.raises(StoreError, match="cannot open the cache index"):
+        r.close()
+
+
+def test_recorder_child_killed_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    r = Recorder.start(tmp_path / "lbuild.db")
+    r.sync()  # the child is up
+    os.kill(r._proc.pid, signal.SIGKILL)
+    r._proc.wait()
+    r.call("put_step", rec(1))  # a broken pipe is remembered, not raised here
+    with pytest.raises(StoreError, match="index writer"):
+        r.close()
+
+
+def test_parent_killed_mid_build_leaves_whole_records(tmp_path: Path) -> None:
+    """A parent SIGKILLed after sending writes: the child applies every whole frame it got."""
+    db = tmp_path / "lbuild.db"
+    code = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        from test_recorder import rec
+        from cache.recorder import Recorder
+        r = Recorder.start({str(db)!r})
+        for n in range(1, 51):
+            r.call("put_step", rec(n, diff=100 + n))
+        print(r._proc.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert p.returncode == -signal.SIGKILL
+    child = int(p.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the writer child kept running after its parent died")
+    with Index.open(db) as index:
+        got = index.get_steps([key(n) for n in range(1, 51)])
+    assert got == {key(n): rec(n, diff=100 + n) for n in range(1, 51)}
+
+
+def test_child_keeps_the_build_lock_until_its_last_write(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    r = Recorder.start(tmp_path / "lbuild.db", keep_fds=(fd,))
+    os.close(fd)  # the parent lets go; the child still holds the same lock
+    other = os.open(lock, os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r.close()
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the child is gone
+    finally:
+        os.close(other)
+
+
+def test_build_index_reads_its_own_writes_and_the_database(tmp_path: Path) -> None:
+    db = tmp_path / "lbuild.db"
+    with Index.open(db) as index:
+        index.put_step(rec(1, diff=11))
+        index.put_compressed(dg(11), "gzip", 3, "v1", BlobInfo(dg(41), 5, MEDIA_TYPES["gzip"]))
+        index.stat_put_many([StatEntry("/c/a", 1, 2, 3, 4, 0o100644, "a" * 64)])
+    bi = BuildIndex.open(db)
+    assert bi is not None
+    try:
+        assert bi.get_step(key(1)) == rec(1, diff=11)  # from the database
+        assert bi.get_step(key(2)) is None
+        assert bi.put_step(rec(2, diff=12)) is True
+        assert bi.put_step(rec(2, diff=12)) is False
+        assert bi.get_step(key(2)) == rec(2, diff=12)  # before the child has written it
+        zs = BlobInfo(dg(42), 6, MEDIA_TYPES["zstd"])
+        bi.put_compressed(dg(12), "zstd", 3, "v1", zs)
+        assert bi.get_compressed(dg(12), "zstd", 3, "v1") == zs
+        assert bi.get_compressed(dg(11), "gzip", 3, "v1") == BlobInfo(
+            dg(41), 5, MEDIA_TYPES["gzip"]
+        )
+        bi.set_tag("localhost/x:1", dg(9), "{}", blobs=[dg(12)], now=5.0)
+        got = bi.get_tag("localhost/x:1")
+        assert got is not None and got.blobs == (dg(12),)
+        assert bi.stat_under("/c") == {"/c/a": StatEntry("/c/a", 1, 2, 3, 4, 0o100644, "a" * 64)}
+    finally:
+        bi.close()
+    with Index.open(db) as index:
+        assert index.get_step(key(2)) == rec(2, diff=12)
+        assert index.get_compressed(dg(12), "zstd", 3, "v1") == zs
+        tag = index.get_tag("localhost/x:1")
+        assert tag is not None and tag.manifest_digest == dg(9)
+
+
+def test_build_index_on_a_new_home_and_where_it_does_not_apply(tmp_path: Path) -> None:
+    fresh = tmp_path / "new" / "lbuild.db"
+    bi = BuildIndex.open(fresh)
+    assert bi is not None and bi.path is None  # nothing to read yet: every read is empty
+    try:
+        assert bi.get_step(key(1)) is None and bi.stat_under("/") == {}
+        bi.put_step(rec(1))
+    finally:
+        bi.close()
+    with Index.open(fresh) as index:  # the child created the database
+        assert index.get_step(key(1)) == rec(1)
+    assert BuildIndex.open("postgresql://u@localhost/lbuild") is None
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database")
+    assert BuildIndex.open(garbage) is None  # Index.open must say what is wrong
+
+
+def _index_state(home: Path) -> dict[str, object]:
+    with Index.open(home / "lbuild.db") as index:
+        steps = index.list_steps(limit=None, oldest_first=True)
+        ctx_rows = index.stat_under(str(home.parent / "ctx"))
+        return {
+            "steps": sorted(
+                (r.key, r.diff_id, r.inputs, r.dockerfile_id, r.position) for r in steps
+            ),
+            "tags": [(t.name, t.manifest_digest, t.blobs) for t in index.list_tags()],
+            "stat": sorted((p, e.blake3) for p, e in ctx_rows.items()),
+        }
+
+
+def test_process_and_inline_writers_leave_the_same_index(tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    (ctx / "src").mkdir(parents=True)
+    for n in range(30):
+        (ctx / "src" / f"f{n}.txt").write_text(f"file {n}\n" * (n + 1))
+    (ctx / "Dockerfile").write_text(
+        "FROM scratch AS a\nCOPY src/ /a/\n"
+        "FROM scratch\nCOPY --link src/ /src/\nCOPY --from=a /a /b\nENV X=1\n"
+    )
+    time.sleep(2.1)  # older than the stat index's racy window (ctime cannot be set back)
+    results = {}
+    for writer in ("inline", "process"):
+        home = tmp_path / writer
+        opts = BuildOptions(
+            context=ctx,
+            home=home,
+            tags=("localhost/app:1",),
+            outputs=(Output("oci", tmp_path / f"out-{writer}"),),
+        )
+        first = build(opts, PlainReporter(open(os.devnull, "w")), writer=writer)  # noqa: SIM115
+        again = build(opts, PlainReporter(open(os.devnull, "w")), writer=writer, memo=False)  # noqa: SIM115
+        assert again.manifest_digest == first.manifest_digest
+        assert (first.steps_cached, again.steps_cached) == (0, again.steps_total)
+        results[writer] = (first.manifest_digest, _index_state(home))
+    assert results["inline"][0] == results["process"][0]
+    state = results["process"][1]
+    assert isinstance(state, dict) and len(state["stat"]) == 30
+    assert results["inline"][1] == state
+
+
+def test_a_build_with_the_process_writer_never_imports_sqlalchemy(tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "a.txt").write_text("a\n")
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY a.txt /a.txt\n")
+    code = textwrap.dedent(
+        f"""
+        import io, sys
+        from pathlib import Path
+        from builder.api import BuildOptions, build
+        from builder.progress import PlainReporter
+        opts = BuildOptions(context=Path({str(ctx)!r}), home=Path({str(tmp_path / "home")!r}))
+        for _ in range(2):
+            r = build(opts, PlainReporter(io.StringIO()), writer="process", memo=False)
+        print(r.steps_cached, r.steps_total, "sqlalchemy" in sys.modules)
+        """
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=True,
+    )
+    assert p.stdout.split() == ["1", "1", "False"]
