@@ -137,15 +137,10 @@ def _context_items(
 
     root = str(ctx.root)
 
-    def item(f: ContextFile, rel: str) -> Item:
-        # strings, not pathlib, and the walk's own stat: this runs once per context file
-        path = root if f.rel in ("", ".") else f"{root}/{f.rel}"
-        digest = ""
-        if f.type == "file":
-            st = f.stat
-            if st is None:  # a followed top-level symlink is hashed through its target
-                st = os.stat(path) if rel == "" and not is_dir else os.lstat(path)
-            digest = hasher(path, st)
+    def host(f: ContextFile) -> str:
+        return root if f.rel in ("", ".") else f"{root}/{f.rel}"
+
+    def item(f: ContextFile, rel: str, digest: str) -> Item:
         hl = (f.dev, f.ino) if f.type == "file" and f.nlink > 1 else None
         mtime = f.mtime_ns // 1_000_000_000 if keep_mtime else 0
         e = Entry(
@@ -158,16 +153,26 @@ def _context_items(
             digest=digest,
             link=f.link,
             mtime=mtime,
-            source=ContentRef(host_path=path) if f.type == "file" else None,
+            source=ContentRef(host_path=host(f)) if f.type == "file" else None,
         )
         return Item(rel, e, hl)
 
-    items = [item(top, "")]
+    found: list[tuple[ContextFile, str]] = [(top, "")]
     if is_dir:
         prefix = top.rel.rstrip("/") + "/" if top.rel not in ("", ".") else ""
-        for f in ctx.walk(top.rel):
-            items.append(item(f, f.rel[len(prefix) :]))
-    return tuple(items)
+        found.extend((f, f.rel[len(prefix) :]) for f in ctx.walk(top.rel))
+    # hash every regular file in one batch (the stat index answers most; the rest may be
+    # read on several threads), with the walk's own stat: this runs once per context file
+    files: list[tuple[str, os.stat_result]] = []
+    for f, rel in found:
+        if f.type == "file":
+            st = f.stat
+            if st is None:  # a followed top-level symlink is hashed through its target
+                st = os.stat(host(f)) if rel == "" and not is_dir else os.lstat(host(f))
+            files.append((host(f), st))
+    many = getattr(hasher, "many", None)
+    digests = iter(many(files) if many is not None else [hasher(p, st) for p, st in files])
+    return tuple(item(f, rel, next(digests) if f.type == "file" else "") for f, rel in found)
 
 
 _ARCHIVE_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")

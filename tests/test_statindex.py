@@ -225,3 +225,38 @@ def test_noop_lookups_do_not_import_sqlalchemy(tmp_path: Path, db: Path) -> None
         cwd=Path(__file__).resolve().parents[1],
     )
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_many_hashes_on_threads_with_the_same_answers(tmp_path: Path, db: Path) -> None:
+    files = [tmp_path / "ctx" / f"d{n % 4}" / f"f{n}" for n in range(100)]
+    for n, f in enumerate(files):
+        make(f, f"content {n}\n".encode() * (n + 1))
+    fallback, reads = counting(b3)
+    with StatIndex.open(db, racy_ns=0) as si:
+        h = si.hasher(fallback)
+        assert len(files) >= h.PARALLEL_MIN_FILES  # the threaded branch
+        got = h.many([(f, f.lstat()) for f in files])
+        assert got == [b3(f) for f in files]
+        assert sorted(map(str, reads)) == sorted(map(str, files)) and si.hashed == 100
+
+    reads.clear()
+    make(files[7], b"edited\n")
+    with StatIndex.open(db, racy_ns=0) as si:
+        assert si.prefetch(tmp_path / "ctx") == 100
+        again = si.hasher(fallback).many([(f, f.lstat()) for f in files])
+    assert [str(p) for p in reads] == [str(files[7])]
+    assert again[7] == b3(files[7]) != got[7]
+    assert again[:7] + again[8:] == got[:7] + got[8:]
+
+
+def test_many_does_not_record_racy_files(tmp_path: Path, db: Path) -> None:
+    files = [tmp_path / "fresh" / f"f{n}" for n in range(40)]
+    for f in files:
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(f.name.encode())  # mtime and ctime are now
+    fallback, reads = counting(b3)
+    with StatIndex.open(db) as si:
+        h = si.hasher(fallback)
+        for _ in range(2):
+            assert h.many([(f, f.lstat()) for f in files]) == [b3(f) for f in files]
+    assert len(reads) == 80  # nothing was trusted: every file read both times
