@@ -9,6 +9,7 @@ on stderr; ``LBUILD_DEBUG=1`` shows the traceback of an internal error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -216,6 +217,21 @@ def cmd_cache(ns: argparse.Namespace) -> int:
                 + (f"{len(findings)} problems fixed" if findings else "no corruption")
             )
     return 0
+
+
+def run() -> None:
+    """The ``lbuild`` command: ``main``, then exit without tearing the interpreter down.
+
+    Finalising the modules a build imports (networkx above all) costs about 30 ms at exit,
+    a tenth of an edit rebuild.  Every resource lbuild holds is released before ``main``
+    returns (``with`` blocks: locks, the index writer, sandboxes, temp directories), so the
+    only things left to do are flushing the standard streams and exiting.
+    """
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
