@@ -59,7 +59,12 @@ _TYPEFLAGS: dict[str, bytes] = {
     "opaque": b"0",
 }
 
-_SortKey = tuple[tuple[int, str], ...]
+_SortKey = tuple[str, ...]
+"""An entry's place in tar order: its path components, the whiteout/opaque markers encoded in
+strings (see ``_sort_key``)."""
+
+
+_BAD_COMPONENTS = frozenset(("", ".", ".."))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +89,24 @@ def write_layer(entries: Iterable[Entry], store: BlobStore) -> LayerInfo:
                 offset = w.size
                 digest = _copy_content(e, store, w)
                 w.write(bytes(-e.size % _BLOCK))
-                toc.append(dataclasses.replace(e, digest=digest, offset=offset, source=None))
+                toc.append(
+                    Entry(
+                        path=e.path,
+                        type=e.type,
+                        mode=e.mode,
+                        uid=e.uid,
+                        gid=e.gid,
+                        size=e.size,
+                        digest=digest,
+                        link=e.link,
+                        mtime=e.mtime,
+                        devmajor=e.devmajor,
+                        devminor=e.devminor,
+                        xattrs=e.xattrs,
+                        offset=offset,
+                        source=None,
+                    )
+                )
             else:
                 toc.append(e)
         w.write(_ZERO_BLOCK * 2)
@@ -96,43 +118,51 @@ def _split(path: str) -> tuple[str, ...]:
     if path == ".":
         return ()
     comps = tuple(path.split("/"))
-    if not path or any(c in ("", ".", "..") or "\0" in c for c in comps):
+    if "\0" in path or not _BAD_COMPONENTS.isdisjoint(comps):
         raise InvalidInput(f"invalid path in layer entry: {path!r}")
     return comps
 
 
-def _sort_key(e: Entry) -> _SortKey:
-    """Tar order: by components; in a directory the opaque marker, then whiteouts, then the rest."""
-    comps = _split(e.path)
+def _sort_key(e: Entry, comps: tuple[str, ...]) -> _SortKey:
+    """Tar order: by components; in a directory the opaque marker, then whiteouts, then the rest.
+
+    ``comps`` is ``_split(e.path)``.  The opaque marker is an extra ``""`` component and a
+    whiteout's last component gets a ``"\\0"`` prefix: real components are never empty and
+    never hold a NUL, so both sort before every real name in their directory (the marker
+    first, whiteouts by name) and no two entries' keys collide unless they are the same.
+    """
     if e.type == "opaque":
-        return (*((2, c) for c in comps), (0, ""))
+        return (*comps, "")
     if e.type == "whiteout":
         if not comps:
             raise InvalidInput("cannot white out the root directory")
-        return (*((2, c) for c in comps[:-1]), (1, comps[-1]))
-    return tuple((2, c) for c in comps)
+        return (*comps[:-1], "\0" + comps[-1])
+    return comps
 
 
 def _member_name(e: Entry) -> str:
-    """The tar member name of an entry (whiteouts become ``.wh.`` files, dirs end in ``/``)."""
-    comps = _split(e.path)
-    if e.type == "opaque":
-        return "/".join((*comps, _OPAQUE))
-    if e.type == "whiteout":
-        return "/".join((*comps[:-1], _WH + comps[-1]))
+    """The tar member name of a checked entry (whiteouts become ``.wh.`` files, dirs end in /)."""
     if e.type == "dir":
-        return "/".join(comps) + "/" if comps else "./"
+        return "./" if e.path == "." else e.path + "/"
+    if e.type == "opaque":
+        return _OPAQUE if e.path == "." else f"{e.path}/{_OPAQUE}"
+    if e.type == "whiteout":
+        parent, _, name = e.path.rpartition("/")
+        return f"{parent}/{_WH}{name}" if parent else _WH + name
     return e.path
 
 
-def _normalize(e: Entry) -> Entry:
-    """Check an entry and clear the fields its type does not use, so TOCs compare equal."""
-    comps = _split(e.path)
+def _normalize(e: Entry, comps: tuple[str, ...]) -> Entry:
+    """Check an entry and clear the fields its type does not use, so TOCs compare equal.
+
+    ``comps`` is ``_split(e.path)``.  An entry that is already normal (what the builder
+    makes) is returned as it is.
+    """
     if e.type not in _TYPEFLAGS:
         raise InvalidInput(f"unknown entry type {e.type!r} for {e.path}")
     if e.type in ("whiteout", "opaque"):
         return Entry(path=e.path, type=e.type, mode=0, mtime=e.mtime)
-    if any(c.startswith(_WH) for c in comps):
+    if _WH in e.path and any(c.startswith(_WH) for c in comps):
         raise InvalidInput(f"{e.path}: names starting with {_WH!r} are reserved for whiteouts")
     if not comps and e.type != "dir":
         raise InvalidInput(f"the root of a layer must be a directory, not a {e.type}")
@@ -140,10 +170,12 @@ def _normalize(e: Entry) -> Entry:
         raise InvalidInput(f"{e.path}: mode {e.mode:o} has bits beyond 0o7777 (file type bits?)")
     if e.uid < 0 or e.gid < 0:
         raise InvalidInput(f"{e.path}: negative uid/gid")
-    names = [n for n, _ in e.xattrs]
-    if len(set(names)) != len(names) or any(not n or "=" in n or "\0" in n for n in names):
-        raise InvalidInput(f"{e.path}: invalid or duplicate xattr names {names!r}")
-    xattrs = tuple(sorted(e.xattrs))
+    xattrs: tuple[tuple[str, bytes], ...] = ()
+    if e.xattrs:
+        names = [n for n, _ in e.xattrs]
+        if len(set(names)) != len(names) or any(not n or "=" in n or "\0" in n for n in names):
+            raise InvalidInput(f"{e.path}: invalid or duplicate xattr names {names!r}")
+        xattrs = tuple(sorted(e.xattrs))
     keep_dev = e.type in ("char", "block")
     link = ""
     if e.type == "symlink":
@@ -157,17 +189,37 @@ def _normalize(e: Entry) -> Entry:
     if e.type == "file":
         if e.size < 0:
             raise InvalidInput(f"{e.path}: negative size")
-        return dataclasses.replace(e, link="", devmajor=0, devminor=0, xattrs=xattrs, offset=-1)
-    return dataclasses.replace(
-        e,
-        size=0,
-        digest="",
+        size, digest, source = e.size, e.digest, e.source
+    else:
+        size, digest, source = 0, "", None
+    devmajor = e.devmajor if keep_dev else 0
+    devminor = e.devminor if keep_dev else 0
+    if (
+        e.size == size
+        and e.digest == digest
+        and e.link == link
+        and e.devmajor == devmajor
+        and e.devminor == devminor
+        and e.xattrs == xattrs
+        and e.offset == -1
+        and e.source is source
+    ):
+        return e
+    return Entry(
+        path=e.path,
+        type=e.type,
+        mode=e.mode,
+        uid=e.uid,
+        gid=e.gid,
+        size=size,
+        digest=digest,
         link=link,
-        devmajor=e.devmajor if keep_dev else 0,
-        devminor=e.devminor if keep_dev else 0,
+        mtime=e.mtime,
+        devmajor=devmajor,
+        devminor=devminor,
         xattrs=xattrs,
         offset=-1,
-        source=None,
+        source=source,
     )
 
 
@@ -175,8 +227,9 @@ def _plan(entries: Iterable[Entry]) -> list[tuple[str, Entry]]:
     """Normalise, de-duplicate-check, fix hardlink heads and sort: (member name, entry) pairs."""
     by_key: dict[_SortKey, Entry] = {}
     for raw in entries:
-        e = _normalize(raw)
-        k = _sort_key(e)
+        comps = _split(raw.path)
+        e = _normalize(raw, comps)
+        k = _sort_key(e, comps)
         if k in by_key:
             raise InvalidInput(f"duplicate layer entry for {e.path} ({e.type})")
         by_key[k] = e
@@ -208,10 +261,11 @@ def _fix_hardlinks(items: list[tuple[_SortKey, Entry]]) -> list[tuple[_SortKey, 
             raise InvalidInput(f"hardlink {e.path} points to {target}, which is not a file")
     if not groups:
         return items
+    keys = {e.path: k for k, e in items if e.type in ("file", "hardlink")}
     replaced: dict[str, Entry] = {}
     for target, links in groups.items():
         data = entries[target]
-        head = min([target, *links], key=lambda p: _sort_key(entries[p]))
+        head = min([target, *links], key=keys.__getitem__)
         replaced[head] = dataclasses.replace(data, path=head)
         for p in [target, *links]:
             if p != head:
