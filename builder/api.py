@@ -337,7 +337,7 @@ class IndexCache:
             return None
         if rec.diff_id is not None and not self.session.store.has(rec.diff_id):
             return None  # a record whose blob is gone is a miss, never served
-        return CacheHit(rec.diff_id)
+        return CacheHit(rec.diff_id, rec.toc_digest, rec.layer_size)
 
     def used(self, step: Step) -> None:
         """Remember a hit, to bump its last-used time and site after the build."""
@@ -345,7 +345,9 @@ class IndexCache:
 
         self.touched.append((step.key, Site(self.dockerfile_id, str(step.stage), step.pos)))
 
-    def record(self, step: Step, layer: LayerInfo | None, seconds: float) -> None:
+    def record(
+        self, step: Step, layer: LayerInfo | None, seconds: float, toc_digest: Digest | None
+    ) -> None:
         from cache.records import StepRecord
 
         now = time.time()
@@ -354,7 +356,7 @@ class IndexCache:
                 key=step.key,
                 diff_id=layer.diff_id if layer else None,
                 layer_size=layer.size if layer else 0,
-                toc_digest=None,
+                toc_digest=toc_digest if layer else None,
                 config_delta="{}",
                 inputs=json.dumps(step.inputs, sort_keys=True),
                 dockerfile_id=self.dockerfile_id,
@@ -367,14 +369,21 @@ class IndexCache:
             )
         )
 
-    def layer_for(self, content_key: StepKey) -> Digest | None:
+    def layer_for(self, content_key: StepKey) -> CacheHit | None:
+        """The layer written before from the same entries (a *layer record*: see
+        ``Solver.write``), or None."""
+        from builder.solve import CacheHit
+
         rec = self.session.index.get_step(content_key)
         if rec is None or rec.diff_id is None:
             return None
         self.touched.append((content_key, _layer_site()))
-        return rec.diff_id
+        return CacheHit(rec.diff_id, rec.toc_digest, rec.layer_size)
 
-    def remember_layer(self, content_key: StepKey, layer: LayerInfo) -> None:
+    def remember_layer(
+        self, content_key: StepKey, layer: LayerInfo, toc_digest: Digest | None
+    ) -> None:
+        """Record a layer under its content key (a step record at no Dockerfile site)."""
         from cache.records import StepRecord
 
         now = time.time()
@@ -383,7 +392,7 @@ class IndexCache:
                 key=content_key,
                 diff_id=layer.diff_id,
                 layer_size=layer.size,
-                toc_digest=None,
+                toc_digest=toc_digest,
                 config_delta="{}",
                 inputs=json.dumps({"op": "LAYER"}),
                 dockerfile_id="",

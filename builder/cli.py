@@ -193,7 +193,8 @@ def cmd_cache(ns: argparse.Namespace) -> int:
             du = commands.cache_du(session)
             print(
                 f"{du['blobs']} blobs, {commands.human(du['bytes'])} "
-                f"({du['bytes']} bytes); {du['records']} step records; {du['tags']} tags"
+                f"({du['bytes']} bytes); {du['records']} step records; "
+                f"{du['layer_records']} layer records; {du['tags']} tags"
             )
         elif ns.cache_command == "prune":
             lines, freed = commands.cache_prune(

@@ -210,11 +210,23 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+LAYER_OP = "LAYER"
+"""The ``op`` of a *layer record*: a layer filed under its content key (``Solver.write``),
+not a step of any Dockerfile.  ``cache ls`` lists steps only; ``du`` and ``prune`` say which
+records are layers."""
+
+
+def _op(inputs: str) -> str:
+    return str(json.loads(inputs).get("op", "?")) if inputs else "?"
+
+
 def cache_ls(session: Session) -> list[dict[str, Any]]:
-    """Every step record, most recently used first."""
+    """Every step record, most recently used first (layer records are not steps)."""
     rows = []
     for r in session.full_index.list_steps(limit=None, oldest_first=False):
         inputs = json.loads(r.inputs) if r.inputs else {}
+        if inputs.get("op") == LAYER_OP:
+            continue
         rows.append(
             {
                 "key": r.key,
@@ -236,11 +248,13 @@ def cache_du(session: Session) -> dict[str, int]:
     for d in session.store.digests():
         total += session.store.size(d)
         count += 1
-    steps = len(session.full_index.list_steps(limit=None, oldest_first=True))
+    ops = [_op(r.inputs) for r in session.full_index.list_steps(limit=None, oldest_first=True)]
+    layers = ops.count(LAYER_OP)
     return {
         "blobs": count,
         "bytes": total,
-        "records": steps,
+        "records": len(ops) - layers,
+        "layer_records": layers,
         "tags": len(session.full_index.list_tags()),
     }
 
@@ -253,7 +267,15 @@ def cache_prune(
     plan = session.full_index.prune_plan(
         keep_bytes=keep_bytes, keep_duration_s=keep_duration, now=time.time(), blob_sizes=sizes
     )
-    lines = [f"step {s.key[:16]} ({s.reason})" for s in plan.steps]
+    layer_keys = {
+        r.key
+        for r in session.full_index.list_steps(limit=None, oldest_first=True)
+        if _op(r.inputs) == LAYER_OP
+    }
+    lines = [
+        f"{'layer' if s.key in layer_keys else 'step'} {s.key[:16]} ({s.reason})"
+        for s in plan.steps
+    ]
     lines += [f"blob {d} {human(sizes.get(d, 0))}" for d in plan.blobs]
     if dry_run:
         return lines, plan.freed_bytes

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
-from cache.types import StepKey
+from cache.types import Entry, StepKey
 
 LAYER_FORMAT = 2
 """Version of lbuild's layer writer and key layout: bump it when layer bytes would change."""
@@ -26,3 +27,38 @@ def step_key(inputs: dict[str, Any]) -> StepKey:
     import blake3
 
     return StepKey(blake3.blake3(canonical(with_format(inputs))).hexdigest())
+
+
+def layer_content_key(entries: Iterable[Entry]) -> StepKey | None:
+    """A key over what decides a layer's bytes: its entries (minus where content is read
+    from) and the writer's format; None when a regular file's content digest is unknown.
+
+    ``write_layer`` is deterministic, so two entry lists with the same key give the same
+    layer tar.  Entries are sorted here, so their order does not matter (nor does it to the
+    writer).
+    """
+    import base64
+
+    import blake3
+
+    from cache.layer import LAYER_FORMAT_VERSION
+
+    rows: list[list[Any]] = []
+    for e in entries:
+        if e.type == "file" and not e.digest:
+            return None
+        rows.append(
+            [
+                e.path, e.type, e.mode, e.uid, e.gid, e.size if e.type == "file" else 0,
+                e.digest if e.type == "file" else "", e.link, e.mtime, e.devmajor, e.devminor,
+                [[n, base64.b64encode(v).decode("ascii")] for n, v in sorted(e.xattrs)],
+            ]
+        )  # fmt: skip
+    rows.sort(key=lambda r: (r[0], r[1]))
+    doc = {
+        "format": LAYER_FORMAT,
+        "writer": LAYER_FORMAT_VERSION,
+        "op": "layer-content",
+        "entries": rows,
+    }
+    return StepKey(blake3.blake3(canonical(doc)).hexdigest())

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from builder import dockerfile as df
 from builder.copy import Selected, plan_copy, resolve_chown, select_from_view
 from builder.imageconfig import ImageState, history_text, iso_time
+from builder.keys import layer_content_key
 from builder.plan import Plan, Step
 from builder.view import View, clean
 from cache.blobs import BlobStore
@@ -39,9 +40,12 @@ class StepResult:
 
 @dataclass(frozen=True)
 class CacheHit:
-    """A step record found for a key: the layer it made (None for config-only steps)."""
+    """A step record found for a key: the layer it made (None for config-only steps), the
+    layer's size and its TOC blob (see :mod:`cache.toc`) when the record names one."""
 
     diff_id: Digest | None
+    toc_digest: Digest | None = None
+    size: int = 0
 
 
 class StepCache(Protocol):
@@ -49,7 +53,15 @@ class StepCache(Protocol):
 
     def lookup(self, key: StepKey) -> CacheHit | None: ...
     def used(self, step: Step) -> None: ...
-    def record(self, step: Step, layer: LayerInfo | None, seconds: float) -> None: ...
+    def record(
+        self, step: Step, layer: LayerInfo | None, seconds: float, toc_digest: Digest | None
+    ) -> None: ...
+
+    # layers by content (see ``Solver.write``)
+    def layer_for(self, content_key: StepKey) -> CacheHit | None: ...
+    def remember_layer(
+        self, content_key: StepKey, layer: LayerInfo, toc_digest: Digest | None
+    ) -> None: ...
 
 
 @dataclass
@@ -86,6 +98,8 @@ class Solver:
     finish_layer: Callable[[Digest], object] | None = None
     results: dict[str, StepResult] = field(default_factory=dict)
     _tocs: dict[Digest, tuple[Entry, ...]] = field(default_factory=dict)
+    # diff_id -> TOC blob, for layers whose TOC is not in memory yet (from hit records)
+    _toc_blobs: dict[Digest, Digest] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stage_locks: dict[int, threading.Lock] = field(default_factory=dict)
     # Set when the build is interrupted: running RUN steps kill their sandbox and stop.
@@ -99,11 +113,32 @@ class Solver:
             return hit
         from cache.layer import read_toc
 
-        with self.store.open(diff_id) as f:
-            toc = read_toc(f)
+        toc = self._stored_toc(diff_id)
+        if toc is None:
+            with self.store.open(diff_id) as f:
+                toc = read_toc(f)
         with self._lock:
             self._tocs[diff_id] = toc
         return toc
+
+    def _stored_toc(self, diff_id: Digest) -> tuple[Entry, ...] | None:
+        """The layer's TOC from its TOC blob, when a record named one that is still there."""
+        with self._lock:
+            blob = self._toc_blobs.get(diff_id)
+        if blob is None:
+            return None
+        from cache.errors import NotFound
+        from cache.toc import load_toc
+
+        try:
+            return load_toc(self.store.read(blob))
+        except NotFound:
+            return None  # pruned or lost: the tar itself is still there to read
+
+    def _note_toc_blob(self, diff_id: Digest | None, toc_digest: Digest | None) -> None:
+        if diff_id is not None and toc_digest is not None:
+            with self._lock:
+                self._toc_blobs.setdefault(diff_id, toc_digest)
 
     def remember(self, layer: LayerInfo) -> None:
         with self._lock:
@@ -174,7 +209,7 @@ class Solver:
                         )
                     continue
                 entries.append(Entry(path=cur, type="dir", mode=0o755, mtime=self.epoch))
-            return self.write(entries)
+            return self.write(entries, by_content=True)
         if step.kind == "copy":
             assert isinstance(instr, df.Copy)
             return self.execute_copy(step, instr)
@@ -186,12 +221,39 @@ class Solver:
             return self.run_step(self, step)
         raise AssertionError(step.kind)
 
-    def write(self, entries: list[Entry]) -> LayerInfo:
+    def write(self, entries: list[Entry], *, by_content: bool = False) -> LayerInfo:
+        """Write a layer of ``entries`` (or, with ``by_content``, reuse an identical one).
+
+        Every layer gets a TOC blob (:mod:`cache.toc`), so later builds that hit its record
+        need not read the tar back to see what is in it.
+
+        ``by_content`` (COPY, ADD, WORKDIR: entries whose files are all known by digest):
+        the layer's bytes are a function of the entries alone, so a *content key* over them
+        finds a layer written from the same entries before — by this step when it missed
+        only because a step below it changed, or by any other — and that layer is used as
+        it is: no file is read, tarred, hashed or compressed again.
+        """
         from cache.layer import write_layer
 
+        ck = layer_content_key(entries) if by_content else None
+        if ck is not None:
+            hit = self.cache.layer_for(ck)
+            if hit is not None and hit.diff_id is not None and self.store.has(hit.diff_id):
+                self._note_toc_blob(hit.diff_id, hit.toc_digest)
+                return LayerInfo(hit.diff_id, hit.size, self.toc(hit.diff_id))
         layer = write_layer(entries, self.store)
         self.remember(layer)
+        toc_digest = self._store_toc(layer)
+        if ck is not None:
+            self.cache.remember_layer(ck, layer, toc_digest)
         return layer
+
+    def _store_toc(self, layer: LayerInfo) -> Digest:
+        from cache.toc import dump_toc
+
+        digest = self.store.put(dump_toc(layer.toc))
+        self._note_toc_blob(layer.diff_id, digest)
+        return digest
 
     def execute_copy(self, step: Step, instr: df.Copy) -> LayerInfo:
         file = self.plan.filename
@@ -240,7 +302,7 @@ class Solver:
             file=file,
             line=instr.line,
         )
-        return self.write(res.entries)
+        return self.write(res.entries, by_content=True)
 
     def _with_blob_sources(self, sel: Selected, view: View) -> Selected:
         from dataclasses import replace
@@ -290,6 +352,7 @@ class Solver:
         if not self.no_cache(step):
             hit = self.cache.lookup(step.key)
             if hit is not None:
+                self._note_toc_blob(hit.diff_id, hit.toc_digest)
                 self.cache.used(step)
                 self.reporter.step_start(step)
                 self.reporter.step_done(step, cached=True, seconds=time.monotonic() - t0)
@@ -307,7 +370,9 @@ class Solver:
         ):
             self.finish_layer(layer.diff_id)
         secs = time.monotonic() - t0
-        self.cache.record(step, layer, secs)
+        with self._lock:
+            toc_digest = self._toc_blobs.get(layer.diff_id) if layer is not None else None
+        self.cache.record(step, layer, secs, toc_digest)
         self.reporter.step_done(step, cached=False, seconds=secs)
         return StepResult(layer.diff_id if layer else None, False, secs)
 

@@ -22,6 +22,7 @@ LABEL l=1
 COPY b.txt /w/b.txt
 """
 OPS = ["COPY", "WORKDIR", "ENV", "COPY", "LABEL", "COPY"]
+N_LAYER_RECORDS = 4  # each COPY and the WORKDIR also file their layer under its content key
 
 FILES: dict[str, str | bytes] = {
     "Dockerfile": DOCKERFILE,
@@ -93,18 +94,23 @@ def test_ls_one_record_per_step_with_op_names(tmp_path: Path, home: Path) -> Non
 
 
 def test_du_matches_the_store(tmp_path: Path, home: Path) -> None:
-    assert cache(home, "du") == ["0 blobs, 0 B (0 bytes); 0 step records; 0 tags"]
+    assert cache(home, "du") == [
+        "0 blobs, 0 B (0 bytes); 0 step records; 0 layer records; 0 tags"
+    ]
     build(make_ctx(tmp_path / "ctx"), home, "-t", "app:1")
     on_disk = blobs(home)
     (line,) = cache(home, "du")
     m = re.fullmatch(
-        r"(\d+) blobs, [\d.]+ \S+ \((\d+) bytes\); (\d+) step records; (\d+) tags", line
+        r"(\d+) blobs, [\d.]+ \S+ \((\d+) bytes\); (\d+) step records; (\d+) layer records;"
+        r" (\d+) tags",
+        line,
     )
     assert m, line
     assert int(m.group(1)) == len(on_disk)
     assert int(m.group(2)) == sum(on_disk.values())
     assert int(m.group(3)) == len(OPS)
-    assert int(m.group(4)) == 1
+    assert int(m.group(4)) == N_LAYER_RECORDS
+    assert int(m.group(5)) == 1
 
 
 def test_prune_dry_run_removes_nothing(tmp_path: Path, home: Path) -> None:
@@ -243,19 +249,21 @@ def test_verify_corrupt_layer_tar_drops_its_record_and_the_step_is_rebuilt(
     ctx = make_ctx(tmp_path / "ctx")
     first = tmp_path / "first"
     build(ctx, home, "-o", f"type=oci,dest={first}")
-    # the uncompressed layer tar of COPY b.txt, named by the record's diff_id
-    (victim,) = [
-        r for r in _records(home) if r["diff_id"] == image_config(first)["rootfs"]["diff_ids"][-1]
-    ]
-    blob = home / "blobs" / "sha256" / victim["diff_id"].split(":", 1)[1]
+    # the uncompressed layer tar of COPY b.txt, named by the step's record and by the
+    # layer record filed under its content key
+    last = image_config(first)["rootfs"]["diff_ids"][-1]
+    victims = sorted((r for r in _records(home) if r["diff_id"] == last), key=lambda r: r["op"])
+    assert [r["op"] for r in victims] == ["COPY", "LAYER"]
+    blob = home / "blobs" / "sha256" / last.split(":", 1)[1]
     _corrupt(blob)
 
     out = cache(home, "verify")
-    assert f"corrupt blob {victim['diff_id']} removed" in out
-    assert f"record {victim['key'][:16]} dropped (its blob was corrupt)" in out
+    assert f"corrupt blob {last} removed" in out
+    for victim in victims:
+        assert f"record {victim['key'][:16]} dropped (its blob was corrupt)" in out
     assert out[-1] == f"cache verified: {len(out) - 1} problems fixed"
-    assert victim["key"] not in {r["key"] for r in _records(home)}
-    assert len(_records(home)) == len(OPS) - 1
+    assert not {v["key"] for v in victims} & {r["key"] for r in _records(home)}
+    assert len(_records(home)) == len(OPS) + N_LAYER_RECORDS - 2
     assert not blob.exists()
 
     second = tmp_path / "second"

@@ -1,0 +1,38 @@
+"""TOC blobs (cache.toc): a layer's TOC stored as JSON reads back exactly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cache.blobs import BlobStore
+from cache.layer import read_toc, write_layer
+from cache.toc import dump_toc, load_toc
+from cache.types import ContentRef, Entry
+
+
+def test_a_written_layers_toc_round_trips_through_json(tmp_path: Path) -> None:
+    src = tmp_path / "data.bin"
+    src.write_bytes(os.urandom(5000))
+    entries = [
+        Entry(path="d", type="dir", mode=0o755, mtime=7),
+        Entry(path="d/f", type="file", mode=0o4755, uid=1000, gid=50, size=5000, mtime=9,
+              xattrs=(("user.note", b"\x00\xffbinary"),), source=ContentRef(host_path=str(src))),
+        Entry(path="d/h", type="hardlink", link="d/f"),
+        Entry(path="d/l", type="symlink", link="../élan/" + "x" * 120),
+        Entry(path="dev", type="char", mode=0o600, devmajor=1, devminor=3),
+        Entry(path="gone", type="whiteout"),
+    ]  # fmt: skip
+    store = BlobStore(tmp_path / "store")
+    layer = write_layer(entries, store)
+    assert load_toc(dump_toc(layer.toc)) == layer.toc
+    with store.open(layer.diff_id) as f:
+        assert load_toc(dump_toc(layer.toc)) == read_toc(f)  # what reading the tar gives
+    assert dump_toc(load_toc(dump_toc(layer.toc)) or ()) == dump_toc(layer.toc)
+
+
+def test_other_formats_are_not_taken_for_a_toc() -> None:
+    assert load_toc(b"not json") is None
+    assert load_toc(b'{"toc": 99, "entries": []}') is None
+    assert load_toc(b"[1, 2]") is None
+    assert load_toc(dump_toc(())) == ()
