@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import struct
 import zlib
 from collections.abc import Iterable
 from typing import IO, BinaryIO, Protocol, cast
@@ -63,8 +64,21 @@ _SortKey = tuple[str, ...]
 """An entry's place in tar order: its path components, the whiteout/opaque markers encoded in
 strings (see ``_sort_key``)."""
 
-
 _BAD_COMPONENTS = frozenset(("", ".", ".."))
+_HEADER_START = struct.Struct("100s48s8s1s100s")
+"""A ustar header up to its magic: name, the mode/uid/gid/size/mtime fields, checksum,
+typeflag, linkname (``s`` fields are NUL-padded)."""
+_NUMBERS = b"%07o\0%07o\0%07o\0%011o\0%011o\0"
+"""The mode, uid, gid, size and mtime fields (8, 8, 8, 12, 12 bytes) in one format."""
+_MAGIC_AND_OWNERS = b"ustar\x0000" + bytes(64)
+"""Magic, version, then empty uname/gname, so hosts' user databases never leak in."""
+_PREFIX = bytes(167)
+"""The prefix field (unused: PAX carries long names) and the block's padding."""
+_ZERO_DEVS = b"%07o\0%07o\0" % (0, 0)
+_BLANK_CHECKSUM_SUM = 8 * ord(" ") + sum(_MAGIC_AND_OWNERS)
+"""What the checksum field (eight spaces while summing) and the magic add to a checksum."""
+_MAX_OCTAL_8 = 8**7
+_MAX_OCTAL_12 = 8**11
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,99 +298,63 @@ def _headers(name: str, e: Entry) -> bytes:
     if len(name_b) > 100 or not name.isascii():
         pax["path"] = name_b
         name_b = name.encode("ascii", "replace")[:100]
-    link_b = e.link.encode("utf-8", "surrogateescape")
-    if len(link_b) > 100 or not e.link.isascii():
-        pax["linkpath"] = link_b
-        link_b = e.link.encode("ascii", "replace")[:100]
-    numbers: list[bytes] = []
-    for key, value, width in (("uid", e.uid, 8), ("gid", e.gid, 8), ("size", e.size, 12)):
-        field = _octal(value, width)
-        if field is None:
-            pax[key] = str(value).encode()
-            field = _octal(0, width)
-        assert field is not None
-        numbers.append(field)
-    mtime = _octal(e.mtime, 12)
-    if mtime is None:
-        pax["mtime"] = str(e.mtime).encode()
-        mtime = _octal(0, 12)
-        assert mtime is not None
+    link_b = b""
+    if e.link:
+        link_b = e.link.encode("utf-8", "surrogateescape")
+        if len(link_b) > 100 or not e.link.isascii():
+            pax["linkpath"] = link_b
+            link_b = e.link.encode("ascii", "replace")[:100]
+    uid, gid, size, mtime = e.uid, e.gid, e.size, e.mtime
+    if not (
+        0 <= uid < _MAX_OCTAL_8
+        and 0 <= gid < _MAX_OCTAL_8
+        and 0 <= size < _MAX_OCTAL_12
+        and 0 <= mtime < _MAX_OCTAL_12
+    ):
+        uid, gid, size, mtime = (
+            _pax_number(pax, "uid", uid, _MAX_OCTAL_8),
+            _pax_number(pax, "gid", gid, _MAX_OCTAL_8),
+            _pax_number(pax, "size", size, _MAX_OCTAL_12),
+            _pax_number(pax, "mtime", mtime, _MAX_OCTAL_12),
+        )
     for xname, xvalue in e.xattrs:
         pax[_XATTR + xname] = xvalue
-    devs = [_octal(e.devmajor, 8), _octal(e.devminor, 8)]
-    if devs[0] is None or devs[1] is None:
-        raise InvalidInput(f"{e.path}: device numbers too large")
-    uid_f, gid_f, size_f = numbers
-    header = _ustar(
-        name_b,
-        _octal(e.mode, 8) or b"",
-        uid_f,
-        gid_f,
-        size_f,
-        mtime,
-        _TYPEFLAGS[e.type],
-        link_b,
-        devs[0],
-        devs[1],
-    )
+    devs = _ZERO_DEVS
+    if e.devmajor or e.devminor:
+        if not (0 <= e.devmajor < _MAX_OCTAL_8 and 0 <= e.devminor < _MAX_OCTAL_8):
+            raise InvalidInput(f"{e.path}: device numbers too large")
+        devs = b"%07o\0%07o\0" % (e.devmajor, e.devminor)
+    numbers = _NUMBERS % (e.mode, uid, gid, size, mtime)
+    header = _ustar(name_b, numbers, _TYPEFLAGS[e.type], link_b, devs)
     if not pax:
         return header
     records = b"".join(_pax_record(k, pax[k]) for k in sorted(pax))
-    zeros = _octal(0, 8) or b""
-    pax_header = _ustar(
-        _PAX_NAME,
-        _octal(0o644, 8) or b"",
-        zeros,
-        zeros,
-        _octal(len(records), 12) or b"",
-        _octal(0, 12) or b"",
-        b"x",
-        b"",
-        zeros,
-        zeros,
-    )
+    pax_numbers = _NUMBERS % (0o644, 0, 0, len(records), 0)
+    pax_header = _ustar(_PAX_NAME, pax_numbers, b"x", b"", _ZERO_DEVS)
     return pax_header + records + bytes(-len(records) % _BLOCK) + header
 
 
-def _octal(n: int, width: int) -> bytes | None:
-    """A NUL-terminated zero-padded octal field, or None when ``n`` does not fit."""
-    if 0 <= n < 8 ** (width - 1):
-        return b"%0*o\0" % (width - 1, n)
-    return None
+def _pax_number(pax: dict[str, bytes], key: str, value: int, limit: int) -> int:
+    """``value`` when its octal field holds it, else 0 with the number put in ``pax[key]``."""
+    if 0 <= value < limit:
+        return value
+    pax[key] = str(value).encode()
+    return 0
 
 
-def _ustar(
-    name: bytes,
-    mode: bytes,
-    uid: bytes,
-    gid: bytes,
-    size: bytes,
-    mtime: bytes,
-    typeflag: bytes,
-    linkname: bytes,
-    devmajor: bytes,
-    devminor: bytes,
-) -> bytes:
-    """One 512-byte ustar header block with its checksum filled in."""
-    block = bytearray(
-        name.ljust(100, b"\0")
-        + mode
-        + uid
-        + gid
-        + size
-        + mtime
-        + b" " * 8
-        + typeflag
-        + linkname.ljust(100, b"\0")
-        + b"ustar\x0000"
-        + bytes(64)  # uname, gname: empty so hosts' user databases never leak in
-        + devmajor
-        + devminor
-        + bytes(167)  # prefix (unused: PAX carries long names) and padding
+def _ustar(name: bytes, numbers: bytes, typeflag: bytes, linkname: bytes, devs: bytes) -> bytes:
+    """One 512-byte ustar header block with its checksum filled in.
+
+    ``numbers`` holds the mode, uid, gid, size and mtime fields (``_NUMBERS``), ``devs`` the
+    devmajor and devminor fields.  The checksum is the sum of the block's bytes with the
+    checksum field as eight spaces; NUL padding adds nothing, so it is summed from the parts.
+    """
+    assert len(name) <= 100 and len(linkname) <= 100 and len(numbers) == 48 and len(devs) == 16
+    checksum = (
+        sum(name) + sum(numbers) + typeflag[0] + sum(linkname) + sum(devs) + _BLANK_CHECKSUM_SUM
     )
-    assert len(block) == _BLOCK
-    block[148:156] = b"%06o\0 " % sum(block)
-    return bytes(block)
+    start = _HEADER_START.pack(name, numbers, b"%06o\0 " % checksum, typeflag, linkname)
+    return start + _MAGIC_AND_OWNERS + devs + _PREFIX
 
 
 def _pax_record(key: str, value: bytes) -> bytes:
