@@ -96,33 +96,33 @@ def write_layer(entries: Iterable[Entry], store: BlobStore) -> LayerInfo:
     """
     planned = _plan(entries)
     toc: list[Entry] = []
-    with store.ingest() as w:
+    with _BlobFiles(store) as blobs, store.ingest() as w:
         for name, e in planned:
-            w.write(_headers(name, e))
-            if e.type == "file":
-                offset = w.size
-                digest = _copy_content(e, store, w)
-                w.write(bytes(-e.size % _BLOCK))
-                toc.append(
-                    Entry(
-                        path=e.path,
-                        type=e.type,
-                        mode=e.mode,
-                        uid=e.uid,
-                        gid=e.gid,
-                        size=e.size,
-                        digest=digest,
-                        link=e.link,
-                        mtime=e.mtime,
-                        devmajor=e.devmajor,
-                        devminor=e.devminor,
-                        xattrs=e.xattrs,
-                        offset=offset,
-                        source=None,
-                    )
-                )
-            else:
+            header = _headers(name, e)
+            if e.type != "file":
+                w.write(header)
                 toc.append(e)
+                continue
+            offset = w.size + len(header)
+            digest = _copy_content(e, header, blobs, w)
+            toc.append(
+                Entry(
+                    path=e.path,
+                    type=e.type,
+                    mode=e.mode,
+                    uid=e.uid,
+                    gid=e.gid,
+                    size=e.size,
+                    digest=digest,
+                    link=e.link,
+                    mtime=e.mtime,
+                    devmajor=e.devmajor,
+                    devminor=e.devminor,
+                    xattrs=e.xattrs,
+                    offset=offset,
+                    source=None,
+                )
+            )
         w.write(_ZERO_BLOCK * 2)
     return LayerInfo(diff_id=w.digest, size=w.size, toc=tuple(toc))
 
@@ -366,34 +366,129 @@ def _pax_record(key: str, value: bytes) -> bytes:
     return str(n).encode() + body
 
 
-def _copy_content(e: Entry, store: BlobStore, w: BlobWriter) -> str:
-    """Stream a regular file's bytes into the tar; return their blake3 hex."""
-    h = blake3()
+_MAX_OPEN_BLOBS = 16
+"""Blobs ``_BlobFiles`` keeps open at once while one layer is written."""
+
+
+class _BlobFiles:
+    """The content-store blobs a layer's files are copied from, each opened once per layer.
+
+    A ``COPY --from`` of a directory reads thousands of files from one or a few lower layer
+    blobs; at most ``_MAX_OPEN_BLOBS`` stay open (the oldest opened is closed first).
+    """
+
+    def __init__(self, store: BlobStore) -> None:
+        self._store = store
+        self._files: dict[Digest, BinaryIO] = {}
+
+    def __enter__(self) -> _BlobFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def open(self, blob: Digest) -> BinaryIO:
+        """The open blob (shared: callers seek it before reading)."""
+        f = self._files.get(blob)
+        if f is None:
+            if len(self._files) >= _MAX_OPEN_BLOBS:
+                self._files.pop(next(iter(self._files))).close()
+            f = self._files[blob] = self._store.open(blob)
+        return f
+
+    def read(self, blob: Digest, offset: int, size: int) -> bytes | None:
+        """``size`` bytes of ``blob`` from ``offset``; None if the blob ends before them."""
+        fd = self.open(blob).fileno()
+        data = os.pread(fd, size, offset)
+        while len(data) < size:
+            more = os.pread(fd, size - len(data), offset + len(data))
+            if not more:
+                return None
+            data += more
+        return data
+
+
+def _copy_content(e: Entry, header: bytes, blobs: _BlobFiles, w: BlobWriter) -> str:
+    """Write a regular file's member (header, bytes from ``entry.source``, padding) to the
+    tar; return the blake3 hex of the bytes.
+
+    Content of at most ``_CHUNK`` bytes is read whole and written with its header and padding
+    in one write; bigger files are streamed through a buffer.
+    """
     src = e.source
+    padding = _ZERO_BLOCK[: -e.size % _BLOCK]
+    data: bytes | None
     if src is None or (src.host_path is None and src.blob is None and src.data is None):
         if e.size:
             raise InvalidInput(f"{e.path}: no content source for a {e.size}-byte file")
+        data = b""
     elif src.data is not None:
         if len(src.data) != e.size:
             raise InvalidInput(
                 f"{e.path}: inline data is {len(src.data)} bytes, entry says {e.size}"
             )
-        w.write(src.data)
-        h.update(src.data)
+        data = src.data
+    elif e.size > _CHUNK:
+        return _stream_content(e, header, padding, blobs, w)
     elif src.host_path is not None:
+        data = _read_host_file(src.host_path, e.size)
+        if data is None:
+            raise LbuildError(f"file changed while being read: {src.host_path}")
+    else:
+        assert src.blob is not None
+        data = blobs.read(src.blob, src.offset, e.size)
+        if data is None:
+            raise StoreError(f"blob {src.blob} ends before {e.path}'s data does")
+    digest = _check_digest(e, blake3(data).hexdigest())
+    w.write(b"".join((header, data, padding)))
+    return digest
+
+
+def _stream_content(
+    e: Entry, header: bytes, padding: bytes, blobs: _BlobFiles, w: BlobWriter
+) -> str:
+    """``_copy_content`` for a file bigger than ``_CHUNK``, from a host file or a blob."""
+    src = e.source
+    assert src is not None
+    h = blake3()
+    w.write(header)
+    if src.host_path is not None:
         with open(src.host_path, "rb") as f:
             if _copy_exact(f, e.size, w, h) or f.read(1):
                 raise LbuildError(f"file changed while being read: {src.host_path}")
     else:
         assert src.blob is not None
-        with store.open(src.blob) as f:
-            f.seek(src.offset)
-            if _copy_exact(f, e.size, w, h):
-                raise StoreError(f"blob {src.blob} ends before {e.path}'s data does")
-    digest: str = h.hexdigest()
+        blob = blobs.open(src.blob)
+        blob.seek(src.offset)
+        if _copy_exact(blob, e.size, w, h):
+            raise StoreError(f"blob {src.blob} ends before {e.path}'s data does")
+    w.write(padding)
+    return _check_digest(e, h.hexdigest())
+
+
+def _check_digest(e: Entry, digest: str) -> str:
+    """The content digest, checked against the entry's when the caller gave one."""
     if e.digest and e.digest != digest:
         raise LbuildError(f"file changed while being read: {e.path} (content digest differs)")
     return digest
+
+
+def _read_host_file(path: str, size: int) -> bytes | None:
+    """The whole content of a host file that should be ``size`` bytes; None if it is not.
+
+    Asks for one byte more than expected, then reads on (a read may return less than asked)
+    until the end of the file or that extra byte: a file that grew is seen, as one that shrank.
+    """
+    with open(path, "rb", buffering=0) as f:
+        data = f.read(size + 1)
+        while len(data) <= size:
+            more = f.read(size + 1 - len(data))
+            if not more:
+                break
+            data += more
+    return data if len(data) == size else None
 
 
 class _Hasher(Protocol):
