@@ -523,15 +523,17 @@ class _Input:
 
     def read(self, n: int) -> bytes:
         """Read up to ``n`` bytes; fewer only at end of stream."""
-        parts: list[bytes] = []
-        want = n
-        while want > 0:
-            b = self._src.read(want)
-            if not b:
-                break
-            parts.append(b)
-            want -= len(b)
-        data = b"".join(parts)
+        data = self._src.read(n) if n > 0 else b""
+        if 0 < len(data) < n:  # a short read (pipes, decompressors): read on
+            parts = [data]
+            want = n - len(data)
+            while want > 0:
+                b = self._src.read(want)
+                if not b:
+                    break
+                parts.append(b)
+                want -= len(b)
+            data = b"".join(parts)
         self.pos += len(data)
         return data
 
@@ -594,12 +596,12 @@ def _scan(src: _Input) -> tuple[Entry, ...]:
             else:
                 long_link = data.split(b"\0", 1)[0]
             continue
-        fields = {**global_pax, **pax}
+        fields = {**global_pax, **pax} if global_pax or pax else _NO_FIELDS
         pax = {}
         name_b = fields.get("path") or long_name or _ustar_name(hdr)
         link_b = fields.get("linkpath") or long_link or _cstr(hdr[157:257])
         long_name = long_link = None
-        if any(k.startswith("GNU.sparse.") for k in fields) or typeflag == b"S":
+        if typeflag == b"S" or (fields and any(k.startswith("GNU.sparse.") for k in fields)):
             raise Unsupported(f"sparse files in layer tars are not supported (at offset {start})")
         if "size" in fields:
             size = _pax_int(fields["size"], start)
@@ -610,9 +612,11 @@ def _scan(src: _Input) -> tuple[Entry, ...]:
         )
         mode = _number(hdr[100:108], start) & 0o7777
         name = name_b.decode("utf-8", "surrogateescape")
-        xattrs = tuple(
-            sorted((k[len(_XATTR) :], v) for k, v in fields.items() if k.startswith(_XATTR))
-        )
+        xattrs: tuple[tuple[str, bytes], ...] = ()
+        if fields:
+            xattrs = tuple(
+                sorted((k[len(_XATTR) :], v) for k, v in fields.items() if k.startswith(_XATTR))
+            )
         kind = _KINDS.get(typeflag)
         if kind is None:
             raise Unsupported(f"unsupported tar member type {typeflag!r} for {name!r}")
@@ -630,23 +634,56 @@ def _scan(src: _Input) -> tuple[Entry, ...]:
                 wpath = hidden if parent == "." else f"{parent}/{hidden}"
                 entries.append(Entry(path=wpath, type="whiteout", mode=0, mtime=mtime))
             continue  # other ".wh..wh." names are aufs bookkeeping: not content
-        e = Entry(path=path, type=kind, mode=mode, uid=uid, gid=gid, mtime=mtime, xattrs=xattrs)
+        digest, offset, link, major, minor = "", -1, "", 0, 0
         if kind == "file":
-            h = blake3()
             offset = src.pos
-            src.feed(size, h, name)
-            src.pad(-size % _BLOCK)
-            e = dataclasses.replace(e, size=size, digest=h.hexdigest(), offset=offset)
-        elif kind in ("char", "block"):
-            major, minor = _number(hdr[329:337], start), _number(hdr[337:345], start)
-            e = dataclasses.replace(e, devmajor=major, devminor=minor)
-        elif kind == "symlink":
-            e = dataclasses.replace(e, link=link_b.decode("utf-8", "surrogateescape"))
-        elif kind == "hardlink":
-            link = _clean_path(link_b.decode("utf-8", "surrogateescape"))
-            e = dataclasses.replace(e, link=link)
-        entries.append(e)
+            digest = _read_data(src, size, name)
+        else:
+            size = 0
+            if kind in ("char", "block"):
+                major, minor = _number(hdr[329:337], start), _number(hdr[337:345], start)
+            elif kind == "symlink":
+                link = link_b.decode("utf-8", "surrogateescape")
+            elif kind == "hardlink":
+                link = _clean_path(link_b.decode("utf-8", "surrogateescape"))
+        entries.append(
+            Entry(
+                path=path,
+                type=kind,
+                mode=mode,
+                uid=uid,
+                gid=gid,
+                size=size,
+                digest=digest,
+                link=link,
+                mtime=mtime,
+                devmajor=major,
+                devminor=minor,
+                xattrs=xattrs,
+                offset=offset,
+            )
+        )
     return tuple(entries)
+
+
+_NO_FIELDS: dict[str, bytes] = {}
+"""The PAX fields of a member that has none (never modified)."""
+
+
+def _read_data(src: _Input, size: int, name: str) -> str:
+    """Consume a regular file's data and padding; return the data's blake3 hex."""
+    padding = -size % _BLOCK
+    if size >= 0 and size + padding <= _CHUNK:  # the usual small file: one read
+        data = src.read(size + padding)
+        if len(data) < size:
+            raise InvalidInput(f"truncated layer tar: {name} ends early at offset {src.pos}")
+        h = blake3(memoryview(data)[:size])
+    else:
+        h = blake3()
+        src.feed(size, h, name)
+        src.pad(padding)
+    digest: str = h.hexdigest()
+    return digest
 
 
 _KINDS: dict[bytes, EntryType] = {
@@ -711,6 +748,8 @@ def _pax_int(value: bytes, at: int) -> int:
 def _check_sum(hdr: bytes, at: int) -> None:
     stored = _number(hdr[148:156], at)
     unsigned = sum(hdr[:148]) + 8 * 0x20 + sum(hdr[156:])
+    if stored == unsigned:
+        return  # the usual case: no need for the signed sum (old tars with high bytes)
     signed = unsigned - 256 * sum(1 for b in hdr[:148] + hdr[156:] if b >= 0x80)
     if stored not in (unsigned, signed):
         raise InvalidInput(f"invalid tar header at offset {at}: checksum mismatch")
