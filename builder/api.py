@@ -429,9 +429,14 @@ def compressed_blob(session: Session, diff_id: Digest, codec: Compression) -> An
 
 
 def prepare(
-    opts: BuildOptions, session: Session, tags_used: dict[str, str] | None = None
+    opts: BuildOptions,
+    session: Session,
+    tags_used: dict[str, str] | None = None,
+    scans: dict[str, list[tuple[str, os.stat_result]]] | None = None,
 ) -> tuple[Plan, Any]:
-    """Parse, select the context and plan (keys included). Returns the plan and the context."""
+    """Parse, select the context and plan (keys included). Returns the plan and the context.
+
+    ``scans`` are directory listings of the context the fast-path probe just took."""
     from builder import dockerfile as df
     from builder.context import BuildContext, hash_file
     from builder.hostplatform import host_platform
@@ -444,7 +449,7 @@ def prepare(
     dfile = opts.dockerfile if opts.dockerfile is not None else ctx_dir / "Dockerfile"
     dockerfile = df.load(dfile)
     rules, _ = load_ignore(ctx_dir, dfile)
-    ctx = BuildContext(ctx_dir, rules)
+    ctx = BuildContext(ctx_dir, rules, scans)
     os_name, arch, _variant = host_platform()
     popts = PlanOptions(
         build_args=dict(opts.build_args),
@@ -514,7 +519,7 @@ def build(
     with Session.open(opts.home, deferred=deferred) as session:
         probed = probe or (fastpath.probe(opts, epoch) if memo else None)
         tags_used: dict[str, str] = {}
-        plan, _ctx = prepare(opts, session, tags_used)
+        plan, _ctx = prepare(opts, session, tags_used, probed.scans if probed is not None else None)
         cache = IndexCache(session, dockerfile_id(opts))
         solver = Solver(
             plan,

@@ -119,7 +119,14 @@ class BuildContext:
     one that leaves the context is an error, never followed.
     """
 
-    def __init__(self, root: Path, ignore: IgnoreRules) -> None:
+    def __init__(
+        self,
+        root: Path,
+        ignore: IgnoreRules,
+        scans: dict[str, list[tuple[str, os.stat_result]]] | None = None,
+    ) -> None:
+        """``scans``: directory listings already taken (real rel -> sorted (name, lstat)),
+        e.g. by the no-op probe a moment ago; a directory not in it is listed here."""
         try:
             st = root.stat()
         except OSError:
@@ -129,6 +136,7 @@ class BuildContext:
         self.root: Path = root.resolve()
         self.ignore: IgnoreRules = ignore
         self._root_str = str(self.root)
+        self._scans = scans if scans is not None else {}
 
     def _host(self, real: str) -> str:
         """The host path of a real rel."""
@@ -362,6 +370,9 @@ class BuildContext:
 
     def _scan(self, real: str, logical: str) -> list[tuple[str, os.stat_result]]:
         """The (name, lstat) of a directory's entries, sorted by name."""
+        known = self._scans.get(real)
+        if known is not None:
+            return known
         entries: list[tuple[str, os.stat_result]] = []
         try:
             with os.scandir(self._host(real)) as it:

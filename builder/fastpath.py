@@ -55,8 +55,19 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-def fingerprint(root: Path, ignore_rules: Any, now_ns: int) -> Fingerprint:
-    """Walk the context like the builder does (ignore rules applied) and hash the stat tuples."""
+Scans = dict[str, list[tuple[str, os.stat_result]]]
+"""Directory listings taken by the probe's walk: real rel ("." for the root) -> sorted
+(name, lstat) pairs, the form ``BuildContext`` lists directories in (so a build after a
+failed probe does not list and stat the context a second time)."""
+
+
+def fingerprint(
+    root: Path, ignore_rules: Any, now_ns: int, scans: Scans | None = None
+) -> Fingerprint:
+    """Walk the context like the builder does (ignore rules applied) and hash the stat tuples.
+
+    The listings it takes are stored in ``scans`` when given.
+    """
     import blake3
 
     h = blake3.blake3()
@@ -71,20 +82,24 @@ def fingerprint(root: Path, ignore_rules: Any, now_ns: int) -> Fingerprint:
     while stack:
         rel_dir, dstate = stack.pop()
         path = os.path.join(top, rel_dir) if rel_dir else top
+        listing: list[tuple[str, os.stat_result]] = []
         try:
             with os.scandir(path) as it:
-                names = sorted(e.name for e in it)
+                for entry in it:
+                    try:
+                        listing.append((entry.name, entry.stat(follow_symlinks=False)))
+                    except FileNotFoundError:
+                        continue  # removed since the listing
         except OSError:
             lines.append(f"!{rel_dir}")
             continue
+        listing.sort(key=lambda e: e[0])
+        if scans is not None:
+            scans[rel_dir or "."] = listing
         subdirs = []
-        for name in names:
+        for name, s in listing:
             rel = f"{rel_dir}/{name}" if rel_dir else name
             full = os.path.join(path, name)
-            try:
-                s = os.lstat(full)
-            except OSError:
-                continue
             is_dir = st_mod.S_ISDIR(s.st_mode)
             state = empty if plain else rules.child_state(dstate, rel)
             excluded = False if plain else rules.excluded_by(state)
@@ -184,6 +199,7 @@ class Probe:
 
     key: str
     fingerprint: Fingerprint
+    scans: Scans
 
 
 def probe(opts: BuildOptions, epoch: int) -> Probe | None:
@@ -192,7 +208,8 @@ def probe(opts: BuildOptions, epoch: int) -> Probe | None:
     if mk is None:
         return None
     key, ctx, rules = mk
-    return Probe(key, fingerprint(ctx, rules, time.time_ns()))
+    scans: Scans = {}
+    return Probe(key, fingerprint(ctx, rules, time.time_ns(), scans), scans)
 
 
 def try_fast(opts: BuildOptions, reporter: Reporter) -> tuple[BuildResult | None, Probe | None]:
