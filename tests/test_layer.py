@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import os
@@ -16,9 +17,11 @@ from pathlib import Path
 import pytest
 import zstandard
 from blake3 import blake3
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cache.blobs import BlobStore
-from cache.errors import InvalidInput, LbuildError, Unsupported
+from cache.errors import InvalidInput, LbuildError, StoreError, Unsupported
 from cache.layer import (
     compress_layer,
     import_layer,
@@ -308,6 +311,70 @@ def test_content_changed_while_reading(tmp_path: Path) -> None:
     ok = write_layer([Entry("f", "file", size=5, source=ref)], store)
     assert ok.toc[0].digest == blake3(b"12345").hexdigest()
     assert list((tmp_path / "tmp").iterdir()) == []  # failed layers left nothing behind
+
+
+def _reference_order(e: Entry) -> tuple[tuple[int, str], ...]:
+    """Tar order as the layer format defines it: path components tagged 2, a directory's
+    opaque marker (0, "") first, then its whiteouts (1, name)."""
+    comps = () if e.path == "." else tuple(e.path.split("/"))
+    if e.type == "opaque":
+        return (*((2, c) for c in comps), (0, ""))
+    if e.type == "whiteout":
+        return (*((2, c) for c in comps[:-1]), (1, comps[-1]))
+    return tuple((2, c) for c in comps)
+
+
+_COMPONENT = st.sampled_from(["a", "b", "a b", "\x01", "\x01a", " ", "é", "~", "A", "a.b", "ab"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(_COMPONENT, min_size=1, max_size=3),
+            st.sampled_from(["file", "dir", "whiteout", "opaque", "symlink"]),
+        ),
+        max_size=12,
+    )
+)
+def test_member_order_follows_the_format(
+    tmp_path_factory: pytest.TempPathFactory, raw: list[tuple[list[str], str]]
+) -> None:
+    entries: dict[tuple[str, bool], Entry] = {}
+    for comps, kind in raw:
+        path = "/".join(comps)
+        link = "t" if kind == "symlink" else ""
+        key = (path, kind in ("whiteout", "opaque"))
+        entries.setdefault(key, Entry(path, kind, link=link))  # type: ignore[arg-type]
+    store = BlobStore(tmp_path_factory.mktemp("order"))
+    info = write_layer(list(entries.values()), store)
+    assert list(info.toc) == sorted(info.toc, key=_reference_order)
+    assert len(info.toc) == len(entries)
+
+
+def test_content_from_many_blobs_large_and_small(tmp_path: Path) -> None:
+    """Files copied from more layer blobs than the writer keeps open, some bigger than its
+    read buffer, give the layer their inline bytes would."""
+    store = BlobStore(tmp_path)
+    rng = random.Random(5)
+    datas = [rng.randbytes(n) for n in [1, 0, 600, (1 << 20) + 3, 3 << 20] + [100] * 20]
+    copies, inline = [], []
+    for i, data in enumerate(datas):
+        lower = write_layer(
+            [Entry("f", "file", size=len(data), source=ContentRef(data=data))], store
+        )
+        src = ContentRef(blob=lower.diff_id, offset=lower.toc[0].offset)
+        copies.append(Entry(f"d/{i:02d}", "file", size=len(data), source=src))
+        inline.append(Entry(f"d/{i:02d}", "file", size=len(data), source=ContentRef(data=data)))
+    rng.shuffle(copies)
+    info = write_layer(copies, store)
+    assert info == write_layer(inline, store)
+    for e in info.toc:
+        with open_member(store, info.diff_id, e) as m:
+            assert m.read() == datas[int(e.path[2:])]
+    short = dataclasses.replace(copies[0], size=copies[0].size + 5000)
+    with pytest.raises(StoreError, match="ends before"):
+        write_layer([short], store)
 
 
 def test_content_from_a_stored_layer_blob(tmp_path: Path) -> None:
