@@ -93,13 +93,15 @@ class Solver:
     epoch: int = 0
     keep_mtime: bool = False
     run_step: Callable[[Solver, Step], LayerInfo | None] | None = None
-    # Called in the worker that wrote a layer of the final image (compression runs in
-    # parallel with other steps instead of one layer after another at the end).
+    # Called on a worker for each layer of the final image a step wrote, as a task of its own
+    # (compression runs in parallel with the steps after it instead of one layer after
+    # another at the end, and a dependent step need not wait for it).
     finish_layer: Callable[[Digest], object] | None = None
     results: dict[str, StepResult] = field(default_factory=dict)
     _tocs: dict[Digest, tuple[Entry, ...]] = field(default_factory=dict)
     # diff_id -> TOC blob, for layers whose TOC is not in memory yet (from hit records)
     _toc_blobs: dict[Digest, Digest] = field(default_factory=dict)
+    _to_finish: list[Digest] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stage_locks: dict[int, threading.Lock] = field(default_factory=dict)
     # Set when the build is interrupted: running RUN steps kill their sandbox and stop.
@@ -368,7 +370,8 @@ class Solver:
             and self.finish_layer is not None
             and step.stage in self.final_stages()
         ):
-            self.finish_layer(layer.diff_id)
+            with self._lock:
+                self._to_finish.append(layer.diff_id)
         secs = time.monotonic() - t0
         with self._lock:
             toc_digest = self._toc_blobs.get(layer.diff_id) if layer is not None else None
@@ -385,6 +388,7 @@ class Solver:
         order = {n: i for i, n in enumerate(nx.lexicographical_topological_sort(graph))}
         failure: BaseException | None = None
         running: dict[Future[StepResult], str] = {}
+        finishing: list[Future[object]] = []
         with ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool:
             try:
                 while ready or running:
@@ -409,6 +413,16 @@ class Solver:
                                 ready.append(succ)
                     if failure is not None:
                         ready.clear()
+                    with self._lock:
+                        todo, self._to_finish = self._to_finish, []
+                    if self.finish_layer is not None:
+                        finishing += [pool.submit(self.finish_layer, d) for d in todo]
+                for job in finishing:
+                    try:
+                        job.result()
+                    except BaseException as e:
+                        if failure is None:
+                            failure = e
             except BaseException:
                 # SIGINT (KeyboardInterrupt) lands here, in the main thread: stop running RUN
                 # steps, or leaving the pool would wait for them to finish.
