@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from builder.solve import CacheHit, Solver
     from cache.blobs import BlobStore
     from cache.buildindex import BuildIndex
+    from cache.recorder import Recorder
     from cache.records import Index, Site
     from cache.types import BlobInfo, Entry, LayerInfo, StepKey
 
@@ -181,7 +182,12 @@ class Session:
     @classmethod
     @contextmanager
     def open(
-        cls, home: Path | None, *, exclusive: bool = False, deferred: bool = False
+        cls,
+        home: Path | None,
+        *,
+        exclusive: bool = False,
+        deferred: bool = False,
+        recorder: Recorder | None = None,
     ) -> Iterator[Session]:
         """Open the cache home.
 
@@ -191,7 +197,8 @@ class Session:
         ``deferred``, index writes go to a child process that also holds that lock until its
         last write is committed; leaving the block waits for it and raises ``StoreError`` if
         a write failed (unless the block is already failing: then the writes that were sent
-        are still committed, and the block's own error is the one raised).
+        are still committed, and the block's own error is the one raised).  ``recorder`` is
+        a writer child started ahead (``start_writer``), used or abandoned here.
         """
         from cache.blobs import BlobStore
 
@@ -204,7 +211,9 @@ class Session:
             if deferred:
                 from cache.buildindex import BuildIndex
 
-                index = BuildIndex.open(h / "lbuild.db", keep_fds=(lock_fd,))
+                index = BuildIndex.open(h / "lbuild.db", keep_fds=(lock_fd,), recorder=recorder)
+            elif recorder is not None:
+                recorder.abandon()
             if index is None:
                 from cache.records import Index
 
@@ -490,6 +499,7 @@ def build(
     memo: bool = True,
     tocs: dict[Digest, tuple[Entry, ...]] | None = None,
     writer: Literal["auto", "process", "inline"] = "auto",
+    recorder: Recorder | None = None,
 ) -> BuildResult:
     """Build an image: parse, plan, solve, assemble, export and tag.
 
@@ -501,22 +511,56 @@ def build(
     ``writer`` says where index writes happen: ``"process"`` in a child that imports
     SQLAlchemy while this process builds (:mod:`cache.buildindex`), ``"inline"`` through
     SQLAlchemy here; ``"auto"`` picks the child unless SQLAlchemy is already imported (a
-    long-lived caller has paid for it: nothing to overlap).
+    long-lived caller has paid for it: nothing to overlap).  ``recorder`` is such a child
+    started ahead by the caller (``start_writer``): the build uses it or stops it.
     """
-    from builder.commands import dockerfile_id
-    from builder.export import export_docker_archive, export_oci_layout
     from builder.progress import PlainReporter
-    from builder.solve import Solver
 
     t0 = time.monotonic()
     rep = reporter or PlainReporter()
-    epoch = source_date_epoch(opts.epoch)
-    for t in opts.tags:
-        split_tag(t)
-    from builder import fastpath
+    deferred = recorder is not None or (
+        writer == "process" or (writer == "auto" and "sqlalchemy" not in sys.modules)
+    )
+    try:
+        epoch = source_date_epoch(opts.epoch)
+        for t in opts.tags:
+            split_tag(t)
+        return _build(opts, rep, probe, memo, tocs, deferred, recorder, epoch, t0)
+    finally:
+        if recorder is not None:
+            recorder.abandon()  # a no-op when the session used (and closed) it
 
-    deferred = writer == "process" or (writer == "auto" and "sqlalchemy" not in sys.modules)
-    with Session.open(opts.home, deferred=deferred) as session:
+
+def start_writer(opts: BuildOptions) -> Recorder | None:
+    """Start the index writer child for a build ahead of the no-op check (its SQLAlchemy
+    import then overlaps the check too); None where a build would write inline.  Hand it to
+    ``build(recorder=...)``, or ``abandon()`` it when no build follows."""
+    if "sqlalchemy" in sys.modules:
+        return None
+    from cache.recorder import Recorder
+
+    h = home_dir(opts.home)
+    h.mkdir(parents=True, exist_ok=True)
+    return Recorder.start(h / "lbuild.db", lock=h / "lock")
+
+
+def _build(
+    opts: BuildOptions,
+    rep: Reporter,
+    probe: fastpath.Probe | None,
+    memo: bool,
+    tocs: dict[Digest, tuple[Entry, ...]] | None,
+    deferred: bool,
+    recorder: Recorder | None,
+    epoch: int,
+    t0: float,
+) -> BuildResult:
+    from builder import fastpath
+    from builder.commands import dockerfile_id
+    from builder.export import export_docker_archive, export_oci_layout
+    from builder.solve import Solver
+
+    with Session.open(opts.home, deferred=deferred, recorder=recorder) as session:
         probed = probe or (fastpath.probe(opts, epoch) if memo else None)
         tags_used: dict[str, str] = {}
         plan, _ctx = prepare(opts, session, tags_used, probed.scans if probed is not None else None)

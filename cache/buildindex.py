@@ -53,20 +53,28 @@ class BuildIndex:
 
     @classmethod
     def open(
-        cls, url_or_path: str | os.PathLike[str], *, keep_fds: Sequence[int] = ()
+        cls,
+        url_or_path: str | os.PathLike[str],
+        *,
+        keep_fds: Sequence[int] = (),
+        recorder: Recorder | None = None,
     ) -> BuildIndex | None:
         """A build index over the database, or None when it does not apply (see module doc).
 
         ``keep_fds`` are passed to the writer child (the build's lock on the cache home).
+        ``recorder``: a writer already started for this database (it is abandoned when the
+        build index does not apply).
         """
         path = sqlite_file(url_or_path)
-        if path is None:
-            return None
         fast: FastIndex | None = None
-        if path.exists():
+        if path is not None and path.exists():
             fast = FastIndex.open(path)
-            if fast is None:
-                return None
+        if path is None or (fast is None and path.exists()):
+            if recorder is not None:
+                recorder.abandon()
+            return None
+        if recorder is not None:
+            return cls(fast, recorder)
         try:
             recorder = Recorder.start(path, keep_fds=keep_fds)
         except BaseException:

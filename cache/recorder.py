@@ -84,14 +84,30 @@ class Recorder:
         self._closed = False
 
     @classmethod
-    def start(cls, db: str | os.PathLike[str], *, keep_fds: Sequence[int] = ()) -> Recorder:
-        """Spawn the child for the index at ``db`` (a path or SQLAlchemy URL)."""
+    def start(
+        cls,
+        db: str | os.PathLike[str],
+        *,
+        keep_fds: Sequence[int] = (),
+        lock: str | os.PathLike[str] | None = None,
+    ) -> Recorder:
+        """Spawn the child for the index at ``db`` (a path or SQLAlchemy URL).
+
+        ``lock``: a lock file the child holds shared (``flock``) from its start until its
+        last write — for a writer started before its parent took the build's lock.
+        """
         root = str(Path(__file__).resolve().parent.parent)  # so a source checkout works too
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "cache.recorder", os.fspath(db)],
+                [
+                    sys.executable,
+                    "-m",
+                    "cache.recorder",
+                    os.fspath(db),
+                    *(["--lock", os.fspath(lock)] if lock is not None else []),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env=env,
@@ -156,6 +172,19 @@ class Recorder:
                     f.close()
             self._proc.wait()
 
+    def abandon(self) -> None:
+        """Stop a writer that is not needed after all (started ahead of a build that then
+        did not run); nothing must have been sent to it.  Does nothing once closed."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()
+        for f in (self._in, self._out):
+            with contextlib.suppress(OSError):
+                f.close()
+        self._proc.wait()
+
     def _death(self) -> str:
         code = self._proc.wait()
         return f"the cache index writer exited with status {code} before finishing its writes"
@@ -199,13 +228,21 @@ def main(argv: Sequence[str]) -> int:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the writes end
-    if len(argv) != 1:
-        print("usage: python -m cache.recorder DB", file=sys.stderr)
+    args = list(argv)
+    if len(args) == 3 and args[1] == "--lock":
+        import fcntl
+
+        # held until this process ends: inherited by nothing, released by the kernel
+        fd = os.open(args[2], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        del args[1:]
+    if len(args) != 1:
+        print("usage: python -m cache.recorder DB [--lock FILE]", file=sys.stderr)
         return 2
     # the protocol gets its own copy of stdout; anything printed goes to stderr instead
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    code = serve(argv[0], sys.stdin.buffer, out)
+    code = serve(args[0], sys.stdin.buffer, out)
     # Every write is committed and the index closed: skip the interpreter's teardown (about
     # 50 ms with SQLAlchemy loaded), which the parent would otherwise wait for.
     sys.stderr.flush()

@@ -283,3 +283,54 @@ def test_a_build_with_the_process_writer_never_imports_sqlalchemy(tmp_path: Path
         check=True,
     )
     assert p.stdout.split() == ["1", "1", "False"]
+
+
+def test_a_writer_started_ahead_holds_its_own_lock(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    r = Recorder.start(tmp_path / "lbuild.db", lock=lock)
+    r.sync()  # answered after the child took the lock and opened the index
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r.call("put_step", rec(1))
+        r.close()
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+    with Index.open(tmp_path / "lbuild.db") as index:
+        assert index.get_step(key(1)) == rec(1)
+
+
+def test_abandon_stops_the_child_and_frees_the_lock(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    r = Recorder.start(tmp_path / "lbuild.db", lock=lock)
+    r.sync()
+    r.abandon()
+    assert r._proc.poll() is not None
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel dropped the child's lock
+    finally:
+        os.close(fd)
+    r.abandon()  # idempotent
+    r.close()  # and closing an abandoned writer is a no-op
+
+
+def test_a_no_op_build_leaves_no_writer_running(tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "a.txt").write_text("a\n")
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY a.txt /a.txt\n")
+    home = tmp_path / "home"
+    env = dict(os.environ, LBUILD_HOME=str(home))
+    cmd = [sys.executable, "-m", "builder", "build", str(ctx), "--progress", "plain"]
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    time.sleep(2.1)  # past the racy window, so the next build can write a no-op memo
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    p = subprocess.run(
+        cmd, env=env, cwd=ROOT, check=True, capture_output=True, timeout=120, text=True
+    )
+    assert "1/1 steps cached" in p.stderr  # answered by the no-op path
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    assert not [line for line in ps.stdout.splitlines() if str(home / "lbuild.db") in line]
