@@ -26,10 +26,11 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cache.db import sqlite_file
 from cache.fastpath import FastIndex
-from cache.recorder import Recorder
+from cache.recorder import NothingApplied, Recorder
 from cache.records import Site, StatEntry, StepRecord, TagRecord
 from cache.types import BlobInfo, Digest, StepKey
 
@@ -42,10 +43,13 @@ class BuildIndex:
     Thread-safe (the solver's workers look steps up concurrently).
     """
 
-    def __init__(self, fast: FastIndex | None, recorder: Recorder) -> None:
+    def __init__(self, fast: FastIndex | None, recorder: Recorder, db: Path) -> None:
         """Use ``BuildIndex.open``."""
         self._fast = fast
         self._recorder = recorder
+        self._db = db
+        # every write sent, in order: applied here if the child could apply none of them
+        self._calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self._lock = threading.Lock()
         self._steps: dict[StepKey, StepRecord] = {}
         self._compressed: dict[_CompressedKey, BlobInfo] = {}
@@ -74,28 +78,44 @@ class BuildIndex:
                 recorder.abandon()
             return None
         if recorder is not None:
-            return cls(fast, recorder)
+            return cls(fast, recorder, path)
         try:
             recorder = Recorder.start(path, keep_fds=keep_fds)
         except BaseException:
             if fast is not None:
                 fast.close()
             raise
-        return cls(fast, recorder)
+        return cls(fast, recorder, path)
 
     @property
     def path(self) -> Path | None:
         """The database file read (None before it exists)."""
         return self._fast.path if self._fast is not None else None
 
+    def _send(self, method: str, *args: Any, **kwargs: Any) -> None:
+        self._calls.append((method, args, kwargs))
+        self._recorder.call(method, *args, **kwargs)
+
     def sync(self) -> None:
         """Wait until every write so far is committed; raise ``StoreError`` if one failed."""
         self._recorder.sync()
 
     def close(self) -> None:
-        """Commit every write and end the writer (raising if a write failed)."""
+        """Commit every write and end the writer (raising if a write failed).
+
+        When the child applied none of them (it could not start or open the index), they
+        are applied here through ``Index`` instead, which reports what is wrong if it cannot
+        either: a broken writer never costs a build its records.
+        """
         try:
-            self._recorder.close()
+            try:
+                self._recorder.close()
+            except NothingApplied:
+                from cache.records import Index
+
+                with Index.open(self._db) as index:
+                    for method, args, kwargs in self._calls:
+                        getattr(index, method)(*args, **kwargs)
         finally:
             if self._fast is not None:
                 self._fast.close()
@@ -120,7 +140,7 @@ class BuildIndex:
         with self._lock:
             new = rec.key not in self._steps
             self._steps.setdefault(rec.key, rec)
-            self._recorder.call("put_step", rec)
+            self._send("put_step", rec)
         return new
 
     def touch_steps(
@@ -130,7 +150,7 @@ class BuildIndex:
         if sites is not None and len(sites) != len(keys):
             raise ValueError("touch_steps: sites must be parallel to keys")
         with self._lock:
-            self._recorder.call(
+            self._send(
                 "touch_steps", list(keys), now, sites=list(sites) if sites is not None else None
             )
 
@@ -152,7 +172,7 @@ class BuildIndex:
         """Remember a compressed form (as ``Index.put_compressed``)."""
         with self._lock:
             self._compressed.setdefault((diff_id, codec, level, codec_version), blob)
-            self._recorder.call("put_compressed", diff_id, codec, level, codec_version, blob)
+            self._send("put_compressed", diff_id, codec, level, codec_version, blob)
 
     # -- tags --------------------------------------------------------------------------
 
@@ -178,7 +198,7 @@ class BuildIndex:
         pinned = tuple(sorted(set(blobs)))
         with self._lock:
             self._tags[name] = TagRecord(name, manifest_digest, meta_json, when, pinned)
-            self._recorder.call("set_tag", name, manifest_digest, meta_json, blobs=pinned, now=when)
+            self._send("set_tag", name, manifest_digest, meta_json, blobs=pinned, now=when)
 
     # -- stat index --------------------------------------------------------------------
 
@@ -198,4 +218,4 @@ class BuildIndex:
         rows = list(entries)
         if rows:
             with self._lock:
-                self._recorder.call("stat_put_many", rows)
+                self._send("stat_put_many", rows)

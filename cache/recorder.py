@@ -73,6 +73,11 @@ def _read_frame(inp: IO[bytes]) -> object | None:
     return obj
 
 
+class NothingApplied(StoreError):
+    """The writer child applied none of the writes (it never started serving, or could not
+    open the index): the caller may apply them itself."""
+
+
 class Recorder:
     """The parent's end: send writes, ask whether they all succeeded, wait for the child."""
 
@@ -84,6 +89,7 @@ class Recorder:
         self._out: IO[bytes] = proc.stdout
         self._broken: str | None = None
         self._closed = False
+        self._greeted = False  # the child said it started serving (see ``serve``)
 
     @classmethod
     def start(
@@ -151,21 +157,35 @@ class Recorder:
             self._broken = f"the cache index writer stopped ({e.strerror or e})"
 
     def sync(self) -> None:
-        """Wait until the child has applied every call so far; raise the first failure."""
+        """Wait until the child has applied every call so far; raise the first failure
+        (``NothingApplied`` when the child applied nothing at all)."""
         if self._broken is None:
             try:
                 _write_frame(self._in, ("sync",))
                 self._in.flush()
-                reply = _read_frame(self._out)
+                reply = self._reply()
             except (BrokenPipeError, OSError) as e:
                 self._broken = f"the cache index writer stopped ({e.strerror or e})"
             else:
                 if reply is None:
                     self._broken = self._death()
+                elif isinstance(reply, tuple) and reply[0] == "unapplied":
+                    raise NothingApplied(str(reply[1]))
                 elif reply is not False:
                     raise StoreError(str(reply))
         if self._broken is not None:
+            if not self._greeted:
+                raise NothingApplied(self._broken)
             raise StoreError(self._broken)
+
+    def _reply(self) -> object | None:
+        """The next reply frame, after the child's greeting (None at end of input)."""
+        if not self._greeted:
+            hello = _read_frame(self._out)
+            if hello != "serving":
+                return None
+            self._greeted = True
+        return _read_frame(self._out)
 
     def close(self) -> None:
         """Apply everything sent, end the child and wait for it; raise if a write failed."""
@@ -198,9 +218,34 @@ class Recorder:
         return f"the cache index writer exited with status {code} before finishing its writes"
 
 
+class _Replies:
+    """The child's answers; a parent that is gone (a closed pipe) stops them, not the writes:
+    every whole frame received is still applied."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out: IO[bytes] | None = out
+
+    def send(self, obj: object) -> None:
+        if self._out is None:
+            return
+        try:
+            _write_frame(self._out, obj)
+            self._out.flush()
+        except OSError:  # BrokenPipeError: the parent died
+            self._out = None
+
+
 def serve(db: str, inp: IO[bytes], out: IO[bytes]) -> int:
-    """The child's loop: open the index, apply call frames, answer sync frames."""
+    """The child's loop: greet, open the index, apply call frames, answer sync frames.
+
+    The greeting tells the parent the child got this far: a child that dies before it
+    applied nothing.  A sync answers False (all applied), a message (a write failed: later
+    ones were skipped), or ``("unapplied", message)`` (the index could not be opened).
+    """
+    replies = _Replies(out)
+    replies.send("serving")
     error: str | None = None
+    unapplied = False
     index: Any = None
     try:
         from cache.records import Index
@@ -208,6 +253,7 @@ def serve(db: str, inp: IO[bytes], out: IO[bytes]) -> int:
         index = Index.open(db)
     except Exception as e:  # reported on the next sync, never as a traceback
         error = f"cannot open the cache index: {e}"
+        unapplied = True
     try:
         while True:
             frame = _read_frame(inp)
@@ -215,8 +261,10 @@ def serve(db: str, inp: IO[bytes], out: IO[bytes]) -> int:
                 break
             assert isinstance(frame, tuple)
             if frame[0] == "sync":
-                _write_frame(out, error if error is not None else False)
-                out.flush()
+                reply: object = False
+                if error is not None:
+                    reply = ("unapplied", error) if unapplied else error
+                replies.send(reply)
                 continue
             _, method, args, kwargs = frame
             if error is not None or method not in WRITE_METHODS:

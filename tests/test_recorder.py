@@ -21,7 +21,7 @@ from builder.api import BuildOptions, Output, build
 from builder.progress import PlainReporter
 from cache.buildindex import BuildIndex
 from cache.errors import StoreError
-from cache.recorder import Recorder
+from cache.recorder import NothingApplied, Recorder
 from cache.records import Index, Site, StatEntry, StepRecord
 from cache.types import MEDIA_TYPES, BlobInfo, Digest, StepKey
 
@@ -334,3 +334,41 @@ def test_a_no_op_build_leaves_no_writer_running(tmp_path: Path) -> None:
     assert "1/1 steps cached" in p.stderr  # answered by the no-op path
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
     assert not [line for line in ps.stdout.splitlines() if str(home / "lbuild.db") in line]
+
+
+def test_writes_the_child_could_not_apply_are_applied_by_the_build(tmp_path: Path) -> None:
+    db = tmp_path / "lbuild.db"
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    # a child that cannot open its index, and one that dies before serving at all
+    broken = Recorder.start(blocker / "lbuild.db")
+    dead = Recorder(
+        subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.exit(3)"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+    )
+    for n, recorder in enumerate((broken, dead), start=1):
+        bi = BuildIndex(None, recorder, db)
+        bi.put_step(rec(n, diff=10 + n))
+        bi.stat_put_many([StatEntry(f"/c/{n}", n, n, n, n, 0o100644, "b" * 64)])
+        bi.close()  # no error: applied here instead
+    with Index.open(db) as index:
+        assert index.get_step(key(1)) == rec(1, diff=11)
+        assert index.get_step(key(2)) == rec(2, diff=12)
+        assert set(index.stat_under("/c")) == {"/c/1", "/c/2"}
+
+
+def test_a_failed_write_after_others_were_applied_is_an_error(tmp_path: Path) -> None:
+    db = tmp_path / "lbuild.db"
+    r = Recorder.start(db)
+    r.call("put_step", rec(1))
+    r.call("put_step", "not a record")
+    r.call("put_step", rec(2))
+    with pytest.raises(StoreError) as info:
+        r.close()
+    assert not isinstance(info.value, NothingApplied)
+    with Index.open(db) as index:
+        assert index.get_step(key(1)) == rec(1)
+        assert index.get_step(key(2)) is None  # skipped after the failure
