@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from builder.writer import home_dir
 from cache.errors import InvalidInput, LbuildError, NotFound, Unsupported
 from cache.types import Compression, Digest
 
@@ -66,17 +67,6 @@ class BuildResult:
     steps_total: int
     steps_cached: int
     seconds: float
-
-
-def home_dir(home: Path | None) -> Path:
-    """The cache directory: ``--home``, else ``$LBUILD_HOME``, else ``~/.cache/lbuild``."""
-    if home is not None:
-        return home
-    env = os.environ.get("LBUILD_HOME")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "lbuild"
 
 
 def source_date_epoch(value: int | None) -> int:
@@ -198,7 +188,8 @@ class Session:
         last write is committed; leaving the block waits for it and raises ``StoreError`` if
         a write failed (unless the block is already failing: then the writes that were sent
         are still committed, and the block's own error is the one raised).  ``recorder`` is
-        a writer child started ahead (``start_writer``), used or abandoned here.
+        a writer child started ahead (``builder.writer.start_writer``), used or abandoned
+        here.
         """
         from cache.blobs import BlobStore
 
@@ -512,7 +503,8 @@ def build(
     SQLAlchemy while this process builds (:mod:`cache.buildindex`), ``"inline"`` through
     SQLAlchemy here; ``"auto"`` picks the child unless SQLAlchemy is already imported (a
     long-lived caller has paid for it: nothing to overlap).  ``recorder`` is such a child
-    started ahead by the caller (``start_writer``): the build uses it or stops it.
+    started ahead by the caller (``builder.writer.start_writer``): the build uses it or
+    stops it.
     """
     from builder.progress import PlainReporter
 
@@ -529,19 +521,6 @@ def build(
     finally:
         if recorder is not None:
             recorder.abandon()  # a no-op when the session used (and closed) it
-
-
-def start_writer(opts: BuildOptions) -> Recorder | None:
-    """Start the index writer child for a build ahead of the no-op check (its SQLAlchemy
-    import then overlaps the check too); None where a build would write inline.  Hand it to
-    ``build(recorder=...)``, or ``abandon()`` it when no build follows."""
-    if "sqlalchemy" in sys.modules:
-        return None
-    from cache.recorder import Recorder
-
-    h = home_dir(opts.home)
-    h.mkdir(parents=True, exist_ok=True)
-    return Recorder.start(h / "lbuild.db", lock=h / "lock")
 
 
 def _build(

@@ -14,8 +14,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cache.errors import EXIT_BAD_INPUT, EXIT_BUILD_FAILED, EXIT_INTERRUPTED, LbuildError
+
+DEFAULT_DEBOUNCE_MS = 50
+"""``lbuild watch --debounce``: quiet period before a rebuild."""
+DEFAULT_EXEC_GRACE_S = 5.0
+"""``lbuild watch --exec-grace``: SIGTERM to SIGKILL delay when stopping the command."""
 
 
 def _build_args(p: argparse.ArgumentParser) -> None:
@@ -97,11 +103,64 @@ def parser() -> argparse.ArgumentParser:
     csub.add_parser(
         "verify", parents=[home], help="re-hash every blob; drop corrupt ones and their records"
     )
-    from builder import unpack, watch
-
-    watch.add_parser(sub)
-    unpack.add_parser(sub)
+    # watch and unpack are defined here, not in their modules: a build must not import them
+    _watch_parser(sub)
+    u = sub.add_parser("unpack", help="unpack an image's root filesystem into a directory")
+    u.add_argument("image", metavar="IMAGE", help="a local tag, or oci-layout://DIR[:TAG]")
+    u.add_argument("dest", metavar="DIR", type=Path, help="must not exist, or be empty")
+    u.add_argument("--home", type=Path, help="cache directory (default $LBUILD_HOME)")
     return p
+
+
+def _watch_parser(sub: Any) -> None:
+    """The ``watch`` subcommand: the build arguments plus the watcher's own."""
+    w = sub.add_parser("watch", help="build, then rebuild on every change to the context")
+    _build_args(w)
+    w.add_argument(
+        "-o",
+        "--output",
+        action="append",
+        default=[],
+        metavar="type=oci,dest=DIR|type=docker,dest=FILE",
+        help="exported again after every successful build",
+    )
+    w.add_argument(
+        "--progress",
+        choices=["auto", "plain", "json"],
+        default="auto",
+        help="json: JSON lines on stdout; otherwise one summary line per rebuild",
+    )
+    w.add_argument(
+        "--debounce",
+        type=_non_negative_int,
+        default=DEFAULT_DEBOUNCE_MS,
+        metavar="MS",
+        help=f"quiet period before a rebuild (default {DEFAULT_DEBOUNCE_MS})",
+    )
+    w.add_argument(
+        "--exec",
+        dest="exec_command",
+        metavar="CMD",
+        help="run CMD (sh -c) after each successful build that gives a new image; "
+        "$LBUILD_IMAGE_DIGEST and $LBUILD_OUTPUT name it",
+    )
+    w.add_argument(
+        "--exec-grace",
+        type=float,
+        default=DEFAULT_EXEC_GRACE_S,
+        metavar="SECONDS",
+        help=f"SIGTERM to SIGKILL delay when stopping CMD (default {DEFAULT_EXEC_GRACE_S:g})",
+    )
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
 
 
 def options_from(ns: argparse.Namespace) -> object:
@@ -130,19 +189,20 @@ def options_from(ns: argparse.Namespace) -> object:
 
 
 def cmd_build(ns: argparse.Namespace) -> int:
-    from builder.api import BuildOptions, build
-    from builder.progress import make_reporter
+    # The index writer starts first, before this process imports the builder: on a miss its
+    # SQLAlchemy import overlaps everything this process does; on a no-op it is stopped
+    # (a few ms here, the rest on the other core).
+    from builder.writer import start_writer
 
-    opts = options_from(ns)
-    assert isinstance(opts, BuildOptions)
-    reporter = make_reporter("plain" if ns.progress == "auto" else ns.progress)
-    from builder.api import start_writer
-    from builder.fastpath import try_fast
-
-    # The index writer starts first: on a miss its SQLAlchemy import overlaps everything this
-    # process does; on a no-op it is stopped (a few ms here, the rest on the other core).
-    writer = start_writer(opts)
+    writer = start_writer(ns.home)
     try:
+        from builder.api import BuildOptions, build
+        from builder.fastpath import try_fast
+        from builder.progress import make_reporter
+
+        opts = options_from(ns)
+        assert isinstance(opts, BuildOptions)
+        reporter = make_reporter("plain" if ns.progress == "auto" else ns.progress)
         done, probe = try_fast(opts, reporter)
     except BaseException:
         if writer is not None:
@@ -272,7 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "cache":
             return cmd_cache(ns)
         if ns.command == "unpack":
-            return int(ns.handler(ns))
+            from builder.unpack import cmd_unpack
+
+            return cmd_unpack(ns)
         if ns.command == "watch":
             import gc
 

@@ -215,7 +215,8 @@ def probe(opts: BuildOptions, epoch: int) -> Probe | None:
 def try_fast(opts: BuildOptions, reporter: Reporter) -> tuple[BuildResult | None, Probe | None]:
     """The build's result if nothing changed since the memo was written (else None), and the
     probe the normal build can reuse."""
-    from builder.api import home_dir, source_date_epoch
+    from builder.api import source_date_epoch
+    from builder.writer import home_dir
 
     t0 = time.monotonic()
     home = home_dir(opts.home)

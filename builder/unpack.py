@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from builder.plan import ExternalImage
     from cache.types import BlobInfo
 
-__all__ = ["UnpackResult", "add_parser", "cmd_unpack", "unpack_image"]
+__all__ = ["UnpackResult", "cmd_unpack", "unpack_image"]
 
 _CHUNK = 1 << 20
 
@@ -177,15 +177,6 @@ def unpack_image(session: Session, ref: str, dest: Path) -> UnpackResult:
         remove_tree(work)
         raise
     return UnpackResult(ref, image.manifest_digest, len(image.layers), dest)
-
-
-def add_parser(sub: Any) -> None:
-    """Add the ``unpack`` subcommand to ``sub`` (dispatched through ``handler``)."""
-    p = sub.add_parser("unpack", help="unpack an image's root filesystem into a directory")
-    p.add_argument("image", metavar="IMAGE", help="a local tag, or oci-layout://DIR[:TAG]")
-    p.add_argument("dest", metavar="DIR", type=Path, help="must not exist, or be empty")
-    p.add_argument("--home", type=Path, help="cache directory (default $LBUILD_HOME)")
-    p.set_defaults(handler=cmd_unpack)
 
 
 def cmd_unpack(ns: argparse.Namespace) -> int:

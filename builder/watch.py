@@ -36,6 +36,8 @@ from types import FrameType
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
 # builder.progress imports only the standard library: cheap enough to import eagerly
+# the command line's defaults are defined with the parser, in builder/cli.py
+from builder.cli import DEFAULT_DEBOUNCE_MS, DEFAULT_EXEC_GRACE_S
 from builder.progress import JsonReporter, PlainReporter, Reporter
 from cache.errors import LbuildError
 
@@ -46,8 +48,7 @@ if TYPE_CHECKING:
 
 ChangeKind = Literal["created", "modified", "deleted", "moved"]
 
-DEFAULT_DEBOUNCE_MS = 50
-DEFAULT_EXEC_GRACE_S = 5.0
+
 SUMMARY_PATHS = 3  # paths named in a plain summary line before "(+N more)"
 JSON_PATHS = 100  # paths listed in a JSON summary; "changed_count" has the total
 
@@ -436,7 +437,7 @@ class Watcher:
         *,
         exec_stdout: IO[str] | None = None,
     ) -> None:
-        from builder.api import home_dir
+        from builder.writer import home_dir
         from cache.errors import NotFound
 
         if not opts.context.is_dir():
@@ -618,59 +619,6 @@ def _drain(fd: int) -> None:
 
 
 # -- command line ----------------------------------------------------------------------------
-def add_parser(sub: Any) -> None:
-    """Add the ``watch`` subcommand (the build arguments plus the watcher's own) to ``sub``."""
-    from builder.cli import _build_args
-
-    w = sub.add_parser("watch", help="build, then rebuild on every change to the context")
-    _build_args(w)
-    w.add_argument(
-        "-o",
-        "--output",
-        action="append",
-        default=[],
-        metavar="type=oci,dest=DIR|type=docker,dest=FILE",
-        help="exported again after every successful build",
-    )
-    w.add_argument(
-        "--progress",
-        choices=["auto", "plain", "json"],
-        default="auto",
-        help="json: JSON lines on stdout; otherwise one summary line per rebuild",
-    )
-    w.add_argument(
-        "--debounce",
-        type=_non_negative_int,
-        default=DEFAULT_DEBOUNCE_MS,
-        metavar="MS",
-        help=f"quiet period before a rebuild (default {DEFAULT_DEBOUNCE_MS})",
-    )
-    w.add_argument(
-        "--exec",
-        dest="exec_command",
-        metavar="CMD",
-        help="run CMD (sh -c) after each successful build that gives a new image; "
-        "$LBUILD_IMAGE_DIGEST and $LBUILD_OUTPUT name it",
-    )
-    w.add_argument(
-        "--exec-grace",
-        type=float,
-        default=DEFAULT_EXEC_GRACE_S,
-        metavar="SECONDS",
-        help=f"SIGTERM to SIGKILL delay when stopping CMD (default {DEFAULT_EXEC_GRACE_S:g})",
-    )
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
-
-
 def cmd_watch(ns: argparse.Namespace) -> int:
     """``lbuild watch``: returns 0 after a clean shutdown."""
     from builder.api import BuildOptions
