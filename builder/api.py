@@ -467,6 +467,11 @@ def prepare(
     return plan, ctx
 
 
+def dockerfile_id(opts: BuildOptions) -> str:
+    """Identity of "the same Dockerfile" across builds (for why): its resolved path."""
+    return str((opts.dockerfile or opts.context / "Dockerfile").resolve())
+
+
 def no_cache_rule(opts: BuildOptions, plan: Plan) -> Callable[[Step], bool]:
     """Which steps must be built again: all (--no-cache) or those of --no-cache-filter stages."""
     filters = {f.lower() for f in opts.no_cache_filter}
@@ -535,7 +540,6 @@ def _build(
     t0: float,
 ) -> BuildResult:
     from builder import fastpath
-    from builder.commands import dockerfile_id
     from builder.export import export_docker_archive, export_oci_layout
     from builder.solve import Solver
 
@@ -606,6 +610,24 @@ def assemble(solver: Solver, session: Session, codec: Compression) -> Any:
 
 
 def _run_step(opts: BuildOptions, session: Session) -> Callable[[Solver, Step], LayerInfo | None]:
+    """The solver's RUN executor; builder.run is imported by the first RUN, not before."""
+    import threading
+
+    run: list[Callable[[Solver, Step], LayerInfo | None]] = []
+    lock = threading.Lock()
+
+    def run_step(solver: Solver, step: Step) -> LayerInfo | None:
+        with lock:
+            if not run:
+                run.append(_make_run_step(opts, session))
+        return run[0](solver, step)
+
+    return run_step
+
+
+def _make_run_step(
+    opts: BuildOptions, session: Session
+) -> Callable[[Solver, Step], LayerInfo | None]:
     from builder.run import RunEnv, make_run_step
 
     clamp = (
@@ -613,6 +635,5 @@ def _run_step(opts: BuildOptions, session: Session) -> Callable[[Solver, Step], 
         if (opts.epoch is not None or os.environ.get("SOURCE_DATE_EPOCH"))
         else None
     )
-    return make_run_step(
-        RunEnv(session.home, opts.context, dict(opts.secrets), opts.snapshotter, clamp)
-    )
+    env = RunEnv(session.home, opts.context, dict(opts.secrets), opts.snapshotter, clamp)
+    return make_run_step(env)

@@ -56,14 +56,9 @@ def _visible_deps(plan: Plan, sid: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def dockerfile_id(opts: BuildOptions) -> str:
-    """Identity of "the same Dockerfile" across builds (for why): its resolved path."""
-    return str((opts.dockerfile or opts.context / "Dockerfile").resolve())
-
-
 def planned(opts: BuildOptions, session: Session) -> tuple[Plan, list[PlannedStep]]:
     """Plan a build and look every key up, building nothing."""
-    from builder.api import IndexCache, no_cache_rule, prepare
+    from builder.api import IndexCache, dockerfile_id, no_cache_rule, prepare
 
     plan, _ = prepare(opts, session)
     cache = IndexCache(session, dockerfile_id(opts))
@@ -118,7 +113,7 @@ def plan_text(steps: list[PlannedStep], fmt: str) -> str:
 
 def why(opts: BuildOptions, session: Session) -> list[tuple[PlannedStep, list[str]]]:
     """For every MISS, the reasons against the last record of the same step."""
-    from builder.api import no_cache_rule
+    from builder.api import dockerfile_id, no_cache_rule
     from builder.why import explain
 
     plan, steps = planned(opts, session)
