@@ -506,8 +506,8 @@ def build(
 
     ``writer`` says where index writes happen: ``"process"`` in a child that imports
     SQLAlchemy while this process builds (:mod:`cache.buildindex`), ``"inline"`` through
-    SQLAlchemy here; ``"auto"`` picks the child unless SQLAlchemy is already imported (a
-    long-lived caller has paid for it: nothing to overlap).  ``recorder`` is such a child
+    SQLAlchemy here (what a long-lived caller such as the watcher wants: it pays the import
+    once); ``"auto"`` picks the child unless SQLAlchemy is already imported.  ``recorder`` is such a child
     started ahead by the caller (``builder.writer.start_writer``): the build uses it or
     stops it.
     """

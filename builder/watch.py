@@ -574,7 +574,8 @@ class Watcher:
         result: BuildResult | None = None
         error: str | None = None
         try:
-            result = build(self.opts, self.reporter, memo=False, tocs=self.tocs)
+            # a long-lived process pays SQLAlchemy's import once: index writes inline
+            result = build(self.opts, self.reporter, memo=False, tocs=self.tocs, writer="inline")
         except LbuildError as err:
             if self.stopping:  # the build reports our own interrupt as its error
                 raise KeyboardInterrupt from None

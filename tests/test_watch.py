@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from run_fixtures import mount_lines, needs_root, procs_marked
 from util import ROOT, manifest_digest, umoci_unpack, write_files
 
 from builder.watch import Change, ChangeFilter, PendingChanges, Rebuild
+from cache.records import Index
 
 busybox_home = run_fixtures.busybox_home
 bbhome = run_fixtures.bbhome
@@ -36,11 +38,14 @@ pytestmark = pytest.mark.skipif(
 class WatchProc:
     """``lbuild watch --progress json`` running in a subprocess, its JSON events in a queue."""
 
-    def __init__(self, ctx: Path, home: Path, out: Path, *extra: str) -> None:
+    def __init__(
+        self, ctx: Path, home: Path, out: Path, *extra: str, prefix: tuple[str, ...] = ()
+    ) -> None:
         env = dict(os.environ)
         env["LBUILD_HOME"] = str(home)
         env.pop("SOURCE_DATE_EPOCH", None)
         args = [
+            *prefix,
             sys.executable,
             "-m",
             "builder",
@@ -497,3 +502,35 @@ def test_pending_coalesces_and_summary_line() -> None:
     bad = Rebuild(5, (Change("modified", "Dockerfile"),), False, 0.01, error="Dockerfile:2: x")
     assert "FAILED" in bad.line() and "Dockerfile:2: x" in bad.line()
     assert bad.as_json()["error"] == "Dockerfile:2: x" and not bad.as_json()["ok"]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (.ci/run installs it)")
+def test_the_watcher_writes_the_index_itself(tmp_path: Path, home: Path) -> None:
+    """A long-lived watcher pays SQLAlchemy's import once: no index writer child per rebuild
+    (spawning one each time made every rebuild wait for its 0.25 s import)."""
+    ctx = tmp_path / "ctx"
+    make_context(ctx)
+    log = tmp_path / "execs"
+    w = WatchProc(
+        ctx,
+        home,
+        tmp_path / "out",
+        prefix=("strace", "-f", "-qq", "-e", "trace=execve", "-o", str(log)),
+    )
+    try:
+        assert w.ok(timeout=120)["initial"]
+        (ctx / "app" / "main.py").write_text("print(2)\n")
+        assert w.ok(timeout=120)["rebuilt"] == 1
+        (ctx / "app" / "main.py").write_text("print(3)\n")
+        assert w.ok(timeout=120)["rebuilt"] == 1
+    finally:
+        # signal the watcher itself (strace's child); strace ends with it
+        kids = Path(f"/proc/{w.proc.pid}/task/{w.proc.pid}/children").read_text().split()
+        for pid in kids:
+            os.kill(int(pid), signal.SIGTERM)
+        assert w.proc.wait(timeout=60) == 0
+    execs = [line for line in log.read_text().splitlines() if "execve(" in line]
+    assert any("watch" in line for line in execs)  # the trace did see the watcher start
+    assert not [line for line in execs if "cache.recorder" in line]
+    with Index.open(home / "lbuild.db") as index:  # and its writes landed
+        assert len(index.list_steps(limit=None, oldest_first=True)) >= 4
