@@ -1,30 +1,34 @@
 """The index writer process: a build's index writes, done by a child that imports SQLAlchemy.
 
-Why a process: importing SQLAlchemy and the models costs about 0.2 s here, more than the rest
-of a one-file-edit rebuild.  A build's reads are served by :mod:`cache.fastpath` (stdlib
-``sqlite3``), so SQLAlchemy is needed only to *write* — and writes need not happen before the
-build goes on.  ``Recorder.start`` spawns ``python -m cache.recorder DB``; while the parent
-walks the context, plans and writes layers on one core, the child imports SQLAlchemy and
-opens :class:`cache.records.Index` on the other, then applies the writes the parent sends.
+Why a process: importing SQLAlchemy, the ORM and the models costs about 0.23 s here, more
+than the rest of a one-file-edit rebuild.  A build's reads are served by :mod:`cache.fastpath`
+(stdlib ``sqlite3``), so SQLAlchemy is needed only to *write* — and writes need not happen
+before the build goes on.  ``Recorder.start`` spawns ``python -S -m cache.recorder DB``; while
+the parent walks the context, plans and writes layers on one core, the child imports
+SQLAlchemy and opens :class:`cache.records.Index` on the other, then applies the writes the
+parent sends.
 
-Protocol (stdin → child, child → stdout): length-prefixed pickles.  A *call* frame
-``("call", method, args, kwargs)`` names one of :data:`WRITE_METHODS` of ``Index``; each
-call is its own transaction there, exactly as in-process (a step record still lands only
-after the parent committed its blobs, since the parent sends it only then).  A ``("sync",)``
-frame asks for a reply: None when every call so far succeeded, else the first error's
-message.  Calls after a failed one are skipped.  On end of input the child applies every
-whole frame it received, then exits; so a parent killed mid-build leaves whole records or
-none, never a half-written one.
+Protocol (stdin → child, child → stdout): length-prefixed pickles.  The child first greets
+(``"serving"``).  A *call* frame ``("call", method, args, kwargs)`` names one of
+:data:`WRITE_METHODS` of ``Index``; each call is its own transaction there, exactly as
+in-process (a step record still lands only after the parent committed its blobs, since the
+parent sends it only then).  A ``("sync",)`` frame asks for a reply: False when every call so
+far succeeded, the first error's message when one failed (later calls are skipped), or
+``("unapplied", message)`` when the index could not be opened at all.  On end of input the
+child applies every whole frame it received, then exits; so a parent killed mid-build leaves
+whole records or none, never a half-written one.
 
 Lifecycle and guarantees:
 
-- the child runs in its own session (Ctrl-C in a terminal does not reach it: it stops when
-  its input ends, after the frames it already has);
-- ``keep_fds`` are inherited: the build's shared lock on the cache home is passed, so
-  ``cache prune`` cannot start until the child's last write is committed, even if the
-  parent died first;
-- ``Recorder.close()`` ends the input and waits for the child, raising ``StoreError`` if any
-  write failed or the child died.
+- the child runs in its own session and ignores SIGINT (Ctrl-C in a terminal does not reach
+  it: it stops when its input ends, after the frames it already has);
+- the build's shared lock on the cache home is held by the child too (an inherited fd in
+  ``keep_fds``, or ``lock``: a file the child locks itself when started ahead of the build's
+  own lock), so ``cache prune`` cannot start until the child's last write is committed, even
+  if the parent died first;
+- ``Recorder.close()`` ends the input and waits for the child, raising ``StoreError`` if a
+  write failed or the child died (``NothingApplied`` when it applied none of them: the
+  caller may apply them itself); ``abandon()`` stops a child that is not needed.
 
 This module imports neither SQLAlchemy nor :mod:`cache.records` in the parent.
 """
