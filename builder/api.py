@@ -433,10 +433,12 @@ def prepare(
     session: Session,
     tags_used: dict[str, str] | None = None,
     scans: dict[str, list[tuple[str, os.stat_result]]] | None = None,
+    known_dag: Mapping[str, Any] | None = None,
 ) -> tuple[Plan, Any]:
     """Parse, select the context and plan (keys included). Returns the plan and the context.
 
-    ``scans`` are directory listings of the context the fast-path probe just took."""
+    ``scans`` are directory listings of the context the fast-path probe just took;
+    ``known_dag`` the DAG a previous build with the same memo key stored (``make_plan``)."""
     from builder import dockerfile as df
     from builder.context import BuildContext, hash_file
     from builder.hostplatform import host_platform
@@ -463,7 +465,7 @@ def prepare(
 
     with StatIndex(session.index) as stats:
         stats.prefetch(ctx.root)
-        plan = make_plan(dockerfile, ctx, popts, resolver, stats.hasher(hash_file))
+        plan = make_plan(dockerfile, ctx, popts, resolver, stats.hasher(hash_file), known_dag)
     return plan, ctx
 
 
@@ -546,7 +548,13 @@ def _build(
     with Session.open(opts.home, deferred=deferred, recorder=recorder) as session:
         probed = probe or (fastpath.probe(opts, epoch) if memo else None)
         tags_used: dict[str, str] = {}
-        plan, _ctx = prepare(opts, session, tags_used, probed.scans if probed is not None else None)
+        plan, _ctx = prepare(
+            opts,
+            session,
+            tags_used,
+            probed.scans if probed is not None else None,
+            probed.dag if probed is not None else None,
+        )
         cache = IndexCache(session, dockerfile_id(opts))
         solver = Solver(
             plan,
@@ -591,8 +599,9 @@ def _build(
                 for s in plan.order()
                 if s.kind not in ("base", "end")
             ]
+            dag = {**plan.dag.to_json(), "order": plan.topo_ids()}
             fastpath.save_memo(
-                session.home, probed.key, probed.fingerprint, result, shown, tags_used, pins
+                session.home, probed.key, probed.fingerprint, result, shown, tags_used, pins, dag
             )
     rep.finish(result)
     return result

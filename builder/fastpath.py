@@ -21,7 +21,7 @@ import json
 import os
 import stat as st_mod
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -173,12 +173,18 @@ def save_memo(
     steps: list[dict[str, str]],
     tags_used: dict[str, str],
     blobs: list[str],
+    dag: dict[str, Any] | None = None,
 ) -> None:
-    """Write the memo atomically (never when the fingerprint was racy)."""
-    if fp.racy:
-        return
+    """Write the memo atomically.
+
+    A racy fingerprint is not stored (None never matches), so such a memo never answers a
+    no-op; the rest of it still does its job: ``dag`` (the plan's DAG with its topological
+    order, which depends on the memo key's inputs only) lets the next build with the same
+    key skip networkx (``Plan.topo_ids``).
+    """
     body = {
-        "fingerprint": fp.digest,
+        "fingerprint": None if fp.racy else fp.digest,
+        "dag": dag,
         "manifest": result.manifest_digest,
         "config": result.config_digest,
         "steps": steps,
@@ -200,6 +206,8 @@ class Probe:
     key: str
     fingerprint: Fingerprint
     scans: Scans
+    dag: dict[str, Any] | None = None
+    """The step DAG and its topological order from the memo (``Plan.topo_ids``)."""
 
 
 def probe(opts: BuildOptions, epoch: int) -> Probe | None:
@@ -231,6 +239,9 @@ def try_fast(opts: BuildOptions, reporter: Reporter) -> tuple[BuildResult | None
         memo = json.loads(raw)
     except ValueError:
         return None, pr
+    dag = memo.get("dag")
+    if isinstance(dag, dict):  # the plan's DAG does not depend on the context's files
+        pr = replace(pr, dag=dag)
     if pr.fingerprint.digest != memo["fingerprint"]:
         return None, pr
     return _replay(opts, reporter, home, memo, t0), pr

@@ -76,20 +76,81 @@ class StagePlan:
 
 
 @dataclass
-class Plan:
-    """The DAG and what the solver needs next to it."""
+class Dag:
+    """The step DAG as planning lays it out: step ids and dependency edges, in the order
+    planning adds them (``add_node``/``add_edge``, networkx's names and meaning).
 
-    graph: Any  # networkx.DiGraph of step ids
+    ``Plan.graph`` is the networkx ``DiGraph`` made from it; the solver only needs each
+    step's dependants and the topological order, so it uses this structure and
+    ``Plan.topo_ids()`` and does not import networkx when the order is already known (see
+    ``Plan.topo_ids``).
+    """
+
+    nodes: list[str] = field(default_factory=list)
+    edges: list[tuple[str, str]] = field(default_factory=list)
+    _seen: set[str] = field(default_factory=set, repr=False, compare=False)
+
+    def add_node(self, n: str) -> None:
+        if n not in self._seen:
+            self._seen.add(n)
+            self.nodes.append(n)
+
+    def add_edge(self, u: str, v: str) -> None:
+        self.add_node(u)
+        self.add_node(v)
+        self.edges.append((u, v))
+
+    def successors(self) -> dict[str, list[str]]:
+        """Each step's dependants (steps that wait for it), no duplicates."""
+        out: dict[str, list[str]] = {n: [] for n in self.nodes}
+        for u, v in dict.fromkeys(self.edges):
+            out[u].append(v)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"nodes": self.nodes, "edges": [list(e) for e in self.edges]}
+
+
+@dataclass
+class Plan:
+    """The DAG and what the solver needs next to it.
+
+    ``known_order`` is the topological order of this exact DAG computed by networkx before
+    (a previous build with the same Dockerfile, arguments and contexts stored it with its
+    memo, see builder/fastpath.py); it is used only when the stored DAG equals this one.
+    """
+
+    dag: Dag
     steps: dict[str, Step]
     stages: dict[int, StagePlan]
     target: int
     dockerfile: df.Dockerfile
     filename: str
+    known_order: list[str] | None = None
+    _graph: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def graph(self) -> Any:
+        """The networkx ``DiGraph`` of step ids (built, and networkx imported, on first use)."""
+        if self._graph is None:
+            import networkx as nx
+
+            g = nx.DiGraph()
+            g.add_nodes_from(self.dag.nodes)
+            g.add_edges_from(self.dag.edges)
+            self._graph = g
+        return self._graph
+
+    def topo_ids(self) -> list[str]:
+        """Step ids in networkx's lexicographical topological order."""
+        if self.known_order is None:
+            import networkx as nx
+
+            self.known_order = list(nx.lexicographical_topological_sort(self.graph))
+        return self.known_order
 
     def order(self) -> list[Step]:
-        import networkx as nx
-
-        return [self.steps[n] for n in nx.lexicographical_topological_sort(self.graph)]
+        return [self.steps[n] for n in self.topo_ids()]
 
 
 @dataclass(frozen=True)
@@ -297,13 +358,16 @@ def make_plan(
     opts: PlanOptions,
     resolve_image: ImageResolver,
     hasher: Hasher,
+    known: Mapping[str, Any] | None = None,
 ) -> Plan:
-    """Build the step DAG for ``opts.target`` and compute every step's key."""
-    import networkx as nx
+    """Build the step DAG for ``opts.target`` and compute every step's key.
 
+    ``known``: a DAG stored by an earlier build (``Dag.to_json()`` plus ``"order"``); its
+    order is reused when its nodes and edges are exactly this plan's.
+    """
     file = dockerfile.filename
     target = find_target(dockerfile, opts.target)
-    graph = nx.DiGraph()
+    graph = Dag()
     steps: dict[str, Step] = {}
     stages: dict[int, StagePlan] = {}
     visiting: list[int] = []
@@ -502,4 +566,11 @@ def make_plan(
         return sp
 
     plan_stage(target)
-    return Plan(graph, steps, stages, target, dockerfile, file)
+    order = None
+    if (
+        known is not None
+        and known.get("nodes") == graph.nodes
+        and [tuple(e) for e in known.get("edges", [])] == graph.edges
+    ):
+        order = list(known["order"])
+    return Plan(graph, steps, stages, target, dockerfile, file, order)

@@ -380,12 +380,13 @@ class Solver:
         return StepResult(layer.diff_id if layer else None, False, secs)
 
     def solve(self) -> dict[str, StepResult]:
-        import networkx as nx
-
-        graph = self.plan.graph
-        indeg = {n: graph.in_degree(n) for n in graph.nodes}
+        dependants = self.plan.dag.successors()
+        indeg = dict.fromkeys(dependants, 0)
+        for succs in dependants.values():
+            for v in succs:
+                indeg[v] += 1
         ready = sorted(n for n, d in indeg.items() if d == 0)
-        order = {n: i for i, n in enumerate(nx.lexicographical_topological_sort(graph))}
+        order = {n: i for i, n in enumerate(self.plan.topo_ids())}
         failure: BaseException | None = None
         running: dict[Future[StepResult], str] = {}
         finishing: list[Future[object]] = []
@@ -407,7 +408,7 @@ class Solver:
                             if failure is None:
                                 failure = e
                             continue
-                        for succ in graph.successors(n):
+                        for succ in dependants[n]:
                             indeg[succ] -= 1
                             if indeg[succ] == 0:
                                 ready.append(succ)

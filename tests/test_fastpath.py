@@ -1,0 +1,128 @@
+"""The memo's second use: the plan's DAG, stored with its networkx topological order, lets a
+rebuild with the same Dockerfile, arguments and contexts skip importing networkx.
+
+The stored order is used only when the stored nodes and edges are exactly the new plan's:
+tampering with the memo must send the build back to networkx, never to a wrong order.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from util import ROOT, lbuild, manifest_digest, write_files
+
+DOCKERFILE = """\
+FROM scratch AS libs
+COPY lib/ /lib/
+FROM scratch
+COPY --link app/ /app/
+COPY --from=libs /lib /opt/lib
+COPY conf.txt /etc/conf.txt
+ENV MODE=prod
+"""
+
+
+def make_ctx(ctx: Path) -> None:
+    write_files(
+        ctx,
+        {
+            "Dockerfile": DOCKERFILE,
+            "lib/a.py": "a = 1\n",
+            "app/main.py": "print(1)\n",
+            "conf.txt": "x\n",
+        },
+    )
+
+
+def build_in_process(ctx: Path, home: Path, out: Path) -> tuple[bool, str]:
+    """Run the CLI's build in a fresh interpreter; return (networkx imported?, stderr)."""
+    code = (
+        "import sys\n"
+        "from builder.cli import main\n"
+        f"rc = main(['build', {str(ctx)!r}, '--home', {str(home)!r}, '--progress', 'plain',"
+        f" '--output', 'type=oci,dest={out}'])\n"
+        "assert rc == 0, rc\n"
+        "print('networkx' in sys.modules)\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip() == "True", p.stderr
+
+
+def test_an_edit_rebuild_takes_the_stored_order_and_skips_networkx(tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    make_ctx(ctx)
+    home = tmp_path / "home"
+    imported, _ = build_in_process(ctx, home, tmp_path / "o1")
+    assert imported  # nothing stored yet: networkx plans the DAG
+    memos = list((home / "memo").glob("*.json"))
+    assert len(memos) == 1
+    stored = json.loads(memos[0].read_text())["dag"]
+    assert stored["order"] and len(stored["nodes"]) == len(stored["order"])
+
+    (ctx / "app" / "main.py").write_text("print(2)\n")
+    imported, err = build_in_process(ctx, home, tmp_path / "o2")
+    assert not imported
+    assert "1/5 steps cached" in err, err  # the --link COPY and the steps after it rebuilt
+    lbuild("build", ctx, "--no-cache", "--output", f"type=oci,dest={tmp_path / 'ref'}", home=home)
+    assert manifest_digest(tmp_path / "o2") == manifest_digest(tmp_path / "ref")
+
+
+def test_a_stored_dag_that_differs_is_not_used(tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    make_ctx(ctx)
+    home = tmp_path / "home"
+    build_in_process(ctx, home, tmp_path / "o1")
+    (memo,) = list((home / "memo").glob("*.json"))
+    doc = json.loads(memo.read_text())
+    # a stored DAG with one dependency missing (and so an order that would run a step
+    # before the stage it copies from)
+    doc["dag"]["edges"] = doc["dag"]["edges"][1:]
+    doc["dag"]["order"] = list(reversed(doc["dag"]["order"]))
+    memo.write_text(json.dumps(doc))
+
+    (ctx / "conf.txt").write_text("y\n")
+    imported, _ = build_in_process(ctx, home, tmp_path / "o2")
+    assert imported  # planned with networkx again
+    lbuild("build", ctx, "--no-cache", "--output", f"type=oci,dest={tmp_path / 'ref'}", home=home)
+    assert manifest_digest(tmp_path / "o2") == manifest_digest(tmp_path / "ref")
+
+
+def test_the_stored_order_is_networkx_order(tmp_path: Path) -> None:
+    import networkx as nx
+
+    from builder import dockerfile as df
+    from builder.context import BuildContext, hash_file
+    from builder.ignore import IgnoreRules
+    from builder.plan import PlanOptions, make_plan
+
+    ctx = tmp_path / "ctx"
+    make_ctx(ctx)
+    dockerfile = df.load(ctx / "Dockerfile")
+    popts = PlanOptions(
+        build_args={}, target=None, epoch=0, keep_mtime=False, platform="linux/amd64"
+    )
+
+    def plan(known: dict[str, object] | None) -> object:
+        return make_plan(
+            dockerfile,
+            BuildContext(ctx, IgnoreRules()),
+            popts,
+            lambda ref: None,
+            lambda path, st: hash_file(path, st),
+            known,
+        )
+
+    fresh = plan(None)
+    assert fresh.known_order is None  # type: ignore[attr-defined]
+    order = fresh.topo_ids()  # type: ignore[attr-defined]
+    assert order == list(nx.lexicographical_topological_sort(fresh.graph))  # type: ignore[attr-defined]
+    stored = {**fresh.dag.to_json(), "order": order}  # type: ignore[attr-defined]
+    again = plan(json.loads(json.dumps(stored)))  # as read back from the memo file
+    assert again.known_order == order  # type: ignore[attr-defined]
+    assert plan({**stored, "nodes": stored["nodes"][:-1]}).known_order is None  # type: ignore[attr-defined]
