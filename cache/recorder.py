@@ -49,9 +49,7 @@ from cache.errors import StoreError
 if TYPE_CHECKING:
     import subprocess
 
-WRITE_METHODS = frozenset(
-    {"put_step", "touch_steps", "put_compressed", "set_tag", "stat_put_many", "add_build"}
-)
+WRITE_METHODS = frozenset({"put_step", "touch_steps", "put_compressed", "set_tag", "stat_put_many"})
 """The ``Index`` methods a child may be asked to call (writes only)."""
 
 _HEADER = struct.Struct(">I")
