@@ -372,3 +372,66 @@ def test_a_failed_write_after_others_were_applied_is_an_error(tmp_path: Path) ->
     with Index.open(db) as index:
         assert index.get_step(key(1)) == rec(1)
         assert index.get_step(key(2)) is None  # skipped after the failure
+
+
+def _cli_build(ctx: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, LBUILD_HOME=str(home))
+    return subprocess.run(
+        [sys.executable, "-m", "builder", "build", str(ctx), "--progress", "plain"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _small_ctx(tmp_path: Path) -> Path:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "a.txt").write_text("a\n")
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY a.txt /a.txt\n")
+    return ctx
+
+
+def test_a_build_on_an_old_schema_migrates_it_in_process(tmp_path: Path) -> None:
+    """The stdlib read path declines an old schema; the build then opens Index, which migrates."""
+    import sqlite3
+
+    from test_records import V1_SCHEMA
+
+    from cache.db import SCHEMA_VERSION
+
+    home = tmp_path / "home"
+    home.mkdir()
+    with sqlite3.connect(home / "lbuild.db") as raw:
+        raw.executescript(V1_SCHEMA.format(k="ab" * 32, d="cd" * 32))
+    p = _cli_build(_small_ctx(tmp_path), home)
+    assert p.returncode == 0, p.stderr
+    with sqlite3.connect(home / "lbuild.db") as raw:
+        (version,) = raw.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        keys = {r[0] for r in raw.execute("SELECT key FROM steps")}
+    assert version == str(SCHEMA_VERSION)
+    assert "ab" * 32 in keys and len(keys) >= 2  # the old record kept, the new ones added
+
+
+def test_a_build_on_a_newer_or_broken_index_fails_in_one_line(tmp_path: Path) -> None:
+    import sqlite3
+
+    from cache.db import SCHEMA_VERSION
+
+    ctx = _small_ctx(tmp_path)
+    newer = tmp_path / "newer"
+    Index.open(newer / "lbuild.db").close()
+    with sqlite3.connect(newer / "lbuild.db") as raw:
+        raw.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),)
+        )
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "lbuild.db").write_bytes(b"not a database" * 100)
+    for home, words in ((newer, "is newer than this lbuild"), (broken, "not a database")):
+        p = _cli_build(ctx, home)
+        assert p.returncode == 1
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("lbuild: error: ") and words in lines[0]
