@@ -108,3 +108,28 @@ def test_reuse_needs_the_same_entries_not_just_the_same_sources(tmp_path: Path) 
     lbuild("build", ctx, "--no-cache", "--output", f"type=oci,dest={tmp_path / 'c'}", home=home)
     assert manifest_digest(tmp_path / "b") == manifest_digest(tmp_path / "c")
     assert manifest_digest(tmp_path / "a") != manifest_digest(tmp_path / "b")
+
+
+def test_missing_or_unreadable_toc_blobs_fall_back_to_the_tar(tmp_path: Path) -> None:
+    """A hit whose TOC blob is gone (or is not a TOC) reads the layer tar instead."""
+    ctx = tmp_path / "ctx"
+    (ctx / "big").mkdir(parents=True)
+    (ctx / "Dockerfile").write_text(DOCKERFILE)
+    (ctx / "small.txt").write_text("one\n")
+    (ctx / "big" / "a.bin").write_bytes(os.urandom(4096))
+    (ctx / "big" / "b.txt").write_text("b\n")
+    home = tmp_path / "home"
+    lbuild("build", ctx, "--output", f"type=oci,dest={tmp_path / 'o1'}", home=home)
+    blobs = home / "blobs" / "sha256"
+    tocs = [p for p in blobs.iterdir() if p.read_bytes()[:8] == b'{"toc":1']
+    assert len(tocs) >= 3  # one per layer written
+    for i, p in enumerate(tocs):
+        p.chmod(0o644)
+        if i % 2:
+            p.unlink()
+        else:
+            p.write_bytes(b"not a table of contents")
+    (ctx / "small.txt").write_text("two\n")
+    lbuild("build", ctx, "--output", f"type=oci,dest={tmp_path / 'o2'}", home=home)
+    lbuild("build", ctx, "--no-cache", "--output", f"type=oci,dest={tmp_path / 'ref'}", home=home)
+    assert manifest_digest(tmp_path / "o2") == manifest_digest(tmp_path / "ref")
