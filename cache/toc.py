@@ -49,8 +49,15 @@ def load_toc(data: bytes) -> tuple[Entry, ...] | None:
         return None
     if not isinstance(doc, dict) or doc.get("toc") != TOC_FORMAT:
         return None
+    try:
+        return _entries(doc["entries"])
+    except (KeyError, TypeError, ValueError):
+        return None  # damaged: the caller reads the tar instead
+
+
+def _entries(rows: list[Any]) -> tuple[Entry, ...]:
     out: list[Entry] = []
-    for row in doc["entries"]:
+    for row in rows:
         path, kind, mode, uid, gid, size, digest, link, mtime, offset = row[:10]
         devmajor = devminor = 0
         xattrs: tuple[tuple[str, bytes], ...] = ()

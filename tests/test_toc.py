@@ -36,3 +36,11 @@ def test_other_formats_are_not_taken_for_a_toc() -> None:
     assert load_toc(b'{"toc": 99, "entries": []}') is None
     assert load_toc(b"[1, 2]") is None
     assert load_toc(dump_toc(())) == ()
+
+
+def test_a_damaged_toc_blob_reads_as_none() -> None:
+    good = dump_toc([Entry(path="a", type="file", size=1, digest="0" * 64, offset=512)])
+    assert load_toc(good) is not None
+    assert load_toc(good.replace(b'"entries":[[', b'"entries":[["x"],[')) is None  # short row
+    assert load_toc(b'{"toc": 1, "entries": 5}') is None
+    assert load_toc(b'{"toc": 1}') is None
