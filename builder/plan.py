@@ -570,7 +570,9 @@ def make_plan(
     if (
         known is not None
         and known.get("nodes") == graph.nodes
-        and [tuple(e) for e in known.get("edges", [])] == graph.edges
+        and known.get("edges") == [list(e) for e in graph.edges]
+        and isinstance(known.get("order"), list)
+        and sorted(known["order"]) == sorted(graph.nodes)
     ):
         order = list(known["order"])
     return Plan(graph, steps, stages, target, dockerfile, file, order)

@@ -126,3 +126,5 @@ def test_the_stored_order_is_networkx_order(tmp_path: Path) -> None:
     again = plan(json.loads(json.dumps(stored)))  # as read back from the memo file
     assert again.known_order == order  # type: ignore[attr-defined]
     assert plan({**stored, "nodes": stored["nodes"][:-1]}).known_order is None  # type: ignore[attr-defined]
+    for bad_order in (None, "x", order[:-1], [*order[:-1], "0:9"]):
+        assert plan({**stored, "order": bad_order}).known_order is None  # type: ignore[attr-defined]
