@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from builder.keys import LAYER_OP
 from builder.writer import home_dir
 from cache.errors import InvalidInput, LbuildError, NotFound, Unsupported
 from cache.types import Compression, Digest
@@ -329,7 +330,7 @@ class IndexCache:
         self.dockerfile_id = dockerfile_id
         self.touched: list[tuple[StepKey, Site]] = []
 
-    def lookup(self, key: StepKey) -> CacheHit | None:
+    def _hit(self, key: StepKey) -> CacheHit | None:
         from builder.solve import CacheHit
 
         rec = self.session.index.get_step(key)
@@ -339,29 +340,29 @@ class IndexCache:
             return None  # a record whose blob is gone is a miss, never served
         return CacheHit(rec.diff_id, rec.toc_digest, rec.layer_size)
 
-    def used(self, step: Step) -> None:
-        """Remember a hit, to bump its last-used time and site after the build."""
-        from cache.records import Site
-
-        self.touched.append((step.key, Site(self.dockerfile_id, str(step.stage), step.pos)))
-
-    def record(
-        self, step: Step, layer: LayerInfo | None, seconds: float, toc_digest: Digest | None
+    def _put(
+        self,
+        key: StepKey,
+        layer: LayerInfo | None,
+        toc_digest: Digest | None,
+        inputs: dict[str, Any],
+        site: Site,
+        seconds: float,
     ) -> None:
         from cache.records import StepRecord
 
         now = time.time()
         self.session.index.put_step(
             StepRecord(
-                key=step.key,
+                key=key,
                 diff_id=layer.diff_id if layer else None,
                 layer_size=layer.size if layer else 0,
                 toc_digest=toc_digest if layer else None,
                 config_delta="{}",
-                inputs=json.dumps(step.inputs, sort_keys=True),
-                dockerfile_id=self.dockerfile_id,
-                stage=str(step.stage),
-                position=step.pos,
+                inputs=json.dumps(inputs, sort_keys=True),
+                dockerfile_id=site.dockerfile_id,
+                stage=site.stage,
+                position=site.position,
                 created=now,
                 last_used=now,
                 hits=0,
@@ -369,41 +370,37 @@ class IndexCache:
             )
         )
 
+    def _site(self, step: Step) -> Site:
+        from cache.records import Site
+
+        return Site(self.dockerfile_id, str(step.stage), step.pos)
+
+    def lookup(self, key: StepKey) -> CacheHit | None:
+        return self._hit(key)
+
+    def used(self, step: Step) -> None:
+        """Remember a hit, to bump its last-used time and site after the build."""
+        self.touched.append((step.key, self._site(step)))
+
+    def record(
+        self, step: Step, layer: LayerInfo | None, seconds: float, toc_digest: Digest | None
+    ) -> None:
+        self._put(step.key, layer, toc_digest, step.inputs, self._site(step), seconds)
+
     def layer_for(self, content_key: StepKey) -> CacheHit | None:
         """The layer written before from the same entries (a *layer record*: see
-        ``Solver.write``), or None."""
-        from builder.solve import CacheHit
-
-        rec = self.session.index.get_step(content_key)
-        if rec is None or rec.diff_id is None:
+        ``Solver.write``), or None; never one whose blob is gone."""
+        hit = self._hit(content_key)
+        if hit is None or hit.diff_id is None:
             return None
         self.touched.append((content_key, _layer_site()))
-        return CacheHit(rec.diff_id, rec.toc_digest, rec.layer_size)
+        return hit
 
     def remember_layer(
         self, content_key: StepKey, layer: LayerInfo, toc_digest: Digest | None
     ) -> None:
         """Record a layer under its content key (a step record at no Dockerfile site)."""
-        from cache.records import StepRecord
-
-        now = time.time()
-        self.session.index.put_step(
-            StepRecord(
-                key=content_key,
-                diff_id=layer.diff_id,
-                layer_size=layer.size,
-                toc_digest=toc_digest,
-                config_delta="{}",
-                inputs=json.dumps({"op": "LAYER"}),
-                dockerfile_id="",
-                stage="",
-                position=-1,
-                created=now,
-                last_used=now,
-                hits=0,
-                build_seconds=0.0,
-            )
-        )
+        self._put(content_key, layer, toc_digest, {"op": LAYER_OP}, _layer_site(), 0.0)
 
     def flush(self) -> None:
         """Write the hits of this build (last used, hit count, site) in one transaction."""
@@ -509,9 +506,9 @@ def build(
     ``writer`` says where index writes happen: ``"process"`` in a child that imports
     SQLAlchemy while this process builds (:mod:`cache.buildindex`), ``"inline"`` through
     SQLAlchemy here (what a long-lived caller such as the watcher wants: it pays the import
-    once); ``"auto"`` picks the child unless SQLAlchemy is already imported.  ``recorder`` is such a child
-    started ahead by the caller (``builder.writer.start_writer``): the build uses it or
-    stops it.
+    once); ``"auto"`` picks the child unless SQLAlchemy is already imported.  ``recorder``
+    is such a child started ahead by the caller (``builder.writer.start_writer``): the build
+    uses it or stops it.
     """
     from builder.progress import PlainReporter
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from builder.keys import LAYER_OP
 from cache.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -203,12 +204,6 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
-
-
-LAYER_OP = "LAYER"
-"""The ``op`` of a *layer record*: a layer filed under its content key (``Solver.write``),
-not a step of any Dockerfile.  ``cache ls`` lists steps only; ``du`` and ``prune`` say which
-records are layers."""
 
 
 def _op(inputs: str) -> str:

@@ -11,6 +11,10 @@ from cache.types import Entry, StepKey
 LAYER_FORMAT = 2
 """Version of lbuild's layer writer and key layout: bump it when layer bytes would change."""
 
+LAYER_OP = "LAYER"
+"""The ``op`` of a *layer record*: a layer filed under its content key (``Solver.write``,
+``layer_content_key``), not a step of any Dockerfile."""
+
 
 def canonical(obj: Any) -> bytes:
     """Sorted-key, whitespace-free JSON: the one encoding keys are computed over."""

@@ -57,7 +57,7 @@ class StepCache(Protocol):
         self, step: Step, layer: LayerInfo | None, seconds: float, toc_digest: Digest | None
     ) -> None: ...
 
-    # layers by content (see ``Solver.write``)
+    # layers by content (see ``Solver.write``); never one whose blob is gone
     def layer_for(self, content_key: StepKey) -> CacheHit | None: ...
     def remember_layer(
         self, content_key: StepKey, layer: LayerInfo, toc_digest: Digest | None
@@ -240,7 +240,7 @@ class Solver:
         ck = layer_content_key(entries) if by_content else None
         if ck is not None:
             hit = self.cache.layer_for(ck)
-            if hit is not None and hit.diff_id is not None and self.store.has(hit.diff_id):
+            if hit is not None and hit.diff_id is not None:
                 self._note_toc_blob(hit.diff_id, hit.toc_digest)
                 return LayerInfo(hit.diff_id, hit.size, self.toc(hit.diff_id))
         layer = write_layer(entries, self.store)
