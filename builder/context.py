@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from builder.fastpath import list_dir
 from builder.ignore import (
     IgnoreRules,
     PatternSyntaxError,
@@ -373,18 +374,10 @@ class BuildContext:
         known = self._scans.get(real)
         if known is not None:
             return known
-        entries: list[tuple[str, os.stat_result]] = []
         try:
-            with os.scandir(self._host(real)) as it:
-                for entry in it:
-                    try:
-                        entries.append((entry.name, entry.stat(follow_symlinks=False)))
-                    except FileNotFoundError:
-                        continue  # removed since the listing
+            return list_dir(self._host(real))
         except OSError as err:
             raise InvalidInput(f"cannot read directory {logical}: {err.strerror}") from None
-        entries.sort(key=lambda e: e[0])
-        return entries
 
     def open(self, f: ContextFile) -> BinaryIO:
         """Open a selected regular file for reading; InvalidInput when it cannot be read."""

@@ -61,6 +61,21 @@ Scans = dict[str, list[tuple[str, os.stat_result]]]
 failed probe does not list and stat the context a second time)."""
 
 
+def list_dir(path: str) -> list[tuple[str, os.stat_result]]:
+    """A directory's (name, lstat) pairs sorted by name, the one way the context is listed
+    (here and by ``BuildContext``); an entry removed while listing is left out, and a
+    directory that cannot be read raises ``OSError``."""
+    listing: list[tuple[str, os.stat_result]] = []
+    with os.scandir(path) as it:
+        for entry in it:
+            try:
+                listing.append((entry.name, entry.stat(follow_symlinks=False)))
+            except FileNotFoundError:
+                continue  # removed since the listing
+    listing.sort(key=lambda e: e[0])
+    return listing
+
+
 def fingerprint(
     root: Path, ignore_rules: Any, now_ns: int, scans: Scans | None = None
 ) -> Fingerprint:
@@ -82,18 +97,11 @@ def fingerprint(
     while stack:
         rel_dir, dstate = stack.pop()
         path = os.path.join(top, rel_dir) if rel_dir else top
-        listing: list[tuple[str, os.stat_result]] = []
         try:
-            with os.scandir(path) as it:
-                for entry in it:
-                    try:
-                        listing.append((entry.name, entry.stat(follow_symlinks=False)))
-                    except FileNotFoundError:
-                        continue  # removed since the listing
+            listing = list_dir(path)
         except OSError:
             lines.append(f"!{rel_dir}")
             continue
-        listing.sort(key=lambda e: e[0])
         if scans is not None:
             scans[rel_dir or "."] = listing
         subdirs = []
