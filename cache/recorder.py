@@ -196,20 +196,20 @@ class Recorder:
         try:
             self.sync()
         finally:
-            self._closed = True
-            for f in (self._in, self._out):
-                with contextlib.suppress(OSError):
-                    f.close()
-            self._proc.wait()
+            self._end()
 
     def abandon(self) -> None:
         """Stop a writer that is not needed after all (started ahead of a build that then
         did not run); nothing must have been sent to it.  Does nothing once closed."""
         if self._closed:
             return
-        self._closed = True
         with contextlib.suppress(ProcessLookupError):
             self._proc.kill()
+        self._end()
+
+    def _end(self) -> None:
+        """Close both pipes (the child sees the end of its input) and reap the child."""
+        self._closed = True
         for f in (self._in, self._out):
             with contextlib.suppress(OSError):
                 f.close()
