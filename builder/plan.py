@@ -201,7 +201,7 @@ def _context_items(
     def host(f: ContextFile) -> str:
         return root if f.rel in ("", ".") else f"{root}/{f.rel}"
 
-    def item(f: ContextFile, rel: str, digest: str) -> Item:
+    def item(f: ContextFile, rel: str, digest: str, path: str | None) -> Item:
         hl = (f.dev, f.ino) if f.type == "file" and f.nlink > 1 else None
         mtime = f.mtime_ns // 1_000_000_000 if keep_mtime else 0
         e = Entry(
@@ -214,7 +214,7 @@ def _context_items(
             digest=digest,
             link=f.link,
             mtime=mtime,
-            source=ContentRef(host_path=host(f)) if f.type == "file" else None,
+            source=ContentRef(host_path=path) if path is not None else None,
         )
         return Item(rel, e, hl)
 
@@ -227,13 +227,22 @@ def _context_items(
     files: list[tuple[str, os.stat_result]] = []
     for f, rel in found:
         if f.type == "file":
+            path = host(f)
             st = f.stat
             if st is None:  # a followed top-level symlink is hashed through its target
-                st = os.stat(host(f)) if rel == "" and not is_dir else os.lstat(host(f))
-            files.append((host(f), st))
+                st = os.stat(path) if rel == "" and not is_dir else os.lstat(path)
+            files.append((path, st))
     many = getattr(hasher, "many", None)
-    digests = iter(many(files) if many is not None else [hasher(p, st) for p, st in files])
-    return tuple(item(f, rel, next(digests) if f.type == "file" else "") for f, rel in found)
+    digests = many(files) if many is not None else [hasher(p, st) for p, st in files]
+    hashed = iter(zip(files, digests, strict=True))
+    items: list[Item] = []
+    for f, rel in found:
+        if f.type == "file":
+            (path, _st), digest = next(hashed)
+            items.append(item(f, rel, digest, path))
+        else:
+            items.append(item(f, rel, "", None))
+    return tuple(items)
 
 
 _ARCHIVE_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
