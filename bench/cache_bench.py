@@ -603,7 +603,7 @@ class Bench:
                 "json",
                 "concurrent.futures",
                 "builder.api",
-                "cache.records",
+                "cache.index.records",
             ),
         )
         shutil.rmtree(dest, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""A micro-benchmark of writing and reading back one layer tar (``cache.layer``).
+"""A micro-benchmark of writing and reading back one layer tar (``cache.layers.tar``).
 
 It generates a deterministic tree from a seeded PRNG (about 2,000 small files in nested
 directories, a few symlinks, a hardlink, a name longer than 100 bytes, a non-ASCII name, one
@@ -36,8 +36,8 @@ from pathlib import Path
 from blake3 import blake3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's packages
-from cache.blobs import BlobStore
-from cache.layer import read_toc, write_layer
+from cache.layers.tar import read_toc, write_layer
+from cache.store.blobs import BlobStore
 from cache.types import ContentRef, Digest, Entry, LayerInfo
 
 SEED = 20240611

@@ -12,20 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from builder.keys import LAYER_OP
-from builder.writer import home_dir
+from builder.plan.keys import LAYER_OP
 from cache.errors import InvalidInput, LbuildError, NotFound, Unsupported
+from cache.home import home_dir
 from cache.types import Compression, Digest
 
 if TYPE_CHECKING:
-    from builder import fastpath
-    from builder.plan import ExternalImage, Plan, Step
+    from builder import noop
+    from builder.plan.dag import ExternalImage, Plan, Step
     from builder.progress import Reporter
-    from builder.solve import CacheHit, Solver
-    from cache.blobs import BlobStore
-    from cache.buildindex import BuildIndex
-    from cache.recorder import Recorder
-    from cache.records import Index, Site
+    from builder.solve.solver import CacheHit, Solver
+    from cache.index.buildindex import BuildIndex
+    from cache.index.recorder import Recorder
+    from cache.index.records import Index, Site
+    from cache.store.blobs import BlobStore
     from cache.types import BlobInfo, Entry, LayerInfo, StepKey
 
 
@@ -153,7 +153,7 @@ class Session:
 
     ``index`` is the full ``Index`` (SQLAlchemy), or for a build opened with
     ``deferred=True`` a ``BuildIndex`` (stdlib reads, writes in a child process; see
-    :mod:`cache.buildindex`).  Commands that need more than a build's reads and writes use
+    :mod:`cache.index.buildindex`).  Commands that need more than a build's reads and writes use
     ``full_index``.
     """
 
@@ -164,7 +164,7 @@ class Session:
     @property
     def full_index(self) -> Index:
         """The SQLAlchemy ``Index`` (only for sessions opened without ``deferred``)."""
-        from cache.records import Index
+        from cache.index.records import Index
 
         if not isinstance(self.index, Index):
             raise TypeError("this session's index is a build index; open it without deferred")
@@ -189,10 +189,10 @@ class Session:
         last write is committed; leaving the block waits for it and raises ``StoreError`` if
         a write failed (unless the block is already failing: then the writes that were sent
         are still committed, and the block's own error is the one raised).  ``recorder`` is
-        a writer child started ahead (``builder.writer.start_writer``), used or abandoned
+        a writer child started ahead (``cache.home.start_writer``), used or abandoned
         here.
         """
-        from cache.blobs import BlobStore
+        from cache.store.blobs import BlobStore
 
         h = home_dir(home)
         h.mkdir(parents=True, exist_ok=True)
@@ -201,13 +201,13 @@ class Session:
             store.sweep_tmp()
             index: Index | BuildIndex | None = None
             if deferred:
-                from cache.buildindex import BuildIndex
+                from cache.index.buildindex import BuildIndex
 
                 index = BuildIndex.open(h / "lbuild.db", keep_fds=(lock_fd,), recorder=recorder)
             elif recorder is not None:
                 recorder.abandon()
             if index is None:
-                from cache.records import Index
+                from cache.index.records import Index
 
                 index = Index.open(str(h / "lbuild.db"))
             try:
@@ -233,7 +233,7 @@ def _lock(home: Path, *, exclusive: bool) -> Iterator[int]:
 
 def image_from_store(store: BlobStore, ref: str, manifest_digest: Digest) -> ExternalImage:
     """An image whose manifest and blobs are all in the content store."""
-    from builder.plan import ExternalImage
+    from builder.plan.dag import ExternalImage
     from cache.types import BlobInfo
 
     manifest = json.loads(store.read(manifest_digest))
@@ -254,7 +254,7 @@ def image_from_store(store: BlobStore, ref: str, manifest_digest: Digest) -> Ext
 
 def _recompress(store: BlobStore, blob: BlobInfo, diff_id: Digest) -> bool:
     """Make a missing compressed layer again from its uncompressed tar (same codec, same bytes)."""
-    from cache.layer import codec_of, compress_layer
+    from cache.layers.tar import codec_of, compress_layer
 
     if not store.has(diff_id):
         return False
@@ -274,7 +274,7 @@ def make_resolver(
 
     Local tags resolved are noted in ``used`` (name -> manifest digest) for the no-op memo.
     """
-    from builder.export import load_oci_layout
+    from builder.export.oci import load_oci_layout
 
     loaded: dict[str, ExternalImage] = {}
 
@@ -293,7 +293,7 @@ def make_resolver(
                     f"--build-context {ref}: {path} is not an OCI layout (no index.json)"
                 )
             image, _layers = load_oci_layout(session.store, Path(path), tag, tocs=False)
-            from builder.plan import ExternalImage
+            from builder.plan.dag import ExternalImage
 
             config = json.loads(image.config)
             img = ExternalImage(
@@ -317,7 +317,7 @@ def make_resolver(
 
 
 def _layer_site() -> Site:
-    from cache.records import Site
+    from cache.index.records import Site
 
     return Site("", "", -1)
 
@@ -331,7 +331,7 @@ class IndexCache:
         self.touched: list[tuple[StepKey, Site]] = []
 
     def _hit(self, key: StepKey) -> CacheHit | None:
-        from builder.solve import CacheHit
+        from builder.solve.solver import CacheHit
 
         rec = self.session.index.get_step(key)
         if rec is None:
@@ -349,7 +349,7 @@ class IndexCache:
         site: Site,
         seconds: float,
     ) -> None:
-        from cache.records import StepRecord
+        from cache.index.records import StepRecord
 
         now = time.time()
         self.session.index.put_step(
@@ -371,7 +371,7 @@ class IndexCache:
         )
 
     def _site(self, step: Step) -> Site:
-        from cache.records import Site
+        from cache.index.records import Site
 
         return Site(self.dockerfile_id, str(step.stage), step.pos)
 
@@ -413,7 +413,12 @@ class IndexCache:
 
 def compressed_blob(session: Session, diff_id: Digest, codec: Compression) -> Any:
     """The compressed blob of a layer, compressing only on a cache miss."""
-    from cache.layer import GZIP_DEFAULT_LEVEL, ZSTD_DEFAULT_LEVEL, codec_version, compress_layer
+    from cache.layers.tar import (
+        GZIP_DEFAULT_LEVEL,
+        ZSTD_DEFAULT_LEVEL,
+        codec_version,
+        compress_layer,
+    )
 
     level = {"gzip": GZIP_DEFAULT_LEVEL, "zstd": ZSTD_DEFAULT_LEVEL}.get(codec, 0)
     version = codec_version(codec)
@@ -436,11 +441,11 @@ def prepare(
 
     ``scans`` are directory listings of the context the fast-path probe just took;
     ``known_dag`` the DAG a previous build with the same memo key stored (``make_plan``)."""
-    from builder import dockerfile as df
-    from builder.context import BuildContext, hash_file
-    from builder.hostplatform import host_platform
-    from builder.ignore import load_ignore
-    from builder.plan import PlanOptions, make_plan
+    from builder.frontend import dockerfile as df
+    from builder.frontend.dockerignore import load_ignore
+    from builder.plan.context import BuildContext, hash_file
+    from builder.plan.dag import PlanOptions, make_plan
+    from cache.platform import host_platform
 
     ctx_dir = opts.context
     if not ctx_dir.is_dir():
@@ -458,7 +463,7 @@ def prepare(
         platform=f"{os_name}/{arch}",
     )
     resolver = make_resolver(session, opts.build_contexts, tags_used)
-    from cache.statindex import StatIndex
+    from cache.index.statindex import StatIndex
 
     with StatIndex(session.index) as stats:
         stats.prefetch(ctx.root)
@@ -489,7 +494,7 @@ def no_cache_rule(opts: BuildOptions, plan: Plan) -> Callable[[Step], bool]:
 def build(
     opts: BuildOptions,
     reporter: Reporter | None = None,
-    probe: fastpath.Probe | None = None,
+    probe: noop.Probe | None = None,
     *,
     memo: bool = True,
     tocs: dict[Digest, tuple[Entry, ...]] | None = None,
@@ -504,10 +509,10 @@ def build(
     (the watcher) keeps across builds (a TOC never changes for a diff_id).
 
     ``writer`` says where index writes happen: ``"process"`` in a child that imports
-    SQLAlchemy while this process builds (:mod:`cache.buildindex`), ``"inline"`` through
+    SQLAlchemy while this process builds (:mod:`cache.index.buildindex`), ``"inline"`` through
     SQLAlchemy here (what a long-lived caller such as the watcher wants: it pays the import
     once); ``"auto"`` picks the child unless SQLAlchemy is already imported.  ``recorder``
-    is such a child started ahead by the caller (``builder.writer.start_writer``): the build
+    is such a child started ahead by the caller (``cache.home.start_writer``): the build
     uses it or stops it.
     """
     from builder.progress import PlainReporter
@@ -530,7 +535,7 @@ def build(
 def _build(
     opts: BuildOptions,
     rep: Reporter,
-    probe: fastpath.Probe | None,
+    probe: noop.Probe | None,
     memo: bool,
     tocs: dict[Digest, tuple[Entry, ...]] | None,
     deferred: bool,
@@ -538,12 +543,12 @@ def _build(
     epoch: int,
     t0: float,
 ) -> BuildResult:
-    from builder import fastpath
-    from builder.export import export_docker_archive, export_oci_layout
-    from builder.solve import Solver
+    from builder import noop
+    from builder.export.oci import export_docker_archive, export_oci_layout
+    from builder.solve.solver import Solver
 
     with Session.open(opts.home, deferred=deferred, recorder=recorder) as session:
-        probed = probe or (fastpath.probe(opts, epoch) if memo else None)
+        probed = probe or (noop.probe(opts, epoch) if memo else None)
         tags_used: dict[str, str] = {}
         plan, _ctx = prepare(
             opts,
@@ -597,7 +602,7 @@ def _build(
                 if s.kind not in ("base", "end")
             ]
             dag = {**plan.dag.to_json(), "order": plan.topo_ids()}
-            fastpath.save_memo(
+            noop.save_memo(
                 session.home, probed.key, probed.fingerprint, result, shown, tags_used, pins, dag
             )
     rep.finish(result)
@@ -606,7 +611,7 @@ def _build(
 
 def assemble(solver: Solver, session: Session, codec: Compression) -> Any:
     """The target stage's OCI image (config + manifest) in the content store."""
-    from builder.export import make_image
+    from builder.export.oci import make_image
 
     state, diff_ids = solver.image_state(solver.plan.target)
     base = solver.base_blobs(solver.plan.target)
@@ -616,7 +621,7 @@ def assemble(solver: Solver, session: Session, codec: Compression) -> Any:
 
 
 def _run_step(opts: BuildOptions, session: Session) -> Callable[[Solver, Step], LayerInfo | None]:
-    """The solver's RUN executor; builder.run is imported by the first RUN, not before."""
+    """The solver's RUN executor; builder.solve.run is imported by the first RUN, not before."""
     import threading
 
     run: list[Callable[[Solver, Step], LayerInfo | None]] = []
@@ -634,7 +639,7 @@ def _run_step(opts: BuildOptions, session: Session) -> Callable[[Solver, Step], 
 def _make_run_step(
     opts: BuildOptions, session: Session
 ) -> Callable[[Solver, Step], LayerInfo | None]:
-    from builder.run import RunEnv, make_run_step
+    from builder.solve.run import RunEnv, make_run_step
 
     clamp = (
         source_date_epoch(opts.epoch)

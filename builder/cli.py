@@ -167,7 +167,7 @@ def options_from(ns: argparse.Namespace) -> object:
     from builder.api import BuildOptions, parse_kv, parse_output
 
     if ns.secret:
-        from builder.run import secrets_from
+        from builder.solve.run import secrets_from
 
     return BuildOptions(
         context=Path(ns.context),
@@ -192,12 +192,12 @@ def cmd_build(ns: argparse.Namespace) -> int:
     # The index writer starts first, before this process imports the builder: on a miss its
     # SQLAlchemy import overlaps everything this process does; on a no-op it is stopped
     # (a few ms here, the rest on the other core).
-    from builder.writer import start_writer
+    from cache.home import start_writer
 
     writer = start_writer(ns.home)
     try:
         from builder.api import BuildOptions, build
-        from builder.fastpath import try_fast
+        from builder.noop import try_fast
         from builder.progress import make_reporter
 
         opts = options_from(ns)
@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "cache":
             return cmd_cache(ns)
         if ns.command == "unpack":
-            from builder.unpack import cmd_unpack
+            from builder.unpackcmd import cmd_unpack
 
             return cmd_unpack(ns)
         if ns.command == "watch":

@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from builder.keys import LAYER_OP
+from builder.plan.keys import LAYER_OP
 from cache.errors import InvalidInput
 
 if TYPE_CHECKING:
     from builder.api import BuildOptions, Session
-    from builder.plan import Plan, Step
+    from builder.plan.dag import Plan, Step
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from builder.api import BuildResult
-    from builder.plan import Step
+    from builder.plan.dag import Step
 
 
 class Reporter(Protocol):

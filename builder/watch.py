@@ -43,8 +43,8 @@ from cache.errors import LbuildError
 
 if TYPE_CHECKING:
     from builder.api import BuildOptions, BuildResult
-    from builder.ignore import IgnoreRules
-    from builder.plan import Step
+    from builder.frontend.dockerignore import IgnoreRules
+    from builder.plan.dag import Step
 
 ChangeKind = Literal["created", "modified", "deleted", "moved"]
 
@@ -204,7 +204,7 @@ class ChangeFilter:
 
     def reload(self) -> None:
         """Re-read the ignore rules; malformed rules exclude nothing (the build reports them)."""
-        from builder.ignore import IgnoreRules, load_ignore
+        from builder.frontend.dockerignore import IgnoreRules, load_ignore
 
         try:
             rules, _ = load_ignore(Path(self.context), Path(self.dockerfile))
@@ -437,8 +437,8 @@ class Watcher:
         *,
         exec_stdout: IO[str] | None = None,
     ) -> None:
-        from builder.writer import home_dir
         from cache.errors import NotFound
+        from cache.home import home_dir
 
         if not opts.context.is_dir():
             raise NotFound(f"build context not found: {opts.context}")

@@ -1,4 +1,4 @@
-"""Tests for cache.blobs: the content-addressed store (real files, real processes)."""
+"""Tests for cache.store.blobs: the content-addressed store (real files, real processes)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cache.blobs import BlobStore
 from cache.errors import DigestMismatch, InvalidInput, NotFound
+from cache.store.blobs import BlobStore
 from cache.types import Digest, sha256_digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ _WRITER = """
 import sys, hashlib
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from cache.blobs import BlobStore
+from cache.store.blobs import BlobStore
 store = BlobStore(Path(sys.argv[2]))
 chunk = bytes(range(256)) * 4096
 expected = "sha256:" + hashlib.sha256(chunk * 16).hexdigest()

@@ -106,7 +106,7 @@ def check_store(home: Path) -> None:
         assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     finally:
         con.close()
-    from cache.records import Index
+    from cache.index.records import Index
 
     with Index.open(str(db)) as index:
         referenced = index.referenced_blobs()

@@ -326,7 +326,7 @@ def test_rebuild_in_place_hits_everything(tmp_path: Path) -> None:
 def test_stat_index_sees_edits_that_keep_size_and_mtime(tmp_path: Path) -> None:
     """With every file old enough to be in the stat index, edits that keep size and mtime
     (in place; by rename of another inode; chmod) are still seen."""
-    from cache.statindex import StatIndex
+    from cache.index.statindex import StatIndex
 
     ctx, home = tmp_path / "ctx", tmp_path / "home"
     make_context(ctx)

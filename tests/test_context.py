@@ -1,4 +1,4 @@
-"""Tests for builder.context: COPY/ADD source selection, walking, opening and hashing files."""
+"""Tests for builder.plan.context: COPY/ADD source selection, walking, opening and hashing files."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import blake3
 import pytest
 
-from builder.context import BuildContext, ContextFile, FileHasher, hash_file
-from builder.ignore import IgnoreRules, parse_dockerignore
+from builder.frontend.dockerignore import IgnoreRules, parse_dockerignore
+from builder.plan.context import BuildContext, ContextFile, FileHasher, hash_file
 from cache.errors import InvalidInput, NotFound
 
 REPO = Path(__file__).resolve().parents[1]
@@ -367,8 +367,8 @@ CHILD = textwrap.dedent(
     """
     import json
     from pathlib import Path
-    from builder.context import BuildContext
-    from builder.ignore import IgnoreRules
+    from builder.plan.context import BuildContext
+    from builder.frontend.dockerignore import IgnoreRules
     ctx = BuildContext(Path({root!r}), IgnoreRules())
     out = {{}}
     try:
@@ -439,7 +439,7 @@ def test_hash_file_big_sparse_file_in_bounded_memory(tmp_path: Path) -> None:
         import resource
         resource.setrlimit(resource.RLIMIT_DATA, (300 << 20, 300 << 20))
         from pathlib import Path
-        from builder.context import hash_file
+        from builder.plan.context import hash_file
         print(hash_file(Path({str(sparse)!r})))
         """
     )

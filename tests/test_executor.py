@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from busybox import make_busybox_rootfs
 
-from builder.executor import BindSpec, RunSpec, run
+from builder.solve.executor import BindSpec, RunSpec, run
 from cache.errors import InvalidInput, LbuildError
-from cache.snapshot import CopySnapshotter, OverlaySnapshotter, copy_tree
+from cache.snapshots.snapshot import CopySnapshotter, OverlaySnapshotter, copy_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH = (("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),)
@@ -268,7 +268,7 @@ BUILDER = textwrap.dedent(
     import sys
     sys.path.insert(0, {root!r})
     from pathlib import Path
-    from builder.executor import RunSpec, run
+    from builder.solve.executor import RunSpec, run
 
     def show(b):
         sys.stdout.buffer.write(b)
@@ -356,7 +356,7 @@ def test_rootless_single_mapping(tmp_path: Path) -> None:
             import sys
             sys.path.insert(0, {str(ROOT)!r})
             from pathlib import Path
-            from builder.executor import RunSpec, run
+            from builder.solve.executor import RunSpec, run
             from cache.errors import LbuildError
             out = []
             s = RunSpec(argv=("/bin/sh", "-c", "id -u; echo x > /made"), env=(("PATH", "/bin"),),

@@ -1,10 +1,10 @@
-"""Unit tests for builder.expand: Docker's word processing (BuildKit shell/lex.go semantics)."""
+"""Unit tests for builder.frontend.expand: Docker's word processing (BuildKit shell/lex.go semantics)."""
 
 from __future__ import annotations
 
 import pytest
 
-from builder.expand import expand_word, expand_words, heredoc_word_name, split_words
+from builder.frontend.expand import expand_word, expand_words, heredoc_word_name, split_words
 from cache.errors import InvalidInput
 
 ENV = {

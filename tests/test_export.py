@@ -1,4 +1,4 @@
-"""Tests for builder.export, checked with the real tools: oci-image-tool, skopeo, umoci."""
+"""Tests for builder.export.oci, checked with the real tools: oci-image-tool, skopeo, umoci."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from builder.export import (
+from builder.export.oci import (
     Image,
     canonical_json,
     export_docker_archive,
@@ -23,9 +23,9 @@ from builder.export import (
     load_oci_layout,
     make_image,
 )
-from cache.blobs import BlobStore
 from cache.errors import DigestMismatch, InvalidInput, NotFound
-from cache.layer import compress_layer, write_layer
+from cache.layers.tar import compress_layer, write_layer
+from cache.store.blobs import BlobStore
 from cache.types import Compression, ContentRef, Digest, Entry, LayerInfo, sha256_digest
 
 pytestmark = pytest.mark.skipif(

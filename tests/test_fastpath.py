@@ -96,10 +96,10 @@ def test_a_stored_dag_that_differs_is_not_used(tmp_path: Path) -> None:
 def test_the_stored_order_is_networkx_order(tmp_path: Path) -> None:
     import networkx as nx
 
-    from builder import dockerfile as df
-    from builder.context import BuildContext, hash_file
-    from builder.ignore import IgnoreRules
-    from builder.plan import PlanOptions, make_plan
+    from builder.frontend import dockerfile as df
+    from builder.frontend.dockerignore import IgnoreRules
+    from builder.plan.context import BuildContext, hash_file
+    from builder.plan.dag import PlanOptions, make_plan
 
     ctx = tmp_path / "ctx"
     make_ctx(ctx)

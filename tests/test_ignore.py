@@ -1,4 +1,4 @@
-"""Tests for builder.ignore: Docker's .dockerignore semantics (moby/patternmatcher)."""
+"""Tests for builder.frontend.dockerignore: Docker's .dockerignore semantics (moby/patternmatcher)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builder.ignore import (
+from builder.frontend.dockerignore import (
     IgnoreRules,
     PatternSyntaxError,
     compile_segment,

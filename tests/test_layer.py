@@ -1,4 +1,4 @@
-"""Tests for cache.layer: deterministic layer tars checked with Python's tarfile and GNU tar."""
+"""Tests for cache.layers.tar: deterministic layer tars checked with Python's tarfile and GNU tar."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ from blake3 import blake3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache.blobs import BlobStore
 from cache.errors import InvalidInput, LbuildError, StoreError, Unsupported
-from cache.layer import (
+from cache.layers.tar import (
     compress_layer,
     import_layer,
     open_member,
     read_toc,
     write_layer,
 )
+from cache.store.blobs import BlobStore
 from cache.types import MEDIA_TYPES, ContentRef, Entry, LayerInfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -471,8 +471,8 @@ _SPARSE = """
 import os, resource, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from cache.blobs import BlobStore
-from cache.layer import write_layer, read_toc
+from cache.store.blobs import BlobStore
+from cache.layers.tar import write_layer, read_toc
 from cache.types import ContentRef, Entry
 big = Path(sys.argv[2]) / "sparse"
 with open(big, "wb") as f:

@@ -1,4 +1,4 @@
-"""Tests for builder.dockerfile: golden parse fixtures, negative fixtures, ARG/ENV resolution.
+"""Tests for builder.frontend.dockerfile: golden parse fixtures, negative fixtures, ARG/ENV resolution.
 
 Golden cases live in fixtures/parse/<case>/: ``Dockerfile`` and ``result.json`` (the parsed
 stages and, when ``inputs.json`` gives build args and a base env, the resolved steps).
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from builder import dockerfile as df
+from builder.frontend import dockerfile as df
 from cache.errors import InvalidInput, NotFound
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

@@ -1,6 +1,6 @@
-"""The index writer child (cache.recorder) and the build index over it (cache.buildindex).
+"""The index writer child (cache.index.recorder) and the build index over it (cache.index.buildindex).
 
-Everything runs for real: the child is a real ``python -m cache.recorder`` process writing a
+Everything runs for real: the child is a real ``python -m cache.index.recorder`` process writing a
 real SQLite file, read back through SQLAlchemy's ``Index``.
 """
 
@@ -19,10 +19,10 @@ import pytest
 
 from builder.api import BuildOptions, Output, build
 from builder.progress import PlainReporter
-from cache.buildindex import BuildIndex
 from cache.errors import StoreError
-from cache.recorder import NothingApplied, Recorder
-from cache.records import Index, Site, StatEntry, StepRecord
+from cache.index.buildindex import BuildIndex
+from cache.index.recorder import NothingApplied, Recorder
+from cache.index.records import Index, Site, StatEntry, StepRecord
 from cache.types import MEDIA_TYPES, BlobInfo, Digest, StepKey
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def test_parent_killed_mid_build_leaves_whole_records(tmp_path: Path) -> None:
         import os, signal, sys
         sys.path.insert(0, {str(ROOT / "tests")!r})
         from test_recorder import rec
-        from cache.recorder import Recorder
+        from cache.index.recorder import Recorder
         r = Recorder.start({str(db)!r})
         for n in range(1, 51):
             r.call("put_step", rec(n, diff=100 + n))
@@ -400,7 +400,7 @@ def test_a_build_on_an_old_schema_migrates_it_in_process(tmp_path: Path) -> None
 
     from test_records import V1_SCHEMA
 
-    from cache.db import SCHEMA_VERSION
+    from cache.index.db import SCHEMA_VERSION
 
     home = tmp_path / "home"
     home.mkdir()
@@ -418,7 +418,7 @@ def test_a_build_on_an_old_schema_migrates_it_in_process(tmp_path: Path) -> None
 def test_a_build_on_a_newer_or_broken_index_fails_in_one_line(tmp_path: Path) -> None:
     import sqlite3
 
-    from cache.db import SCHEMA_VERSION
+    from cache.index.db import SCHEMA_VERSION
 
     ctx = _small_ctx(tmp_path)
     newer = tmp_path / "newer"

@@ -1,4 +1,4 @@
-"""Tests of the cache index (cache.records, cache.db, cache.fastpath) on real SQLite files."""
+"""Tests of the cache index (cache.index.records, cache.index.db, cache.index.reader) on real SQLite files."""
 
 from __future__ import annotations
 
@@ -12,10 +12,17 @@ from typing import Any
 
 import pytest
 
-from cache.db import SCHEMA_VERSION, Migration, ensure_schema, make_engine, sqlite_file, to_url
 from cache.errors import StoreError
-from cache.fastpath import FastIndex
-from cache.records import (
+from cache.index.db import (
+    SCHEMA_VERSION,
+    Migration,
+    ensure_schema,
+    make_engine,
+    sqlite_file,
+    to_url,
+)
+from cache.index.reader import FastIndex
+from cache.index.records import (
     BuildRecord,
     Index,
     PrunedStep,
@@ -535,7 +542,7 @@ def test_fastpath_does_not_import_sqlalchemy(index: Index, db: Path) -> None:
     index.put_step(rec(1, diff=11))
     code = (
         "import sys\n"
-        "from cache.fastpath import FastIndex\n"
+        "from cache.index.reader import FastIndex\n"
         f"f = FastIndex.open({str(db)!r})\n"
         f"assert f is not None and f.get_step({key(1)!r}) is not None\n"
         "print('sqlalchemy' in sys.modules)\n"

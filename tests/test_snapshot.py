@@ -24,7 +24,7 @@ from typing import BinaryIO
 import pytest
 
 from cache.errors import AlreadyExists, DigestMismatch, InvalidInput, NotFound, StoreError
-from cache.snapshot import (
+from cache.snapshots.snapshot import (
     CopySnapshotter,
     OverlaySnapshotter,
     Snapshotter,
@@ -279,9 +279,9 @@ def test_both_snapshotters_agree(tmp_path: Path, change: str) -> None:
 
 
 def test_layers_are_byte_identical_and_round_trip(tmp_path: Path) -> None:
-    layer = pytest.importorskip("cache.layer")
-    from cache.blobs import BlobStore
-    from cache.unpack import apply_layer
+    layer = pytest.importorskip("cache.layers.tar")
+    from cache.layers.apply import apply_layer
+    from cache.store.blobs import BlobStore
 
     def change(r: Path) -> None:
         ch_create_modify_delete(r)
@@ -474,7 +474,7 @@ def test_ensure_chain_concurrent_processes(tmp_path: Path) -> None:
         import sys
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
-        from cache.snapshot import CopySnapshotter, OverlaySnapshotter, ensure_chain
+        from cache.snapshots.snapshot import CopySnapshotter, OverlaySnapshotter, ensure_chain
         kind, root = sys.argv[1], Path(sys.argv[2])
         s = (OverlaySnapshotter if kind == "overlay" else CopySnapshotter)(root)
         files = dict(zip({ids!r}, {paths!r}))
@@ -520,7 +520,7 @@ def test_cleanup_stale_after_a_crash(tmp_path: Path, kind: str) -> None:
         import os, sys
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
-        from cache.snapshot import CopySnapshotter, OverlaySnapshotter, mount_all
+        from cache.snapshots.snapshot import CopySnapshotter, OverlaySnapshotter, mount_all
         root = Path({str(root)!r})
         s = ({"OverlaySnapshotter" if kind == "overlay" else "CopySnapshotter"})(root)
         s.prepare("crashed-base", None)

@@ -1,4 +1,4 @@
-"""Tests of the stat index (cache.statindex) on real files and a real SQLite index."""
+"""Tests of the stat index (cache.index.statindex) on real files and a real SQLite index."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import blake3
 import pytest
 
-from cache.records import Index
-from cache.statindex import StatIndex
+from cache.index.records import Index
+from cache.index.statindex import StatIndex
 
 OLD_NS = 1_000_000_000 * 1_600_000_000  # 2020: a timestamp nobody will call racy
 
@@ -205,7 +205,7 @@ def test_noop_lookups_do_not_import_sqlalchemy(tmp_path: Path, db: Path) -> None
     code = (
         "import sys, os\n"
         "from pathlib import Path\n"
-        "from cache.statindex import StatIndex\n"
+        "from cache.index.statindex import StatIndex\n"
         "def boom(p):\n"
         "    raise AssertionError(f'read {p}')\n"
         f"with StatIndex.open({str(db)!r}, racy_ns=0) as si:\n"
@@ -215,7 +215,7 @@ def test_noop_lookups_do_not_import_sqlalchemy(tmp_path: Path, db: Path) -> None
         f"        p = Path({str(ctx)!r}) / name\n"
         "        h(p, p.lstat())\n"
         "    assert si.hits == 20, si.hits\n"
-        "print('sqlalchemy' in sys.modules, 'cache.records' in sys.modules)\n"
+        "print('sqlalchemy' in sys.modules, 'cache.index.records' in sys.modules)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],

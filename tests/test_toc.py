@@ -1,13 +1,13 @@
-"""TOC blobs (cache.toc): a layer's TOC stored as JSON reads back exactly."""
+"""TOC blobs (cache.layers.toc): a layer's TOC stored as JSON reads back exactly."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from cache.blobs import BlobStore
-from cache.layer import read_toc, write_layer
-from cache.toc import dump_toc, load_toc
+from cache.layers.tar import read_toc, write_layer
+from cache.layers.toc import dump_toc, load_toc
+from cache.store.blobs import BlobStore
 from cache.types import ContentRef, Entry
 
 

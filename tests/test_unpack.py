@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from cache.errors import DigestMismatch, InvalidInput
+from cache.layers.apply import apply_layer, normalize_member_path
 from cache.types import Digest
-from cache.unpack import apply_layer, normalize_member_path
 
 Member = tuple[tarfile.TarInfo, bytes | None]
 

@@ -24,7 +24,7 @@ from run_fixtures import mount_lines, needs_root, procs_marked
 from util import ROOT, manifest_digest, umoci_unpack, write_files
 
 from builder.watch import Change, ChangeFilter, PendingChanges, Rebuild
-from cache.records import Index
+from cache.index.records import Index
 
 busybox_home = run_fixtures.busybox_home
 bbhome = run_fixtures.bbhome
@@ -531,6 +531,6 @@ def test_the_watcher_writes_the_index_itself(tmp_path: Path, home: Path) -> None
         assert w.proc.wait(timeout=60) == 0
     execs = [line for line in log.read_text().splitlines() if "execve(" in line]
     assert any("watch" in line for line in execs)  # the trace did see the watcher start
-    assert not [line for line in execs if "cache.recorder" in line]
+    assert not [line for line in execs if "cache.index.recorder" in line]
     with Index.open(home / "lbuild.db") as index:  # and its writes landed
         assert len(index.list_steps(limit=None, oldest_first=True)) >= 4

@@ -1,8 +1,8 @@
 """Where the cache home is, and the index writer a build starts before anything else.
 
 This module is imported first by ``lbuild build`` and must stay light: it imports the
-standard library and :mod:`cache.recorder` only (not :mod:`builder.api`), so the writer child
-starts as early as possible (see :mod:`cache.buildindex`).
+standard library and :mod:`cache.index.recorder` only (not :mod:`builder.api`), so the writer child
+starts as early as possible (see :mod:`cache.index.buildindex`).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cache.recorder import Recorder
+    from cache.index.recorder import Recorder
 
 
 def home_dir(home: Path | None) -> Path:
-    """The cache directory: ``--home``, else ``cache.db.default_home()`` (``$LBUILD_HOME``,
+    """The cache directory: ``--home``, else ``cache.index.db.default_home()`` (``$LBUILD_HOME``,
     ``$XDG_CACHE_HOME/lbuild``, ``~/.cache/lbuild``)."""
-    from cache.db import default_home
+    from cache.index.db import default_home
 
     return home if home is not None else default_home()
 
@@ -29,7 +29,7 @@ def start_writer(home: Path | None) -> Recorder | None:
     to ``build(recorder=...)``, or ``abandon()`` it when no build follows."""
     if "sqlalchemy" in sys.modules:
         return None
-    from cache.recorder import Recorder
+    from cache.index.recorder import Recorder
 
     h = home_dir(home)
     h.mkdir(parents=True, exist_ok=True)

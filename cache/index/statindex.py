@@ -12,9 +12,9 @@ stat tuple with different bytes.  Like git's "racily clean" entries, a file whos
 ctime is within ``racy_ns`` of the moment it was hashed is not recorded, so it is hashed
 again next time, by which point its timestamps are old enough to trust.
 
-Reads go through :class:`cache.fastpath.FastIndex` when the index is a SQLite file (no
+Reads go through :class:`cache.index.reader.FastIndex` when the index is a SQLite file (no
 SQLAlchemy import on a no-op rebuild); writes are batched and go through
-:class:`cache.records.Index`, opened only when there is something to write.
+:class:`cache.index.records.Index`, opened only when there is something to write.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, cast
 
-from cache.records import StatEntry, prefix_range
+from cache.index.records import StatEntry, prefix_range
 
 if TYPE_CHECKING:
-    from cache.buildindex import BuildIndex
-    from cache.fastpath import FastIndex
-    from cache.records import Index
+    from cache.index.buildindex import BuildIndex
+    from cache.index.reader import FastIndex
+    from cache.index.records import Index
 
 RACY_NS = 2_000_000_000
 """A file touched less than this long before it was hashed is not recorded.  Two seconds
@@ -92,7 +92,7 @@ class StatIndex:
         self._db = db
         self._fast: FastIndex | None = None
         if db is not None:
-            from cache.fastpath import FastIndex
+            from cache.index.reader import FastIndex
 
             self._fast = FastIndex.open(db)
         self._batch = batch_size
@@ -114,7 +114,7 @@ class StatIndex:
 
     def _writer(self) -> Index | BuildIndex:
         if self._index is None:
-            from cache.records import Index
+            from cache.index.records import Index
 
             assert self._db is not None
             self._index = Index.open(self._db)

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from builder.fastpath import list_dir
-from builder.ignore import (
+from builder.frontend.dockerignore import (
     IgnoreRules,
     PatternSyntaxError,
     compile_segment,
     go_clean,
     has_wildcards,
 )
+from builder.noop import list_dir
 from cache.errors import InvalidInput, NotFound
 
 ContextFileType = Literal["file", "dir", "symlink"]

@@ -15,7 +15,7 @@ its own transaction (writes take the write lock up front and retry while another
 holds it); ``close()`` releases the connections.  A step record is written only after its
 blobs are committed to the content store, so a crash leaves a whole record or none.
 
-The dataclasses here import nothing heavy, so :mod:`cache.fastpath` can return them without
+The dataclasses here import nothing heavy, so :mod:`cache.index.reader` can return them without
 loading SQLAlchemy; ``Index`` imports SQLAlchemy and the models when opened.
 """
 
@@ -28,15 +28,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from cache.db import WRITE_OPTION, ensure_schema, make_engine, retry_locked, to_url
 from cache.errors import StoreError
+from cache.index.db import WRITE_OPTION, ensure_schema, make_engine, retry_locked, to_url
 from cache.types import BlobInfo, Digest, StepKey
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
     from sqlalchemy.orm import Session
 
-    from cache.models import Base, StepRow
+    from cache.index.models import Base, StepRow
 
 T = TypeVar("T")
 
@@ -208,7 +208,7 @@ class Index:
 
     @classmethod
     def open(cls, url_or_path: str | os.PathLike[str]) -> Index:
-        """Open the index, creating or migrating its schema (see :mod:`cache.db`)."""
+        """Open the index, creating or migrating its schema (see :mod:`cache.index.db`)."""
         url = to_url(url_or_path)
         engine = make_engine(url)
         try:
@@ -263,7 +263,7 @@ class Index:
 
     def get_step(self, key: StepKey) -> StepRecord | None:
         """The record for ``key``, or None."""
-        from cache.models import StepRow
+        from cache.index.models import StepRow
 
         def run(s: Session) -> StepRecord | None:
             row = s.get(StepRow, key)
@@ -275,7 +275,7 @@ class Index:
         """The records that exist among ``keys`` (bulk form of ``get_step``)."""
         from sqlalchemy import select
 
-        from cache.models import StepRow
+        from cache.index.models import StepRow
 
         wanted = sorted(set(keys))
 
@@ -295,7 +295,7 @@ class Index:
         record stays (records of one key are interchangeable by construction) and the site
         is remembered either way.
         """
-        from cache.models import StepRow
+        from cache.index.models import StepRow
 
         values = {
             "key": rec.key,
@@ -326,7 +326,7 @@ class Index:
         return self._write("storing a step record", run)
 
     def _note_sites(self, s: Session, uses: Sequence[tuple[StepKey, Site]], now: float) -> None:
-        from cache.models import StepSiteRow
+        from cache.index.models import StepSiteRow
 
         if not uses:
             return
@@ -363,7 +363,7 @@ class Index:
         """
         from sqlalchemy import select, update
 
-        from cache.models import StepRow
+        from cache.index.models import StepRow
 
         if sites is not None and len(sites) != len(keys):
             raise ValueError("touch_steps: sites must be parallel to keys")
@@ -392,7 +392,7 @@ class Index:
         """The record most recently used at this site (what ``lbuild why`` compares to)."""
         from sqlalchemy import select
 
-        from cache.models import StepRow, StepSiteRow
+        from cache.index.models import StepRow, StepSiteRow
 
         def run(s: Session) -> StepRecord | None:
             row = s.scalars(
@@ -416,7 +416,7 @@ class Index:
         """Step records ordered by last use (least recent first unless ``oldest_first=False``)."""
         from sqlalchemy import select
 
-        from cache.models import StepRow
+        from cache.index.models import StepRow
 
         def run(s: Session) -> list[StepRecord]:
             if oldest_first:
@@ -438,7 +438,7 @@ class Index:
     def _delete_steps(self, s: Session, keys: Sequence[StepKey]) -> int:
         from sqlalchemy import delete
 
-        from cache.models import StepRow, StepSiteRow
+        from cache.index.models import StepRow, StepSiteRow
 
         n = 0
         for chunk in _chunks(keys):
@@ -453,7 +453,7 @@ class Index:
         self, diff_id: Digest, codec: str, level: int, codec_version: str, blob: BlobInfo
     ) -> None:
         """Remember that compressing ``diff_id`` this way gave ``blob`` (first writer wins)."""
-        from cache.models import CompressedRow
+        from cache.index.models import CompressedRow
 
         def run(s: Session) -> None:
             stmt = self._insert(CompressedRow).values(
@@ -473,7 +473,7 @@ class Index:
         self, diff_id: Digest, codec: str, level: int, codec_version: str
     ) -> BlobInfo | None:
         """The blob compressing ``diff_id`` with this codec, level and codec version gave."""
-        from cache.models import CompressedRow
+        from cache.index.models import CompressedRow
 
         def run(s: Session) -> BlobInfo | None:
             row = s.get(CompressedRow, (diff_id, codec, level, codec_version))
@@ -497,7 +497,7 @@ class Index:
         """Point ``name`` at an image; ``blobs`` (config and layers) are kept while it does."""
         from sqlalchemy import delete
 
-        from cache.models import TagBlobRow, TagRow
+        from cache.index.models import TagBlobRow, TagRow
 
         when = time.time() if now is None else now
         pinned = sorted(set(blobs))
@@ -537,7 +537,7 @@ class Index:
         """Remove a tag (its blobs become collectable); True if it existed."""
         from sqlalchemy import delete
 
-        from cache.models import TagBlobRow, TagRow
+        from cache.index.models import TagBlobRow, TagRow
 
         def run(s: Session) -> bool:
             s.execute(delete(TagBlobRow).where(TagBlobRow.tag == name))
@@ -548,7 +548,7 @@ class Index:
     def _tags(self, s: Session, name: str | None) -> list[TagRecord]:
         from sqlalchemy import select
 
-        from cache.models import TagBlobRow, TagRow
+        from cache.index.models import TagBlobRow, TagRow
 
         q = select(TagRow).order_by(TagRow.name)
         bq = select(TagBlobRow.tag, TagBlobRow.digest).order_by(TagBlobRow.tag, TagBlobRow.digest)
@@ -573,7 +573,7 @@ class Index:
 
     def add_build(self, rec: BuildRecord) -> int:
         """Record a finished build; return its id."""
-        from cache.models import BuildRow
+        from cache.index.models import BuildRow
 
         def run(s: Session) -> int:
             row = BuildRow(
@@ -594,7 +594,7 @@ class Index:
         """Builds, most recent first."""
         from sqlalchemy import select
 
-        from cache.models import BuildRow
+        from cache.index.models import BuildRow
 
         def run(s: Session) -> list[BuildRecord]:
             q = select(BuildRow).order_by(BuildRow.started.desc(), BuildRow.id.desc())
@@ -652,7 +652,7 @@ class Index:
         """
         from sqlalchemy import delete
 
-        from cache.models import CompressedRow
+        from cache.index.models import CompressedRow
 
         def run(s: Session) -> tuple[Digest, ...]:
             self._delete_steps(s, sorted(plan.step_keys))
@@ -664,12 +664,12 @@ class Index:
 
         return self._write("pruning", run)
 
-    # -- stat index rows (used by cache.statindex) -------------------------------------
+    # -- stat index rows (used by cache.index.statindex) -------------------------------------
 
     def stat_get_many(self, paths: Iterable[str]) -> dict[str, StatEntry]:
         """Stat rows for these absolute paths (missing paths are absent from the answer)."""
 
-        from cache.models import StatRow
+        from cache.index.models import StatRow
 
         wanted = sorted(set(paths))
 
@@ -685,7 +685,7 @@ class Index:
     def stat_under(self, root: str) -> dict[str, StatEntry]:
         """Every stat row for a path below the absolute directory ``root``."""
 
-        from cache.models import StatRow
+        from cache.index.models import StatRow
 
         low, high = prefix_range(root)
 
@@ -698,7 +698,7 @@ class Index:
 
     def stat_put_many(self, entries: Iterable[StatEntry]) -> None:
         """Insert or replace stat rows, in one transaction."""
-        from cache.models import StatRow
+        from cache.index.models import StatRow
 
         rows = [
             {
@@ -734,7 +734,7 @@ class Index:
         """Drop stat rows (files deleted, or their hash is in doubt); return how many."""
         from sqlalchemy import delete
 
-        from cache.models import StatRow
+        from cache.index.models import StatRow
 
         wanted = sorted(set(paths))
 
@@ -758,7 +758,7 @@ def _stat_columns() -> Any:
     """SELECT of the stat index's columns (rows as tuples, no ORM identity map)."""
     from sqlalchemy import select
 
-    from cache.models import StatRow
+    from cache.index.models import StatRow
 
     return select(
         StatRow.path,
@@ -790,7 +790,7 @@ def _record_blobs(
 def _compressed_by_diff_id(s: Session) -> dict[str, list[str]]:
     from sqlalchemy import select
 
-    from cache.models import CompressedRow
+    from cache.index.models import CompressedRow
 
     out: dict[str, list[str]] = {}
     for diff_id, digest in s.execute(select(CompressedRow.diff_id, CompressedRow.digest)):
@@ -801,7 +801,7 @@ def _compressed_by_diff_id(s: Session) -> dict[str, list[str]]:
 def _pinned(s: Session) -> set[Digest]:
     from sqlalchemy import select
 
-    from cache.models import TagBlobRow, TagRow
+    from cache.index.models import TagBlobRow, TagRow
 
     out = {Digest(d) for d in s.scalars(select(TagRow.manifest_digest))}
     out.update(Digest(d) for d in s.scalars(select(TagBlobRow.digest)))
@@ -811,7 +811,7 @@ def _pinned(s: Session) -> set[Digest]:
 def _referenced(s: Session) -> set[Digest]:
     from sqlalchemy import select
 
-    from cache.models import StepRow
+    from cache.index.models import StepRow
 
     compressed = _compressed_by_diff_id(s)
     out = _pinned(s)
@@ -829,7 +829,7 @@ def _plan(
 ) -> PrunePlan:
     from sqlalchemy import select
 
-    from cache.models import StepRow
+    from cache.index.models import StepRow
 
     compressed = _compressed_by_diff_id(s)
     pinned = _pinned(s)

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from builder.expand import expand_word, expand_words, heredoc_word_name, split_words
+from builder.frontend.expand import expand_word, expand_words, heredoc_word_name, split_words
 from cache.errors import InvalidInput, NotFound
 
 __all__ = [
@@ -946,7 +946,7 @@ def load(path: str | Path) -> Dockerfile:
 
 def host_platform_args() -> dict[str, str]:
     """The predefined platform ARGs for this machine (build = target: no cross builds)."""
-    from builder.hostplatform import host_platform
+    from cache.platform import host_platform
 
     _os, arch, variant = host_platform()
     plat = f"linux/{arch}" + (f"/{variant}" if variant else "")

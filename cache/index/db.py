@@ -8,7 +8,7 @@ with the same schema works (PostgreSQL for a shared index).  The ``meta`` table 
 - at an older version runs the migrations from that version up, in one transaction;
 - at a newer version fails with ``StoreError`` (this lbuild does not know that layout).
 
-SQLAlchemy is imported inside functions only: :mod:`cache.fastpath` imports this module for
+SQLAlchemy is imported inside functions only: :mod:`cache.index.reader` imports this module for
 ``SCHEMA_VERSION`` and ``sqlite_file`` and must stay free of SQLAlchemy.
 
 Version history:
@@ -184,7 +184,7 @@ MIGRATIONS: tuple[Migration, ...] = (
 def _read_version(conn: Connection) -> int | None:
     from sqlalchemy import inspect, select
 
-    from cache.models import MetaRow
+    from cache.index.models import MetaRow
 
     if not inspect(conn).has_table(MetaRow.__tablename__):
         return None
@@ -220,7 +220,7 @@ def ensure_schema(
     """
     from sqlalchemy import insert, update
 
-    from cache.models import Base, MetaRow
+    from cache.index.models import Base, MetaRow
 
     with engine.connect() as conn, conn.begin():
         found = _read_version(conn)

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from builder import dockerfile as df
-from builder.context import BuildContext, ContextFile
-from builder.copy import Item, Selected, chown_is_named, has_wildcard, merkle, parse_chmod
-from builder.imageconfig import ImageState, apply_config, join_workdir
-from builder.keys import step_key, with_format
+from builder.frontend import dockerfile as df
+from builder.plan.context import BuildContext, ContextFile
+from builder.plan.copyspec import Item, Selected, chown_is_named, has_wildcard, merkle, parse_chmod
+from builder.plan.imageconfig import ImageState, apply_config, join_workdir
+from builder.plan.keys import step_key, with_format
 from cache.errors import InvalidInput, LbuildError, NotFound, Unsupported
 from cache.types import BlobInfo, ContentRef, Digest, Entry, StepKey
 
@@ -117,7 +117,7 @@ class Plan:
 
     ``known_order`` is the topological order of this exact DAG computed by networkx before
     (a previous build with the same Dockerfile, arguments and contexts stored it with its
-    memo, see builder/fastpath.py); it is used only when the stored DAG equals this one.
+    memo, see builder/noop.py); it is used only when the stored DAG equals this one.
     """
 
     dag: Dag
@@ -301,8 +301,8 @@ def bind_sources(ctx: BuildContext, instr: df.Run, hasher: Hasher, file: str) ->
     The command reads those files, so their content is an input of the step like a COPY's
     sources.  The mount shows the directory as it is on disk, so no ignore rule applies here.
     """
-    from builder.ignore import IgnoreRules
-    from builder.run import parse_mount
+    from builder.frontend.dockerignore import IgnoreRules
+    from builder.solve.run import parse_mount
 
     rows: list[Any] = []
     whole = BuildContext(ctx.root, IgnoreRules())

@@ -60,8 +60,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from cache.errors import AlreadyExists, InvalidInput, NotFound, StoreError, Unsupported
+from cache.layers.apply import OVERLAY_OPAQUE_XATTR, apply_layer, remove_tree
 from cache.types import ContentRef, Digest, Entry, EntryType, sha256_digest
-from cache.unpack import OVERLAY_OPAQUE_XATTR, apply_layer, remove_tree
 
 __all__ = [
     "CopySnapshotter",

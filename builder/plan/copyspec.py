@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from builder.view import View, clean
 from cache.errors import InvalidInput, NotFound
+from cache.layers.view import View, clean
 from cache.types import Entry
 
 

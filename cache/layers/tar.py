@@ -25,8 +25,8 @@ from typing import IO, BinaryIO, Protocol, cast
 
 from blake3 import blake3
 
-from cache.blobs import BlobStore, BlobWriter
 from cache.errors import InvalidInput, LbuildError, StoreError, Unsupported
+from cache.store.blobs import BlobStore, BlobWriter
 from cache.types import MEDIA_TYPES, BlobInfo, Compression, Digest, Entry, EntryType, LayerInfo
 
 LAYER_FORMAT_VERSION = 1

@@ -1,9 +1,9 @@
 """SQLAlchemy models of the cache index (schema version 2); ORM rows never leave ``cache/``.
 
-Each table is read and written by :mod:`cache.records` (through the ORM) and, for the hot
-no-op rebuild queries, by :mod:`cache.fastpath` (through the stdlib ``sqlite3`` module, with
+Each table is read and written by :mod:`cache.index.records` (through the ORM) and, for the hot
+no-op rebuild queries, by :mod:`cache.index.reader` (through the stdlib ``sqlite3`` module, with
 hand-written SQL over the same column names): renaming a column here means changing both,
-bumping ``SCHEMA_VERSION`` and adding a migration in :mod:`cache.db`.
+bumping ``SCHEMA_VERSION`` and adding a migration in :mod:`cache.index.db`.
 
 Digests are stored as ``sha256:<hex>`` text (71 characters), step keys as 64-hex text,
 times as float seconds since the epoch, stat times as integer nanoseconds.

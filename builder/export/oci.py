@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.hostplatform import host_platform
-from builder.keys import canonical as canonical_json
-from cache.blobs import BlobStore
+from builder.plan.keys import canonical as canonical_json
 from cache.errors import DigestMismatch, InvalidInput, NotFound, Unsupported
-from cache.layer import import_layer
+from cache.layers.tar import import_layer
+from cache.platform import host_platform
+from cache.store.blobs import BlobStore
 from cache.types import BlobInfo, Digest, LayerInfo, digest_hex, sha256_digest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

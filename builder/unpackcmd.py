@@ -2,7 +2,7 @@
 
 IMAGE is a tag in lbuild's local store (``lbuild build -t NAME``) or ``oci-layout://DIR[:TAG]``
 (TAG defaults to ``latest``), resolved exactly as ``FROM`` resolves them.  Each layer is
-extracted by ``cache.unpack.apply_layer`` onto one merged tree, whiteouts carried out; the
+extracted by ``cache.layers.apply.apply_layer`` onto one merged tree, whiteouts carried out; the
 sha256 of the uncompressed bytes is computed as they stream through and compared with the
 config's diff_id, and a compressed blob is also hashed against its manifest digest.  The tree
 is built in a hidden sibling directory and renamed to DIR only when every layer checked out,
@@ -25,7 +25,7 @@ from cache.types import Digest, sha256_digest
 
 if TYPE_CHECKING:
     from builder.api import Session
-    from builder.plan import ExternalImage
+    from builder.plan.dag import ExternalImage
     from cache.types import BlobInfo
 
 __all__ = ["UnpackResult", "cmd_unpack", "unpack_image"]
@@ -100,7 +100,7 @@ def _check_dest(dest: Path) -> None:
 
 
 def _decompressed(stack: contextlib.ExitStack, src: Any, media_type: str) -> _Readable:
-    from cache.layer import codec_of
+    from cache.layers.tar import codec_of
 
     codec = codec_of(media_type)
     if codec == "gzip":
@@ -121,7 +121,7 @@ def _apply_one(session: Session, blob: BlobInfo, diff_id: Digest, target: Path, 
     """Apply layer ``i``: from its uncompressed blob when the store has it, else decompressing."""
     import zlib
 
-    from cache.unpack import apply_layer
+    from cache.layers.apply import apply_layer
 
     if session.store.has(diff_id):
         with session.store.open(diff_id) as f:
@@ -151,7 +151,7 @@ def _apply_one(session: Session, blob: BlobInfo, diff_id: Digest, target: Path, 
 
 def unpack_image(session: Session, ref: str, dest: Path) -> UnpackResult:
     """Unpack IMAGE into ``dest`` (which must not exist, or be an empty directory)."""
-    from cache.unpack import remove_tree
+    from cache.layers.apply import remove_tree
 
     dest = Path(os.path.abspath(dest))
     _check_dest(dest)

@@ -1,11 +1,11 @@
 """The index writer process: a build's index writes, done by a child that imports SQLAlchemy.
 
 Why a process: importing SQLAlchemy, the ORM and the models costs about 0.23 s here, more
-than the rest of a one-file-edit rebuild.  A build's reads are served by :mod:`cache.fastpath`
+than the rest of a one-file-edit rebuild.  A build's reads are served by :mod:`cache.index.reader`
 (stdlib ``sqlite3``), so SQLAlchemy is needed only to *write* — and writes need not happen
-before the build goes on.  ``Recorder.start`` spawns ``python -S -m cache.recorder DB``; while
+before the build goes on.  ``Recorder.start`` spawns ``python -S -m cache.index.recorder DB``; while
 the parent walks the context, plans and writes layers on one core, the child imports
-SQLAlchemy and opens :class:`cache.records.Index` on the other, then applies the writes the
+SQLAlchemy and opens :class:`cache.index.records.Index` on the other, then applies the writes the
 parent sends.
 
 Protocol (stdin → child, child → stdout): length-prefixed pickles.  The child first greets
@@ -30,7 +30,7 @@ Lifecycle and guarantees:
   write failed or the child died (``NothingApplied`` when it applied none of them: the
   caller may apply them itself); ``abandon()`` stops a child that is not needed.
 
-This module imports neither SQLAlchemy nor :mod:`cache.records` in the parent.
+This module imports neither SQLAlchemy nor :mod:`cache.index.records` in the parent.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class Recorder:
         # The child starts with -S (no site module: its .pth files and customisations cost
         # about 25 ms of the child's critical start) and this process's import path instead,
         # with this checkout first so a source tree works too.
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in (root, *sys.path) if p))
         try:
@@ -120,7 +120,7 @@ class Recorder:
                     sys.executable,
                     "-S",
                     "-m",
-                    "cache.recorder",
+                    "cache.index.recorder",
                     os.fspath(db),
                     *(["--lock", os.fspath(lock)] if lock is not None else []),
                 ],
@@ -250,7 +250,7 @@ def serve(db: str, inp: IO[bytes], out: IO[bytes]) -> int:
     unapplied = False
     index: Any = None
     try:
-        from cache.records import Index
+        from cache.index.records import Index
 
         index = Index.open(db)
     except Exception as e:  # reported on the next sync, never as a traceback
@@ -282,7 +282,7 @@ def serve(db: str, inp: IO[bytes], out: IO[bytes]) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m cache.recorder DB``: serve frames from stdin until it ends."""
+    """``python -m cache.index.recorder DB``: serve frames from stdin until it ends."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the writes end
@@ -295,7 +295,7 @@ def main(argv: Sequence[str]) -> int:
         fcntl.flock(fd, fcntl.LOCK_SH)
         del args[1:]
     if len(args) != 1:
-        print("usage: python -m cache.recorder DB [--lock FILE]", file=sys.stderr)
+        print("usage: python -m cache.index.recorder DB [--lock FILE]", file=sys.stderr)
         return 2
     # the protocol gets its own copy of stdout; anything printed goes to stderr instead
     out = os.fdopen(os.dup(1), "wb")

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cache.errors import Interrupted, InvalidInput, LbuildError
-from cache.snapshot import (
+from cache.snapshots.snapshot import (
     MNT_DETACH,
     MS_BIND,
     MS_NODEV,
@@ -75,8 +75,8 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
-_ROOT = str(Path(__file__).resolve().parent.parent)
-_BOOT = f"import sys; sys.path.insert(0, {_ROOT!r}); from builder.executor import _helper_main; _helper_main()"
+_ROOT = str(Path(__file__).resolve().parents[2])
+_BOOT = f"import sys; sys.path.insert(0, {_ROOT!r}); from builder.solve.executor import _helper_main; _helper_main()"
 _DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
 

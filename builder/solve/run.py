@@ -2,7 +2,7 @@
 
 The parent's layers are unpacked once into committed snapshots named by chain id; the
 command runs in a fresh active snapshot on top (overlayfs or a copy), isolated by
-builder.executor; the snapshot's diff is written as a deterministic layer and the active
+builder.solve.executor; the snapshot's diff is written as a deterministic layer and the active
 snapshot is removed whatever happens.
 """
 
@@ -18,17 +18,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from builder import dockerfile as df
-from builder.copy import db_entry
+from builder.frontend import dockerfile as df
+from builder.plan.copyspec import db_entry
 from cache.errors import InvalidInput, NotFound, StepFailed
 from cache.types import Entry, LayerInfo
 
 if TYPE_CHECKING:
-    from builder.executor import BindSpec
-    from builder.plan import Step
-    from builder.solve import Solver
-    from builder.view import View
-    from cache.snapshot import Snapshotter
+    from builder.plan.dag import Step
+    from builder.solve.executor import BindSpec
+    from builder.solve.solver import Solver
+    from cache.layers.view import View
+    from cache.snapshots.snapshot import Snapshotter
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def mounts_for(
     instr: df.Run, env: RunEnv, workdir: str, file: str, scratch: Path
 ) -> tuple[list[BindSpec], list[str]]:
     """BindSpecs for a RUN's --mount flags, and the targets to keep out of the layer."""
-    from builder.executor import BindSpec
+    from builder.solve.executor import BindSpec
 
     out: list[BindSpec] = []
     targets: list[str] = []
@@ -208,7 +208,7 @@ def mounts_for(
 
 
 def _snapshotter(env: RunEnv) -> Snapshotter:
-    from cache.snapshot import choose_snapshotter, cleanup_stale, overlay_works
+    from cache.snapshots.snapshot import choose_snapshotter, cleanup_stale, overlay_works
 
     # One root per kind: a committed overlay snapshot holds one layer, a copy snapshot the
     # whole tree, so a copy snapshotter must never find the overlay's snapshots (or back).
@@ -238,8 +238,8 @@ def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:
     snaps: list[Snapshotter] = []
 
     def run_step(solver: Solver, step: Step) -> LayerInfo | None:
-        from builder.executor import RunSpec, run
-        from cache.snapshot import ensure_chain
+        from builder.solve.executor import RunSpec, run
+        from cache.snapshots.snapshot import ensure_chain
 
         instr = step.instr
         assert isinstance(instr, df.Run) and step.state is not None

@@ -130,8 +130,8 @@ def fingerprint(
 def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
     """(key, ignore-rules) for a build, or None when the fast path must not be tried."""
     from builder.api import oci_layout_ref
-    from builder.ignore import load_ignore
-    from builder.keys import LAYER_FORMAT
+    from builder.frontend.dockerignore import load_ignore
+    from builder.plan.keys import LAYER_FORMAT
 
     if opts.no_cache or opts.no_cache_filter:
         return None
@@ -232,7 +232,7 @@ def try_fast(opts: BuildOptions, reporter: Reporter) -> tuple[BuildResult | None
     """The build's result if nothing changed since the memo was written (else None), and the
     probe the normal build can reuse."""
     from builder.api import source_date_epoch
-    from builder.writer import home_dir
+    from cache.home import home_dir
 
     t0 = time.monotonic()
     home = home_dir(opts.home)
@@ -267,7 +267,7 @@ def _replay(
             return None
     wanted_tags = {_full(t) for t in opts.tags}
     if memo["tags_used"] or wanted_tags:
-        from cache.fastpath import FastIndex
+        from cache.index.reader import FastIndex
 
         fast = FastIndex.open(str(db))
         if fast is None:
@@ -334,8 +334,8 @@ def _export(opts: BuildOptions, home: Path, memo: dict[str, Any]) -> None:
             todo.append(out)
     if not todo:
         return
-    from builder.export import export_docker_archive, export_oci_layout
-    from cache.blobs import BlobStore
+    from builder.export.oci import export_docker_archive, export_oci_layout
+    from cache.store.blobs import BlobStore
 
     store = BlobStore(home)
     image = stored_image(store, memo["manifest"])
@@ -349,7 +349,7 @@ def _export(opts: BuildOptions, home: Path, memo: dict[str, Any]) -> None:
 
 def stored_image(store: Any, manifest_digest: str) -> Any:
     """The export.Image for a manifest whose blobs are all in the content store."""
-    from builder.export import Image
+    from builder.export.oci import Image
     from cache.types import BlobInfo, Digest
 
     manifest = store.read(Digest(manifest_digest))

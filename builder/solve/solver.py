@@ -15,14 +15,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from builder import dockerfile as df
-from builder.copy import Selected, plan_copy, resolve_chown, select_from_view
-from builder.imageconfig import ImageState, history_text, iso_time
-from builder.keys import layer_content_key
-from builder.plan import Plan, Step
-from builder.view import View, clean
-from cache.blobs import BlobStore
+from builder.frontend import dockerfile as df
+from builder.plan.copyspec import Selected, plan_copy, resolve_chown, select_from_view
+from builder.plan.dag import Plan, Step
+from builder.plan.imageconfig import ImageState, history_text, iso_time
+from builder.plan.keys import layer_content_key
 from cache.errors import Interrupted, InvalidInput, LbuildError, Unsupported
+from cache.layers.view import View, clean
+from cache.store.blobs import BlobStore
 from cache.types import BlobInfo, Digest, Entry, LayerInfo, StepKey
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class StepResult:
 @dataclass(frozen=True)
 class CacheHit:
     """A step record found for a key: the layer it made (None for config-only steps), the
-    layer's size and its TOC blob (see :mod:`cache.toc`) when the record names one."""
+    layer's size and its TOC blob (see :mod:`cache.layers.toc`) when the record names one."""
 
     diff_id: Digest | None
     toc_digest: Digest | None = None
@@ -113,7 +113,7 @@ class Solver:
             hit = self._tocs.get(diff_id)
         if hit is not None:
             return hit
-        from cache.layer import read_toc
+        from cache.layers.tar import read_toc
 
         toc = self._stored_toc(diff_id)
         if toc is None:
@@ -130,7 +130,7 @@ class Solver:
         if blob is None:
             return None
         from cache.errors import NotFound
-        from cache.toc import load_toc
+        from cache.layers.toc import load_toc
 
         try:
             return load_toc(self.store.read(blob))
@@ -174,7 +174,7 @@ class Solver:
 
     def read_file(self, view: View) -> Callable[[str], bytes | None]:
         def read(path: str) -> bytes | None:
-            from cache.layer import open_member
+            from cache.layers.tar import open_member
 
             p = view.resolve(path)
             e = view.get(p)
@@ -226,7 +226,7 @@ class Solver:
     def write(self, entries: list[Entry], *, by_content: bool = False) -> LayerInfo:
         """Write a layer of ``entries`` (or, with ``by_content``, reuse an identical one).
 
-        Every layer gets a TOC blob (:mod:`cache.toc`), so later builds that hit its record
+        Every layer gets a TOC blob (:mod:`cache.layers.toc`), so later builds that hit its record
         need not read the tar back to see what is in it.
 
         ``by_content`` (COPY, ADD, WORKDIR: entries whose files are all known by digest):
@@ -235,7 +235,7 @@ class Solver:
         only because a step below it changed, or by any other — and that layer is used as
         it is: no file is read, tarred, hashed or compressed again.
         """
-        from cache.layer import write_layer
+        from cache.layers.tar import write_layer
 
         ck = layer_content_key(entries) if by_content else None
         if ck is not None:
@@ -251,7 +251,7 @@ class Solver:
         return layer
 
     def _store_toc(self, layer: LayerInfo) -> Digest:
-        from cache.toc import dump_toc
+        from cache.layers.toc import dump_toc
 
         digest = self.store.put(dump_toc(layer.toc))
         self._note_toc_blob(layer.diff_id, digest)
@@ -286,8 +286,8 @@ class Solver:
                 file,
                 instr.line,
             )
-        from builder.copy import parse_chmod
-        from builder.plan import copy_is_multi
+        from builder.plan.copyspec import parse_chmod
+        from builder.plan.dag import copy_is_multi
 
         multi = copy_is_multi(instr)
         assert step.state is not None
@@ -309,7 +309,7 @@ class Solver:
     def _with_blob_sources(self, sel: Selected, view: View) -> Selected:
         from dataclasses import replace
 
-        from builder.copy import Item
+        from builder.plan.copyspec import Item
         from cache.types import ContentRef
 
         items = []
@@ -326,8 +326,8 @@ class Solver:
         """ADD of a local archive: its decompressed tar goes to the store; items point into it."""
         from dataclasses import replace
 
-        from builder.copy import Item
-        from cache.layer import import_layer
+        from builder.plan.copyspec import Item
+        from cache.layers.tar import import_layer
         from cache.types import ContentRef
 
         src = sel.items[0].entry.source
@@ -489,7 +489,7 @@ class Solver:
 
 def _workdir_after(step: Step) -> str:
     assert isinstance(step.instr, df.Workdir)
-    from builder.imageconfig import join_workdir
+    from builder.plan.imageconfig import join_workdir
 
     assert step.state is not None
     return join_workdir(step.state.workdir, step.instr.path)

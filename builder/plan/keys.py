@@ -45,7 +45,7 @@ def layer_content_key(entries: Iterable[Entry]) -> StepKey | None:
 
     import blake3
 
-    from cache.layer import LAYER_FORMAT_VERSION
+    from cache.layers.tar import LAYER_FORMAT_VERSION
 
     rows: list[list[Any]] = []
     for e in entries:

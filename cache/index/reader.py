@@ -3,8 +3,8 @@
 A no-op rebuild must finish in well under 0.3 s, and importing SQLAlchemy alone costs about
 0.2 s.  The hot reads of that path (stat rows in bulk, step records by key, a tag) are
 therefore served here with hand-written SQL over the same database file that
-:class:`cache.records.Index` manages; everything else, and every write, goes through
-``Index``.  The SQL must follow the column names in :mod:`cache.models`; a test checks
+:class:`cache.index.records.Index` manages; everything else, and every write, goes through
+``Index``.  The SQL must follow the column names in :mod:`cache.index.models`; a test checks
 that both answer the same.
 
 ``FastIndex.open`` returns None whenever the fast path cannot be trusted — the index is not
@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cache.db import BUSY_TIMEOUT_S, SCHEMA_VERSION, sqlite_file
-from cache.records import CHUNK, StatEntry, StepRecord, TagRecord, prefix_range
+from cache.index.db import BUSY_TIMEOUT_S, SCHEMA_VERSION, sqlite_file
+from cache.index.records import CHUNK, StatEntry, StepRecord, TagRecord, prefix_range
 from cache.types import BlobInfo, Digest, StepKey
 
 _STEP_COLUMNS = (

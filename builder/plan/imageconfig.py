@@ -14,9 +14,9 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from builder import dockerfile as df
-from builder.hostplatform import host_platform
+from builder.frontend import dockerfile as df
 from cache.errors import InvalidInput
+from cache.platform import host_platform
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_SHELL = ("/bin/sh", "-c")

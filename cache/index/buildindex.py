@@ -2,9 +2,9 @@
 
 A build reads a few hot things (step records by key, compressed forms of layers, a tag, stat
 rows) and writes records as steps finish.  :class:`BuildIndex` answers the reads with
-:class:`cache.fastpath.FastIndex` (stdlib ``sqlite3``) plus this build's own writes, and
-hands every write to a :class:`cache.recorder.Recorder` child, which applies it through
-:class:`cache.records.Index` (SQLAlchemy) — so SQLAlchemy's import overlaps the build.
+:class:`cache.index.reader.FastIndex` (stdlib ``sqlite3``) plus this build's own writes, and
+hands every write to a :class:`cache.index.recorder.Recorder` child, which applies it through
+:class:`cache.index.records.Index` (SQLAlchemy) — so SQLAlchemy's import overlaps the build.
 
 It has the same method names and answers as ``Index`` for what a build does; anything else
 (``why``, ``cache ls|prune|verify``) opens ``Index`` itself.
@@ -28,10 +28,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cache.db import sqlite_file
-from cache.fastpath import FastIndex
-from cache.recorder import NothingApplied, Recorder
-from cache.records import Site, StatEntry, StepRecord, TagRecord
+from cache.index.db import sqlite_file
+from cache.index.reader import FastIndex
+from cache.index.recorder import NothingApplied, Recorder
+from cache.index.records import Site, StatEntry, StepRecord, TagRecord
 from cache.types import BlobInfo, Digest, StepKey
 
 _CompressedKey = tuple[Digest, str, int, str]
@@ -111,7 +111,7 @@ class BuildIndex:
             try:
                 self._recorder.close()
             except NothingApplied:
-                from cache.records import Index
+                from cache.index.records import Index
 
                 with Index.open(self._db) as index:
                     for method, args, kwargs in self._calls:

@@ -1,0 +1,2 @@
+"""Export: a solved image -> OCI image layout, docker-archive tar (and registry push).
+"""

@@ -1,0 +1,2 @@
+"""Snapshots: root filesystems for RUN, overlay and copy snapshotters (containerd vocabulary).
+"""
