@@ -46,6 +46,7 @@ __all__ = ["load", "parse"]
 _STAGE_NAME = re.compile(r"^[a-z][a-z0-9-_.]*$")
 _HEREDOC_WORD = re.compile(r"^(\d*)<<(-?)([^<]*)$")
 _DIRECTIVE = re.compile(r"^#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.+?)\s*$")
+_KNOWN_DIRECTIVES = frozenset({"syntax", "escape", "check"})
 
 # --------------------------------------------------------------------------- parsing
 
@@ -480,15 +481,47 @@ _PARSERS: Mapping[str, Callable[[_Command], Instruction]] = MappingProxyType(
 )
 
 
-def _escape_directive(text: str) -> str:
-    """Return the ``# escape=`` parser directive's character, or the default backslash."""
-    for raw in text.lstrip("\ufeff").splitlines():
-        match = _DIRECTIVE.match(raw.lstrip())
-        if match is None:
-            break  # directives only count before any other line, blank lines included
-        if match.group(1).lower() == "escape":
-            return match.group(2)
-    return "\\"
+def _directives(text: str, filename: str) -> tuple[str, str]:
+    """Read the parser directives; return the escape character and the text for the parser.
+
+    As BuildKit reads them: directives count only at the top of the file, and any other
+    line (blank, a plain comment, or an unknown directive) ends them, so a later
+    ``# escape=`` is a comment.  BuildKit knows ``syntax``, ``escape`` and ``check``; the
+    bundled parser predates ``check`` and would stop at it, so a ``# check=`` line of the
+    directive block is moved after the others in the text the parser reads (every line
+    keeps its number).  A bad escape token gives BuildKit's message, whatever its place.
+    """
+    escape = "\\"
+    seen: dict[str, int] = {}
+    lines = text.split("\n")
+    checks: list[int] = []
+    for number, raw in enumerate(lines, start=1):
+        body = raw.lstrip("\ufeff") if number == 1 else raw
+        match = _DIRECTIVE.match(body.strip())
+        name = match.group(1).lower() if match is not None else ""
+        if match is None or name not in _KNOWN_DIRECTIVES:
+            break
+        if name in seen:
+            raise InvalidInput(
+                f"only one {name} parser directive can be used", file=filename, line=number
+            )
+        seen[name] = number
+        if name == "check":
+            checks.append(number - 1)
+        elif name == "escape":
+            escape = match.group(2)
+            if escape not in ("\\", "`"):
+                raise InvalidInput(
+                    f"invalid escape token '{escape}' does not match ` or \\",
+                    file=filename,
+                    line=number,
+                )
+    if checks:
+        block = len(seen)
+        kept = [lines[i] for i in range(block) if i not in checks]
+        lines[:block] = kept + [lines[i] for i in checks]
+        text = "\n".join(lines)
+    return escape, text
 
 
 def _locate_parse_error(parse_string: Callable[[str], Any], text: str, message: str) -> int | None:
@@ -545,7 +578,7 @@ def parse(text: str, filename: str = "Dockerfile") -> Dockerfile:
     """
     import dockerfile as buildkit
 
-    escape = _escape_directive(text)
+    escape, text = _directives(text, filename)
     lines = text.lstrip("\ufeff").splitlines()
     try:
         commands = buildkit.parse_string(text)
