@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,11 @@ def export_oci_layout(store: BlobStore, image: Image, dest: Path, tag: str = "la
     A new ``dest`` is built in a temporary directory beside it and renamed into place.  If
     ``dest`` already is a layout, its other images stay; the manifest that had ``tag`` is
     replaced.  Blobs are hardlinked from the store when it is on the same filesystem.
+
+    Exports to one layout from several processes at once are serialised by ``flock``: on the
+    layout directory while its ``index.json`` is read, changed and replaced, and on the
+    parent directory while a new layout is created (so no tag is lost and no export fails
+    because another one created the layout first).
     """
     _check_tag(tag)
     dest = Path(dest)
@@ -167,7 +172,13 @@ def export_oci_layout(store: BlobStore, image: Image, dest: Path, tag: str = "la
         annotations={REF_NAME: tag},
         platform=_platform_of(image),
     )
-    if _is_layout(dest):
+    if not _is_layout(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _dir_lock(dest.parent):
+            if not _is_layout(dest):
+                _new_layout(store, blobs, desc, dest)
+                return
+    with _dir_lock(dest):
         _layout_version(dest)
         index = _read_json(dest / "index.json", "index.json")
         manifests = index.get("manifests") if isinstance(index, dict) else None
@@ -178,10 +189,28 @@ def export_oci_layout(store: BlobStore, image: Image, dest: Path, tag: str = "la
         keep = [m for m in manifests if _ref_name(m) != tag]
         index["manifests"] = [*keep, desc]
         _atomic_write(dest / "index.json", canonical_json(index), 0o644)
-        return
+
+
+@contextlib.contextmanager
+def _dir_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on a directory (released when the block ends)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except NotADirectoryError:
+        raise InvalidInput(f"{path} exists and is not an OCI image layout") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _new_layout(store: BlobStore, blobs: list[Digest], desc: dict[str, Any], dest: Path) -> None:
+    """Create the layout ``dest`` holding one image (its parent directory is locked)."""
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise InvalidInput(f"{dest} exists and is not an OCI image layout")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         os.chmod(tmp, 0o755)
