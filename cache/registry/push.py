@@ -1,0 +1,154 @@
+"""Push an image (or index) from the content store to a registry, manifest last.
+
+For each blob: HEAD first (present -> nothing to send); else a cross-repository mount when
+the caller says the blob came from another repository of the same registry; else an upload
+(monolithic up to 8 MiB, chunked above).  Blobs go in parallel (``jobs`` at a time).  The
+manifest is PUT only after every blob it names is in the registry, so a failed push never
+leaves a manifest pointing at missing blobs.  The manifest's bytes are the store's, so the
+pushed digest is the one the OCI layout output names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from cache.errors import NotFound, Unsupported
+from cache.registry.client import INDEX_TYPES, OCI_INDEX, OCI_MANIFEST, Progress, Repository
+from cache.registry.errors import RegistryError
+from cache.registry.reference import Reference
+from cache.registry.transport import Transport
+
+if TYPE_CHECKING:
+    from cache.store.blobs import BlobStore
+
+DEFAULT_JOBS = 4
+
+
+@dataclass(frozen=True)
+class PushResult:
+    ref: Reference
+    digest: str
+    uploaded: tuple[str, ...]
+    mounted: tuple[str, ...]
+    present: tuple[str, ...]
+
+
+def _manifest(store: BlobStore, digest: str) -> tuple[bytes, dict[str, Any], str]:
+    from cache.types import Digest
+
+    if not store.has(Digest(digest)):
+        raise NotFound(f"manifest {digest} is not in the store")
+    raw = store.read(Digest(digest))
+    body: dict[str, Any] = json.loads(raw)
+    media = body.get("mediaType") or (OCI_INDEX if "manifests" in body else OCI_MANIFEST)
+    return raw, body, str(media)
+
+
+def _blobs(body: dict[str, Any]) -> list[tuple[str, int]]:
+    out = [(str(body["config"]["digest"]), int(body["config"]["size"]))]
+    out += [(str(x["digest"]), int(x["size"])) for x in body.get("layers") or []]
+    unique: dict[str, int] = {}
+    for d, size in out:
+        unique.setdefault(d, size)
+    return list(unique.items())
+
+
+class _Pusher:
+    def __init__(self, store: BlobStore, repo: Repository, mount_from: Mapping[str, str],
+                 progress: Progress | None, jobs: int) -> None:
+        self.store = store
+        self.repo = repo
+        self.mount_from = mount_from
+        self.progress = progress
+        self.jobs = jobs
+        self.uploaded: list[str] = []
+        self.mounted: list[str] = []
+        self.present: list[str] = []
+
+    def blob(self, digest: str, size: int) -> None:
+        from cache.types import Digest
+
+        if self.repo.has_blob(digest, push=True):
+            self.present.append(digest)
+        else:
+            source = self.mount_from.get(digest)
+            if source and source != self.repo.name and self.repo.mount_blob(digest, source):
+                self.mounted.append(digest)
+            else:
+                path = self.store.path(Digest(digest))
+                if not path.is_file():
+                    raise NotFound(f"push {self.repo.ref}: blob {digest} is not in the store")
+                self.repo.upload_blob(digest, size, path, self.progress)
+                self.uploaded.append(digest)
+                return
+        if self.progress is not None:
+            self.progress(digest, size, size)
+
+    def image(self, digest: str, tag: str | None) -> None:
+        """Push manifest ``digest`` (and first everything it names) under ``tag``.
+
+        Everything is checked to be in the store before the first request is sent.
+        """
+        plan = _plan(self.store, digest, str(self.repo.ref))
+        for i, (d, raw, media, blobs) in enumerate(plan):
+            if blobs:
+                with ThreadPoolExecutor(max_workers=max(1, min(self.jobs, len(blobs)))) as pool:
+                    list(pool.map(lambda b: self.blob(*b), blobs))
+            got = self.repo.put_manifest(tag if i == len(plan) - 1 and tag else d, raw, media)
+            if got != d:
+                raise RegistryError(f"push {self.repo.ref}: manifest digest {got} != {d}")
+
+
+def _plan(store: BlobStore, digest: str,
+          what: str) -> list[tuple[str, bytes, str, list[tuple[str, int]]]]:
+    """(manifest digest, raw bytes, media type, blobs) in push order: children first."""
+    from cache.types import Digest
+
+    raw, body, media = _manifest(store, digest)
+    if media in INDEX_TYPES:
+        out = []
+        for child in body.get("manifests") or []:
+            out += _plan(store, str(child["digest"]), what)
+        return [*out, (digest, raw, media, [])]
+    blobs = _blobs(body)
+    for d, _ in blobs:
+        if not store.has(Digest(d)):
+            raise NotFound(f"push {what}: blob {d} is not in the store")
+    return [(digest, raw, media, blobs)]
+
+
+def push(
+    store: BlobStore,
+    manifest_digest: str,
+    refs: Sequence[Reference],
+    *,
+    mount_from: Mapping[str, str] | None = None,
+    progress: Progress | None = None,
+    jobs: int = DEFAULT_JOBS,
+) -> list[PushResult]:
+    """Push the image ``manifest_digest`` to every reference in ``refs``.
+
+    ``mount_from`` maps a blob digest to the repository path it came from; it is tried as a
+    cross-repository mount when that repository is on the same registry as a target.
+    """
+    results: list[PushResult] = []
+    transports: dict[str, Transport] = {}
+    try:
+        for ref in refs:
+            if ref.digest is not None and ref.digest != manifest_digest:
+                raise Unsupported(f"push {ref}: a digest reference that is not this image's")
+            t = transports.get(ref.registry_host)
+            if t is None:
+                t = transports[ref.registry_host] = Transport(ref.registry_host)
+            p = _Pusher(store, Repository(t, ref), mount_from or {}, progress, jobs)
+            p.image(manifest_digest, ref.tag if ref.digest is None else None)
+            results.append(PushResult(ref, manifest_digest, tuple(p.uploaded),
+                                      tuple(p.mounted), tuple(p.present)))
+    finally:
+        for t in transports.values():
+            t.close()
+    return results
