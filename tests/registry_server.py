@@ -550,16 +550,16 @@ def unique_repo(prefix: str = "t") -> str:
 
 
 # -- fixtures ------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+@pytest.fixture(scope="session", name="registry")
+def registry_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """An anonymous plain-HTTP registry on loopback (one per xdist worker)."""
     reg = start_registry(tmp_path_factory.mktemp("registry"))
     yield reg
     reg.stop()
 
 
-@pytest.fixture(scope="session")
-def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+@pytest.fixture(scope="session", name="tls_registry")
+def tls_registry_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """HTTPS with a test CA + htpasswd Basic auth (``USER``/``PASSWORD``)."""
     root = tmp_path_factory.mktemp("tlsregistry")
     ca, cert, key = make_ca_and_cert(root / "pki")
@@ -576,8 +576,8 @@ def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]
     reg.stop()
 
 
-@pytest.fixture(scope="session")
-def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+@pytest.fixture(scope="session", name="token_registry")
+def token_registry_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """Plain HTTP, Bearer token auth from a :class:`TokenServer` (``USER``/``PASSWORD``)."""
     root = tmp_path_factory.mktemp("tokenregistry")
     tokens = TokenServer(root / "token")

@@ -7,6 +7,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from registry_server import (
+    FaultProxy,
+    Registry,
+    add_image,
+    add_index,
+    put_image,
+    registry_fixture,  # noqa: F401 (a fixture)
+    skopeo_copy,
+    unique_repo,
+    write_layout,
+)
 
 from cache.errors import NotFound
 from cache.registry import client as client_mod
@@ -18,17 +29,6 @@ from cache.registry.reference import parse
 from cache.registry.transport import Transport
 from cache.store.blobs import BlobStore
 from cache.types import Digest
-from registry_server import (
-    FaultProxy,
-    Registry,
-    add_image,
-    add_index,
-    put_image,
-    registry,  # noqa: F401 (fixture)
-    skopeo_copy,
-    unique_repo,
-    write_layout,
-)
 
 AMD64 = ("linux", "amd64", "")
 ARM64 = ("linux", "arm64", "")
@@ -74,7 +74,7 @@ def test_index_picks_the_platform_and_skips_attestations(registry: Registry, tmp
 def test_second_pull_fetches_no_blob_and_digest_pull_no_request(
     registry: Registry, tmp_path: Path
 ) -> None:
-    lay, digests = two_platforms(tmp_path)
+    lay, _ = two_platforms(tmp_path)
     ref = parse(put_image(registry, lay, unique_repo(), "--all"))
     store = BlobStore(tmp_path / "home")
     with Transport(ref.registry_host) as t:

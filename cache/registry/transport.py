@@ -163,6 +163,7 @@ class Transport:
             _SCHEMES.get(host) if insecure_allowed(host) else "https"
         )
         self._lock = threading.Lock()
+        self._fetch_lock = threading.Lock()
         self._challenge: Challenge | None = None
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
         self._client = httpx.Client(
@@ -211,10 +212,15 @@ class Transport:
         return "Bearer " + self._token(ch, scopes)
 
     def _token(self, ch: Challenge, scopes: tuple[str, ...]) -> str:
-        with self._lock:
-            cached = self._tokens.get(scopes)
-            if cached is not None and cached[1] > time.monotonic():
-                return cached[0]
+        # One fetch at a time: parallel blob requests wait for the first one's token.
+        with self._fetch_lock:
+            with self._lock:
+                cached = self._tokens.get(scopes)
+                if cached is not None and cached[1] > time.monotonic():
+                    return cached[0]
+            return self._fetch_token(ch, scopes)
+
+    def _fetch_token(self, ch: Challenge, scopes: tuple[str, ...]) -> str:
         realm = ch.params.get("realm")
         if not realm:
             raise RegistryError(f"{self.host}: the registry's Bearer challenge names no realm")
