@@ -182,25 +182,52 @@ def test_prune_keep_bytes_goes_least_recently_used_first(tmp_path: Path, home: P
 
 
 @pytest.mark.slow
+def _set_last_used(home: Path, prefixes: set[str], when: float) -> None:
+    """Set the last-used time of the records whose keys start with ``prefixes``."""
+    import sqlite3
+
+    with sqlite3.connect(home / "lbuild.db") as db:
+        for p in prefixes:
+            n = db.execute("UPDATE steps SET last_used = ? WHERE key LIKE ?", (when, p + "%"))
+            assert n.rowcount == 1
+
+
+def _last_used(home: Path) -> dict[str, float]:
+    import sqlite3
+
+    with sqlite3.connect(home / "lbuild.db") as db:
+        return {k[:16]: t for k, t in db.execute("SELECT key, last_used FROM steps")}
+
+
 def test_prune_keep_duration_drops_records_not_used_lately(tmp_path: Path, home: Path) -> None:
+    # No wall-clock margins (issue 11 item 19): the ages are set in the index, not slept for.
+    # The old records were last used 30 days ago, the new ones 1 hour ago (both before the
+    # prune starts), and the limit is 7 days: only the run time of this test itself would
+    # have to exceed 6 days 23 hours for the outcome to change.
     old = make_ctx(tmp_path / "old")
     build(old, home)
     old_keys = {k for k, _, _ in ls(home)}
-    time.sleep(2.5)
+    old_rows = set(_last_used(home))  # step records and layer records
     new = make_ctx(
         tmp_path / "new", {"Dockerfile": "FROM scratch\nCOPY n.txt /n\nENV N=1\n", "n.txt": "n\n"}
     )
     build(new, home)
     new_keys = {k for k, _, _ in ls(home)} - old_keys
     assert len(new_keys) == 2
+    new_rows = set(_last_used(home)) - old_rows
+    now = time.time()
+    _set_last_used(home, old_rows, now - 30 * 86400)
+    _set_last_used(home, new_rows, now - 3600)
+    ages = {k: round(now - t) for k, t in _last_used(home).items()}
+    assert ages == {**{k: 30 * 86400 for k in old_rows}, **{k: 3600 for k in new_rows}}
 
-    dry = cache(home, "prune", "--keep-duration", "2s", "--dry-run")
+    dry = cache(home, "prune", "--keep-duration", "7d", "--dry-run")
     gone = {line.split()[3] for line in dry if line.startswith("would remove step ")}
     assert gone == old_keys
     assert all(line.endswith("(age)") for line in dry if " step " in line)
     assert {k for k, _, _ in ls(home)} == old_keys | new_keys
 
-    cache(home, "prune", "--keep-duration", "2s")
+    cache(home, "prune", "--keep-duration", "7d")
     assert {k for k, _, _ in ls(home)} == new_keys
     # the kept records still serve a build; the pruned ones are built again
     assert all(build(new, home).values())
