@@ -31,6 +31,14 @@ from cache.store.blobs import BlobStore
 from cache.types import Digest
 
 AMD64 = ("linux", "amd64", "")
+
+
+@pytest.fixture(autouse=True)
+def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries wait 10 ms, 20 ms, ... here (the count of retries is what is tested)."""
+    from cache.registry import transport
+
+    monkeypatch.setattr(transport, "BACKOFF_S", 0.01)
 ARM64 = ("linux", "arm64", "")
 
 

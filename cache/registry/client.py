@@ -188,7 +188,7 @@ class Repository:
                         "content-range", "").startswith(f"bytes {done}-"):
                     raise Restart(digest)
                 try:
-                    for chunk in resp.iter_raw(CHUNK):
+                    for chunk in resp.iter_raw():
                         if done + len(chunk) > size:
                             raise DigestMismatch(f"blob {digest} (longer than {size} bytes)",
                                                  digest, "?")

@@ -10,10 +10,11 @@ a killed pull leaves only an ingest temp file, never a partial blob.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cache.errors import InvalidInput, NotFound, Unsupported
 from cache.registry.client import (
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from cache.store.blobs import BlobStore
 
 Platform = tuple[str, str, str]
+T = TypeVar("T")
 DEFAULT_JOBS = 4
 
 
@@ -197,8 +199,8 @@ def pull(
         manifest, index = resolve(repo, store, ref, want)
         config, layers = _descriptors(manifest.json(), str(ref))
         blobs = _unique((config, *layers))
-        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(blobs)))) as pool:
-            got = list(pool.map(lambda d: fetch_blob(repo, store, d, progress), blobs))
+        got = in_parallel(lambda d, tick: fetch_blob(repo, store, d, tick), blobs, jobs,
+                          progress)
         fetched = tuple(d.digest for d, g in zip(blobs, got, strict=True) if g)
         for m in (manifest, index):
             if m is not None:
@@ -208,6 +210,36 @@ def pull(
     finally:
         if own:
             t.close()
+
+
+class Cancelled(Exception):
+    """Another blob of the same pull or push failed, or the process is being interrupted."""
+
+
+def in_parallel(fn: Callable[[Any, Progress], T], items: Sequence[Any], jobs: int,
+                progress: Progress | None) -> list[T]:
+    """``fn(item, tick)`` for every item on up to ``jobs`` threads, results in order.
+
+    When one fails or the caller is interrupted (SIGINT), the others stop at their next
+    chunk (``tick`` raises) and clean up (an ingest removes its temp file) before this
+    returns: nothing is left running or half-written.
+    """
+    cancel = threading.Event()
+
+    def tick(digest: str, done: int, total: int) -> None:
+        if cancel.is_set():
+            raise Cancelled(digest)
+        if progress is not None:
+            progress(digest, done, total)
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, len(items))))
+    try:
+        return list(pool.map(lambda x: fn(x, tick), items))
+    except BaseException:
+        cancel.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def store_manifest(store: BlobStore, m: Manifest) -> None:

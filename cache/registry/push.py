@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cache.errors import NotFound, Unsupported
 from cache.registry.client import INDEX_TYPES, OCI_INDEX, OCI_MANIFEST, Progress, Repository
 from cache.registry.errors import RegistryError
+from cache.registry.pull import in_parallel
 from cache.registry.reference import Reference
 from cache.registry.transport import Transport
 
@@ -69,7 +69,7 @@ class _Pusher:
         self.mounted: list[str] = []
         self.present: list[str] = []
 
-    def blob(self, digest: str, size: int) -> None:
+    def blob(self, digest: str, size: int, tick: Progress) -> None:
         from cache.types import Digest
 
         if self.repo.has_blob(digest, push=True):
@@ -82,11 +82,10 @@ class _Pusher:
                 path = self.store.path(Digest(digest))
                 if not path.is_file():
                     raise NotFound(f"push {self.repo.ref}: blob {digest} is not in the store")
-                self.repo.upload_blob(digest, size, path, self.progress)
+                self.repo.upload_blob(digest, size, path, tick)
                 self.uploaded.append(digest)
                 return
-        if self.progress is not None:
-            self.progress(digest, size, size)
+        tick(digest, size, size)
 
     def image(self, digest: str, tag: str | None) -> None:
         """Push manifest ``digest`` (and first everything it names) under ``tag``.
@@ -96,8 +95,7 @@ class _Pusher:
         plan = _plan(self.store, digest, str(self.repo.ref))
         for i, (d, raw, media, blobs) in enumerate(plan):
             if blobs:
-                with ThreadPoolExecutor(max_workers=max(1, min(self.jobs, len(blobs)))) as pool:
-                    list(pool.map(lambda b: self.blob(*b), blobs))
+                in_parallel(lambda b, tick: self.blob(b[0], b[1], tick), blobs, self.jobs, self.progress)
             got = self.repo.put_manifest(tag if i == len(plan) - 1 and tag else d, raw, media)
             if got != d:
                 raise RegistryError(f"push {self.repo.ref}: manifest digest {got} != {d}")

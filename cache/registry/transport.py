@@ -41,6 +41,8 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "POST"})
 """Methods replayed on a failure.  POST only ever starts an upload session here (a new
 session per attempt is harmless); PATCH appends to a session and is never replayed."""
 MAX_RETRY_AFTER_S = 30.0
+BACKOFF_S = 0.2
+"""The first retry's wait; each next one doubles it (0.2, 0.4, 0.8, 1.6 s)."""
 USER_AGENT = "lbuild/0.1"
 Body = bytes | Callable[[], Iterable[bytes]] | None
 _SCHEMES: dict[str, str] = {}
@@ -150,13 +152,13 @@ class Transport:
         host: str,
         *,
         retries: int = 4,
-        backoff_s: float = 0.2,
+        backoff_s: float | None = None,
         credentials: Credentials | None = None,
         lookup_credentials: bool = True,
     ) -> None:
         self.host = host
         self.retries = retries
-        self.backoff_s = backoff_s
+        self.backoff_s = BACKOFF_S if backoff_s is None else backoff_s
         self._creds = credentials
         self._creds_looked_up = credentials is not None or not lookup_credentials
         self._scheme: str | None = (
