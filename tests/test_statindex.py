@@ -22,10 +22,12 @@ def b3(path: Path) -> str:
     return blake3.blake3(path.read_bytes()).hexdigest()
 
 
-def counting(fn: Callable[[Path], str]) -> tuple[Callable[[Path], str], list[Path]]:
+def counting(
+    fn: Callable[[Path], str],
+) -> tuple[Callable[[Path, os.stat_result], str], list[Path]]:
     reads: list[Path] = []
 
-    def wrapped(p: Path) -> str:
+    def wrapped(p: Path, st: os.stat_result) -> str:  # a hasher gets the walk's stat too
         reads.append(p)
         return fn(p)
 
@@ -206,7 +208,7 @@ def test_noop_lookups_do_not_import_sqlalchemy(tmp_path: Path, db: Path) -> None
         "import sys, os\n"
         "from pathlib import Path\n"
         "from cache.index.statindex import StatIndex\n"
-        "def boom(p):\n"
+        "def boom(p, st):\n"
         "    raise AssertionError(f'read {p}')\n"
         f"with StatIndex.open({str(db)!r}, racy_ns=0) as si:\n"
         f"    si.prefetch({str(ctx)!r})\n"

@@ -11,12 +11,13 @@ directory so that its surviving children have a parent.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -28,7 +29,7 @@ from builder.frontend.dockerignore import (
     has_wildcards,
 )
 from builder.noop import list_dir
-from cache.errors import InvalidInput, NotFound
+from cache.errors import InvalidInput, LbuildError, NotFound
 
 ContextFileType = Literal["file", "dir", "symlink"]
 
@@ -61,6 +62,9 @@ class ContextFile:
     link: str = ""
     # The stat this row was made from (what the stat index compares): saves a second lstat.
     stat: os.stat_result | None = field(default=None, compare=False, repr=False)
+    # Where a followed top-level symlink landed (its real rel; '' when ``rel`` is real): the
+    # file that is opened, without following links, to hash and copy it.
+    real: str = field(default="", compare=False, repr=False)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -222,6 +226,8 @@ class BuildContext:
             return None
         if self.ignore.excluded(real) and not (cf.type == "dir" and self._has_included(real)):
             return None
+        if real != logical and real != cf.rel:
+            cf = replace(cf, real=real)
         return cf
 
     def _clean_source(self, source: str) -> str:
@@ -405,30 +411,61 @@ class BuildContext:
 _BIG_CHUNK = 16 << 20
 
 
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+"""How a context file is opened for reading: never through a symlink swapped in since the walk
+(O_NOFOLLOW), never hanging on a fifo swapped in (O_NONBLOCK)."""
+
+
+def open_verified(path: str | os.PathLike[str], st: os.stat_result | None) -> int:
+    """Open a context file the walk saw as ``st`` (its lstat) and return the descriptor.
+
+    The file is opened without following a symlink in its last component, and the open file
+    must be a regular file with the walk's device and inode: a path swapped for a symlink
+    (or a parent directory swapped for one) since the walk is "file changed while being
+    read" (exit 1), never the bytes of whatever the link points at.
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        fst = os.fstat(fd)
+        if not stat.S_ISREG(fst.st_mode):
+            raise InvalidInput(f"cannot read {os.fsdecode(path)}: not a regular file")
+        if st is not None and (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+            raise LbuildError(f"file changed while being read: {os.fsdecode(path)}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_BIG_CHUNK = 16 << 20
+
+
 def hash_file(path: str | os.PathLike[str], st: os.stat_result | None = None) -> str:
     """Return the blake3 hex of a regular file's content, streamed, never held in memory.
 
-    ``st`` (a fresh stat of ``path``) saves a syscall.  Large files are read in 16 MiB
-    chunks and hashed with blake3's threads.  Raises InvalidInput when the file cannot be read.
+    ``st`` is the walk's lstat of ``path``: the file is opened once without following
+    symlinks and must still be that file (``open_verified``).  Large files are read in
+    16 MiB chunks and hashed with blake3's threads.  Raises InvalidInput when the file cannot
+    be read, LbuildError when it was replaced since ``st`` was taken.
     """
     import blake3
 
     try:
-        if st is None:
-            st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidInput(f"cannot hash {path}: not a regular file")
-        # Large files: 16 MiB reads into one reused buffer, hashed with blake3's threads.
-        # (update_mmap would map the whole file and count it all as resident memory.)
-        big = st.st_size >= _MMAP_THRESHOLD
-        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if big else blake3.blake3()
-        buf = bytearray(_BIG_CHUNK if big else _READ_CHUNK)
-        view = memoryview(buf)
-        with open(path, "rb", buffering=0) as fh:
+        fd = open_verified(path, st)
+        with open(fd, "rb", buffering=0) as fh:
+            size = os.fstat(fd).st_size
+            # Large files: 16 MiB reads into one reused buffer, hashed with blake3's threads.
+            # (update_mmap would map the whole file and count it all as resident memory.)
+            big = size >= _MMAP_THRESHOLD
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if big else blake3.blake3()
+            buf = bytearray(_BIG_CHUNK if big else _READ_CHUNK)
+            view = memoryview(buf)
             while n := fh.readinto(buf):
                 hasher.update(view[:n])
         return str(hasher.hexdigest())
     except FileNotFoundError:
-        raise NotFound(f"cannot read {path}: No such file or directory") from None
+        raise NotFound(f"cannot read {os.fsdecode(path)}: No such file or directory") from None
     except OSError as err:
-        raise InvalidInput(f"cannot read {path}: {err.strerror or err}") from None
+        if err.errno == errno.ELOOP:  # a symlink where the walk saw a file
+            raise LbuildError(f"file changed while being read: {os.fsdecode(path)}") from None
+        raise InvalidInput(f"cannot read {os.fsdecode(path)}: {err.strerror or err}") from None

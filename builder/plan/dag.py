@@ -199,7 +199,8 @@ def _context_items(
     root = str(ctx.root)
 
     def host(f: ContextFile) -> str:
-        return root if f.rel in ("", ".") else f"{root}/{f.rel}"
+        rel = f.real or f.rel  # a followed top-level symlink is opened where it landed
+        return root if rel in ("", ".") else f"{root}/{rel}"
 
     def item(f: ContextFile, rel: str, digest: str, path: str | None) -> Item:
         hl = (f.dev, f.ino) if f.type == "file" and f.nlink > 1 else None

@@ -213,7 +213,7 @@ class StatIndex:
         self._writer().stat_put_many(rows)
         self._pending.clear()
 
-    def hasher(self, fallback: Callable[[str], str]) -> CachedHasher:
+    def hasher(self, fallback: Callable[[str, os.stat_result], str]) -> CachedHasher:
         """A file hasher that reads a file (through ``fallback``) only when its stat changed."""
         return CachedHasher(self, fallback)
 
@@ -231,7 +231,7 @@ class CachedHasher:
 
     THREADS = 4
 
-    def __init__(self, stats: StatIndex, fallback: Callable[[str], str]) -> None:
+    def __init__(self, stats: StatIndex, fallback: Callable[[str, os.stat_result], str]) -> None:
         self._stats = stats
         self._fallback = fallback
 
@@ -241,7 +241,7 @@ class CachedHasher:
 
     def _read(self, path: str, st: os.stat_result) -> str:
         before = time.time_ns()
-        digest = self._fallback(path)
+        digest = self._fallback(path, st)
         self._stats.hashed += 1
         self._stats.record(path, st, digest, observed_ns=before)
         return digest
@@ -258,7 +258,7 @@ class CachedHasher:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(self.THREADS, thread_name_prefix="lbuild-hash") as pool:
-            digests = list(pool.map(lambda i: self._fallback(files[i][0]), todo))
+            digests = list(pool.map(lambda i: self._fallback(*files[i]), todo))
         for i, digest in zip(todo, digests, strict=True):
             out[i] = digest
             self._stats.hashed += 1

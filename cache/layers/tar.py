@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Iterable
@@ -455,7 +457,7 @@ def _stream_content(
     h = blake3()
     w.write(header)
     if src.host_path is not None:
-        with open(src.host_path, "rb") as f:
+        with _open_host_file(src.host_path) as f:
             if _copy_exact(f, e.size, w, h) or f.read(1):
                 raise LbuildError(f"file changed while being read: {src.host_path}")
     else:
@@ -475,13 +477,31 @@ def _check_digest(e: Entry, digest: str) -> str:
     return digest
 
 
+def _open_host_file(path: str) -> BinaryIO:
+    """Open a host (context) file for a layer: never through a symlink in its last component
+    (one swapped in since the walk would leak what it points at), never hanging on a fifo.
+
+    The caller compares what it reads with the entry's content digest, taken from the walk's
+    own file, so a parent directory swapped for a symlink is caught there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOENT, errno.ENOTDIR):
+            raise LbuildError(f"file changed while being read: {path}") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LbuildError(f"file changed while being read: {path} (not a regular file)")
+    return os.fdopen(fd, "rb", buffering=0)
+
+
 def _read_host_file(path: str, size: int) -> bytes | None:
     """The whole content of a host file that should be ``size`` bytes; None if it is not.
 
     Asks for one byte more than expected, then reads on (a read may return less than asked)
     until the end of the file or that extra byte: a file that grew is seen, as one that shrank.
     """
-    with open(path, "rb", buffering=0) as f:
+    with _open_host_file(path) as f:
         data = f.read(size + 1)
         while len(data) <= size:
             more = f.read(size + 1 - len(data))
