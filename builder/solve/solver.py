@@ -266,7 +266,7 @@ class Solver:
         keep_owner = False
         if step.selected is not None:
             selected = step.selected
-            selected = [self.expand_archive(s) if s.archive else s for s in selected]
+            selected = [self.expand_archive(s, instr) if s.archive else s for s in selected]
         else:
             if step.from_stage is not None:
                 src_view = self.view(step.from_stage, None)
@@ -322,26 +322,21 @@ class Solver:
             items.append(Item(it.rel, e, it.hardlink_key))
         return Selected(sel.name, sel.is_dir, tuple(items), sel.archive)
 
-    def expand_archive(self, sel: Selected) -> Selected:
+    def expand_archive(self, sel: Selected, instr: df.Copy) -> Selected:
         """ADD of a local archive: its decompressed tar goes to the store; items point into it."""
-        from dataclasses import replace
-
+        from builder.plan.archive import archive_items
         from builder.plan.copyspec import Item
         from cache.layers.tar import import_layer
-        from cache.types import ContentRef
 
         src = sel.items[0].entry.source
         assert src is not None and src.host_path is not None
         with open(src.host_path, "rb") as f:
             info = import_layer(self.store, f, "auto")
         items = [Item("", Entry(path="", type="dir", mode=0o755))]
-        for e in info.toc:
-            if e.type in ("whiteout", "opaque"):
-                continue
-            ne = e
-            if e.type == "file":
-                ne = replace(e, source=ContentRef(blob=info.diff_id, offset=e.offset))
-            items.append(Item(e.path, ne))
+        pairs = archive_items(
+            info.toc, info.diff_id, sel.name, file=self.plan.filename, line=instr.line
+        )
+        items.extend(Item(rel, e) for rel, e in pairs)
         return Selected(sel.name, True, tuple(items), archive=True)
 
     # --- scheduling -----------------------------------------------------------------------------
