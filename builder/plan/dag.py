@@ -246,19 +246,11 @@ def _context_items(
     return tuple(items)
 
 
-_ARCHIVE_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
-
-
 def looks_like_archive(path: Path) -> bool:
-    """Docker's ADD test: a tar, possibly gzip/bzip2/xz-compressed (by content, not name)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError:
-        return False
-    if any(head.startswith(m) for m in _ARCHIVE_MAGIC):
-        return True
-    return len(head) == 512 and head[257:262] == b"ustar"
+    """Docker's ADD test: a tar, possibly gzip/bzip2/xz/zstd-compressed (by content, not name)."""
+    from builder.plan.archive import is_archive
+
+    return is_archive(path)
 
 
 def select_context(
