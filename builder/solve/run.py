@@ -288,6 +288,9 @@ def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:
                 network=network,  # type: ignore[arg-type]
                 extra_mounts=tuple(binds),
                 stdin_data=stdin,
+                # the hostname RUN sees is fixed ("lbuild"); repro-check varies it through
+                # this internal variable to find Dockerfiles that would bake it in
+                hostname=os.environ.get("LBUILD_RUN_HOSTNAME") or "lbuild",
             )
             code = run(
                 spec,
