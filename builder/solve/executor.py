@@ -1,28 +1,52 @@
 """The RUN executor: runs one command in an isolated root filesystem and returns its exit code.
 
+Two paths give the same isolation (Docker's: see builder/solve/policy.py and seccomp.py), and
+the same tests run on both (tests/test_isolation.py):
+
+- **runc** (the default where runc is installed and lbuild runs as root): the helper below
+  mounts the snapshot and hands runc an OCI bundle (builder/solve/runc.py);
+- **built-in** (the fallback, and every rootless run): the helper sets the namespaces up
+  itself, and PID 1 of the sandbox execs the command after dropping capabilities and
+  loading the seccomp filter.
+
+``LBUILD_RUNTIME=runc|builtin`` (or ``run(runtime=...)``) forces one.
+
 How a run is laid out (each box is a process; the builder is the caller of ``run``)::
 
     builder ──(spec on a pipe)──> helper: a fresh ``python -I`` (no threads, safe to fork)
-                                    unshare user? (not root), mount, PID, IPC, UTS, net? ns
-                                    └── init (PID 1 of the new PID namespace)
-                                          mounts the snapshot, /proc, /dev, /sys, /etc files,
-                                          pivot_root, then forks and reaps
-                                          └── the command (setgroups/setgid/setuid, exec)
+      │                             unshare user? (not root), mount, PID, IPC, UTS, net
+      │                             (net: not with --network=host)
+      └── slirp4netns (default network: serves the helper's network namespace)
+                                    built-in:
+                                    └── PID 1 of the new PID namespace: mounts the snapshot,
+                                          /proc, /dev, /sys, masked paths, /etc files,
+                                          pivot_root, then setgroups/setgid, drops the
+                                          capabilities, loads seccomp, setuid and execs the
+                                          command: PID 1 *is* the command, as under runc
+                                    runc:
+                                    └── runc run (PID 1 of the new PID namespace)
+                                          └── the command (PID 1 of its own)
 
 - Every mount is made inside the helper's private mount namespace: nothing ever appears in
   the host's mount table, and everything goes away with the namespace.
-- Nothing outlives a run: init kills what is left in its PID namespace when the command
-  exits; the helper and init die with their parent (``PR_SET_PDEATHSIG``), and killing init
-  kills the whole namespace; on an exception in the builder (SIGINT as ``KeyboardInterrupt``)
-  ``run`` kills init and the helper before re-raising.
+- No host file is reachable from the sandbox: PID 1 is the image's binary (``/proc/1/exe``,
+  ``/proc/1/map_files``), the helper is outside the sandbox's PID namespace, and the old
+  root is detached (built-in) or never mounted (runc).
+- Nothing outlives a run: when the command (PID 1) exits, the kernel kills the rest of its
+  PID namespace; the helper dies with the builder (``PR_SET_PDEATHSIG``) and PID 1 (or
+  runc) dies with the helper; on an exception in the builder (SIGINT as
+  ``KeyboardInterrupt``) ``run`` kills PID 1 and the helper before re-raising.
 - ``/etc/hosts``, ``/etc/resolv.conf`` and ``/etc/hostname`` are bind-mounted from generated
   files so they never reach the layer; mount points the image lacked (those files, ``/etc``,
   ``/proc``, ``/dev``, ``/sys``, ``/tmp`` or an extra mount's target) are made for the run
   and removed afterwards when still empty, so they do not show in the diff.  ``/tmp`` is not
   a tmpfs: what RUN writes there lands in the layer, as with ``docker build``.
+- Network: ``default`` is a network namespace of its own with outbound access through
+  slirp4netns (builder/solve/slirp.py); ``none`` has only ``lo``; ``host`` is the host's.
 - stdout and stderr of the command are one pipe, streamed to ``on_output``.  The exit code is
   the command's, or 128+N when signal N killed it; an exec failure prints a message and gives
-  127 (not found) or 126 (not executable), like a shell.
+  127 (not found) or 126 (not executable), like a shell.  As under Docker, the command is
+  PID 1: signals it sends itself without a handler are ignored.
 - Not root: the helper gets a user namespace mapping container root to the caller (and the
   caller's subordinate ids through ``newuidmap``/``newgidmap`` when ``/etc/subuid`` has them).
 """
@@ -46,8 +70,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from builder.solve import policy
 from cache.errors import Interrupted, InvalidInput, LbuildError
 from cache.snapshots.snapshot import (
     MNT_DETACH,
@@ -65,7 +90,10 @@ from cache.snapshots.snapshot import (
     sys_umount,
 )
 
-__all__ = ["BindSpec", "RunSpec", "run"]
+if TYPE_CHECKING:
+    from builder.solve.slirp import Slirp
+
+__all__ = ["BindSpec", "RunSpec", "choose_runtime", "run"]
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -102,7 +130,7 @@ class RunSpec:
     uid: int
     gid: int
     groups: tuple[int, ...]
-    network: Literal["host", "none"] = "host"
+    network: Literal["default", "host", "none"] = "default"
     hostname: str = "lbuild"
     extra_mounts: tuple[BindSpec, ...] = ()
     stdin_data: bytes | None = None
@@ -117,11 +145,14 @@ def run(
     *,
     on_output: Callable[[bytes], None],
     cancel: threading.Event | None = None,
+    runtime: str | None = None,
 ) -> int:
     """Run ``spec`` in the root filesystem shown by ``rootfs_mounts`` (or a directory); return
     its exit code.  Raises ``LbuildError`` when the sandbox cannot be set up, and
-    ``Interrupted`` (after killing the sandbox) once ``cancel`` is set."""
+    ``Interrupted`` (after killing the sandbox) once ``cancel`` is set.  ``runtime``:
+    ``runc``, ``builtin`` or None (see :func:`choose_runtime`)."""
     _check_spec(spec)
+    chosen = choose_runtime(runtime)
     if isinstance(rootfs_mounts, Path):
         mounts = [Mount("bind", str(rootfs_mounts), "/", ("rbind", "rw"))]
     else:
@@ -144,6 +175,9 @@ def run(
         "single_map": bool(idmap and idmap.single),
         "ppid": os.getpid(),
         "files": _etc_files(spec),
+        "runtime": chosen,
+        "runc": _runc_path() if chosen == "runc" else None,
+        "cap_last": _cap_last(),
     }
     try:
         return _Session(payload, spec.stdin_data, idmap, on_output, cancel).run()
@@ -152,13 +186,47 @@ def run(
             os.rmdir(run_dir)
 
 
+def choose_runtime(requested: str | None = None) -> str:
+    """``"runc"`` or ``"builtin"``: what was asked (argument, else ``LBUILD_RUNTIME``), else runc
+    where it can be used (installed, and lbuild is root), else the built-in executor."""
+    from builder.solve.runc import available
+
+    want = requested or os.environ.get("LBUILD_RUNTIME") or None
+    if want not in (None, "runc", "builtin"):
+        raise InvalidInput(f"unknown RUN runtime {want!r} (use runc or builtin)")
+    if want == "builtin":
+        return "builtin"
+    if available() is not None:
+        return "runc"
+    if want == "runc":
+        raise LbuildError(
+            "RUN runtime runc is not usable here",
+            hint="install runc (and run as root), or use LBUILD_RUNTIME=builtin",
+        )
+    return "builtin"
+
+
+def _runc_path() -> str | None:
+    from builder.solve.runc import available
+
+    return available()
+
+
+def _cap_last() -> int:
+    """The highest capability number this kernel knows (the bounding set to clear)."""
+    try:
+        return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    except (OSError, ValueError):
+        return 40
+
+
 def _check_spec(spec: RunSpec) -> None:
     if not spec.argv:
         raise InvalidInput("RUN needs a command")
     if not spec.cwd.startswith("/"):
         raise InvalidInput(f"RUN working directory must be absolute, not {spec.cwd!r}")
-    if spec.network not in ("host", "none"):
-        raise InvalidInput(f"unknown network mode {spec.network!r} (use host or none)")
+    if spec.network not in ("default", "host", "none"):
+        raise InvalidInput(f"unknown network mode {spec.network!r} (use default, host or none)")
     for m in spec.extra_mounts:
         if not m.target.startswith("/") or ".." in m.target.split("/"):
             raise InvalidInput(f"mount target must be an absolute path without '..': {m.target!r}")
@@ -168,9 +236,13 @@ def _check_spec(spec: RunSpec) -> None:
 
 def _etc_files(spec: RunSpec) -> dict[str, str]:
     resolv = ""
-    if spec.network == "host":
+    if spec.network != "none":
         with contextlib.suppress(OSError):
             resolv = Path("/etc/resolv.conf").read_text()
+    if spec.network == "default":
+        from builder.solve.slirp import resolv_conf
+
+        resolv = resolv_conf(resolv)
     hosts = (
         "127.0.0.1\tlocalhost\n"
         "::1\tlocalhost ip6-localhost ip6-loopback\n"
@@ -259,6 +331,8 @@ class _Session:
         self.init_pid: int | None = None
         self.exit_code: int | None = None
         self.error: str | None = None
+        self.runc_error: str | None = None
+        self.slirp: Slirp | None = None
 
     def run(self) -> int:
         spec_r, spec_w = os.pipe()
@@ -302,6 +376,8 @@ class _Session:
             self._kill(proc)
             raise
         finally:
+            if self.slirp is not None:
+                self.slirp.close()
             for fd in (status_r, out_r, go_w, in_w):
                 if fd >= 0:
                     with contextlib.suppress(OSError):
@@ -310,6 +386,13 @@ class _Session:
                 writer.join(timeout=5)
         if self.error is not None:
             raise LbuildError(f"RUN sandbox: {self.error}")
+        if self.runc_error is not None:
+            from builder.solve.runc import exec_failure_code
+
+            code = exec_failure_code(self.runc_error)
+            if code is None:
+                raise LbuildError(f"RUN sandbox: runc: {self.runc_error}")
+            return code  # runc printed why on the command's stderr
         if self.exit_code is None:
             raise LbuildError(f"RUN sandbox: the executor helper died (status {proc.returncode})")
         return self.exit_code
@@ -352,6 +435,18 @@ class _Session:
                 _write_id_maps(proc.pid, self.idmap)
             finally:
                 os.write(go_w, b"g")
+        elif word == "netns":
+            # The helper is in the sandbox's network namespace: serve it, then let it go on.
+            from builder.solve.slirp import Slirp
+
+            try:
+                self.slirp = Slirp(proc.pid, userns=self.idmap is not None)
+            except BaseException:
+                os.write(go_w, b"x")
+                raise
+            os.write(go_w, b"g")
+        elif word == "runc-error":
+            self.runc_error = rest
         elif word == "ready":
             with contextlib.suppress(OSError):
                 os.rmdir(self.payload["run_dir"])
@@ -453,36 +548,124 @@ def _helper_main() -> None:
         _die_with_parent(payload["ppid"])
         if payload["rootless"]:
             _unshare(CLONE_NEWUSER)
-            status.write("userns\n")
-            if os.read(go_fd, 1) != b"g":
-                os._exit(1)
-        os.close(go_fd)
+            _wait_go(status, "userns", go_fd)
+        network = payload["spec"]["network"]
         flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
-        if payload["spec"]["network"] == "none":
+        if network != "host":
             flags |= CLONE_NEWNET
         _unshare(flags)
         sys_mount(None, "/", None, MS_REC | MS_PRIVATE, None)
         socket.sethostname(payload["spec"]["hostname"])
-        if payload["spec"]["network"] == "none":
+        if network != "host":
             _loopback_up()
-        alive_r, alive_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(alive_w)
-                _init_main(payload, status, alive_r)
-            except BaseException as exc:
-                _report(status, f"error {_one_line(exc)}")
-            finally:
-                os._exit(0)
-        os.close(alive_r)
-        status.write(f"pid {pid}\n")
-        _, st = os.waitpid(pid, 0)
-        if os.WIFSIGNALED(st):
-            _report(status, f"error sandbox init killed by signal {os.WTERMSIG(st)}")
+        if network == "default":
+            _wait_go(status, "netns", go_fd)  # the builder starts slirp4netns for our netns
+        os.close(go_fd)
+        os.chdir("/")
+        if payload["runtime"] == "runc":
+            _runc_helper(payload, status)
+        else:
+            _builtin_helper(payload, status)
     except BaseException as exc:
         _report(status, f"error {_one_line(exc)}")
     os._exit(0)
+
+
+def _wait_go(status: Any, word: str, go_fd: int) -> None:
+    """Tell the builder ``word`` and wait until it has done its part outside."""
+    status.write(word + "\n")
+    if os.read(go_fd, 1) != b"g":
+        os._exit(1)
+
+
+def _builtin_helper(payload: dict[str, Any], status: Any) -> None:
+    """Fork PID 1 (which becomes the command), wait for it, clean its mount points up."""
+    alive_r, alive_w = os.pipe()
+    stubs_r, stubs_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(alive_w)
+            os.close(stubs_r)
+            _init_main(payload, status, alive_r, stubs_w)
+        except BaseException as exc:
+            _report(status, f"error {_one_line(exc)}")
+        finally:
+            os._exit(255)
+    os.close(alive_r)
+    os.close(stubs_w)
+    status.write(f"pid {pid}\n")
+    # PID 1 sends the mount points it made after pivot_root (which moved our root too: we
+    # share its mount namespace) and closes the pipe by exec.
+    chunks = []
+    while chunk := os.read(stubs_r, 65536):
+        chunks.append(chunk)
+    os.close(stubs_r)
+    _, st = os.waitpid(pid, 0)
+    code = os.WEXITSTATUS(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
+    if chunks:
+        made = json.loads(b"".join(chunks))
+        _Stubs.restore(made).remove("/")
+    _report(status, f"exit {code}")
+
+
+def _runc_helper(payload: dict[str, Any], status: Any) -> None:
+    """Mount the snapshot, write the bundle, run runc as PID 1 of our new PID namespace."""
+    import uuid
+
+    from builder.solve import runc
+
+    run_dir = payload["run_dir"]
+    sys_mount("tmpfs", run_dir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700,size=4m")
+    rootfs, files, bundle, state = (os.path.join(run_dir, d) for d in ("root", "f", "b", "s"))
+    for d in (rootfs, files, bundle, state):
+        os.mkdir(d, 0o700)
+    for name, text in payload["files"].items():
+        Path(files, name).write_text(text)
+    mount_all([Mount(**m) for m in payload["mounts"]], rootfs)
+    stubs = _Stubs(rootfs)
+    for d in ("/proc", "/dev", "/sys"):
+        if stubs.ensure(d, is_dir=True) is None:
+            raise OSError(0, f"{d} in the image is not a directory")
+    stubs.ensure("/tmp", is_dir=True, mode=0o1777)
+    etc = {}
+    for name in ("hosts", "resolv.conf", "hostname"):
+        if stubs.ensure(f"/etc/{name}", is_dir=False) is not None:
+            etc[f"/etc/{name}"] = os.path.join(files, name)
+    spec = payload["spec"]
+    extra = spec["extra_mounts"]
+    for m in extra:
+        is_dir = m["type"] == "tmpfs" or os.path.isdir(m["source"])
+        if stubs.ensure(m["target"], is_dir=is_dir) is None:
+            raise OSError(0, f"cannot mount on {m['target']}: a parent or the target is not usable")
+    cid = f"lbuild-{uuid.uuid4().hex[:16]}"
+    config = runc.bundle_config(spec, rootfs, etc, extra, cgroup=f"/lbuild/{cid}")
+    Path(bundle, "config.json").write_text(json.dumps(config))
+    log = os.path.join(run_dir, "runc.log")
+    argv = [payload["runc"], "--root", state, "--log", log, "--log-format", "json"]
+    argv += ["run", "--bundle", bundle, cid]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            # PID 1 of our PID namespace: when runc dies, so does everything below it.
+            _check(_libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+            # runc reads /proc/<pid> of its children: a /proc of this PID namespace.
+            sys_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            os.execv(argv[0], argv)
+        except BaseException as exc:
+            _report(status, f"error cannot start runc: {_one_line(exc)}")
+        finally:
+            os._exit(255)
+    status.write(f"pid {pid}\n")
+    _, st = os.waitpid(pid, 0)
+    code = os.WEXITSTATUS(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
+    errors = runc.runc_errors(log)
+    stubs.remove(rootfs)
+    if errors:
+        _report(status, f"runc-error {errors[-1]}")
+    _report(status, f"exit {code}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -558,17 +741,29 @@ class _Stubs:
         self.mounted.append(path[len(self.rootfs) :])
         return True
 
-    def remove(self) -> None:
-        """After pivot_root: unmount our mounts and remove stubs that are still empty."""
+    def dump(self) -> bytes:
+        return json.dumps({"made": self.made, "mounted": self.mounted}).encode()
+
+    @classmethod
+    def restore(cls, data: dict[str, Any]) -> _Stubs:
+        stubs = cls("/")
+        stubs.made = [(rel, bool(is_dir)) for rel, is_dir in data["made"]]
+        stubs.mounted = list(data["mounted"])
+        return stubs
+
+    def remove(self, root: str) -> None:
+        """Unmount our mounts and remove stubs that are still empty; ``root`` is where the
+        root filesystem is seen now ("/" after pivot_root)."""
+        base = root.rstrip("/")
         for rel in reversed(self.mounted):
             with contextlib.suppress(OSError):
-                sys_umount(rel, MNT_DETACH)
+                sys_umount(base + rel, MNT_DETACH)
         for rel, is_dir in reversed(self.made):
             with contextlib.suppress(OSError):
                 if is_dir:
-                    os.rmdir(rel)
-                elif os.lstat(rel).st_size == 0:
-                    os.unlink(rel)
+                    os.rmdir(base + rel)
+                elif os.lstat(base + rel).st_size == 0:
+                    os.unlink(base + rel)
 
 
 def _setup_rootfs(payload: dict[str, Any]) -> _Stubs:
@@ -595,12 +790,35 @@ def _setup_rootfs(payload: dict[str, Any]) -> _Stubs:
     with contextlib.suppress(OSError):
         # sysfs needs a network namespace of our own when we are not root on the host.
         stubs.mount("sysfs", "/sys", "sysfs", nsd | MS_NOEXEC | MS_RDONLY, None, is_dir=True)
+    _mask_paths(rootfs)
     stubs.ensure("/tmp", is_dir=True, mode=0o1777)
     for name in ("hosts", "resolv.conf", "hostname"):
         stubs.mount(os.path.join(files, name), f"/etc/{name}", None, MS_BIND, None, is_dir=False)
     for bind in payload["spec"]["extra_mounts"]:
         _extra_mount(stubs, bind)
     return stubs
+
+
+def _mask_paths(rootfs: str) -> None:
+    """Docker's masked paths (a file under /dev/null, a directory under an empty read-only
+    tmpfs) and read-only paths, inside the /proc and /sys just mounted."""
+    locked = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    for rel in policy.MASKED_PATHS:
+        path = os.path.join(rootfs, rel.lstrip("/"))
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            sys_mount("tmpfs", path, "tmpfs", locked | MS_RDONLY, "size=0,mode=0555")
+        else:
+            sys_mount("/dev/null", path, None, MS_BIND, None)
+    for rel in policy.READONLY_PATHS:
+        path = os.path.join(rootfs, rel.lstrip("/"))
+        if not os.path.lexists(path):
+            continue
+        sys_mount(path, path, None, MS_BIND | MS_REC, None)
+        sys_mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | locked, None)
 
 
 def _populate_dev(dev: str) -> None:
@@ -650,56 +868,71 @@ def _extra_mount(stubs: _Stubs, bind: dict[str, Any]) -> None:
         sys_mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
 
 
-def _init_main(payload: dict[str, Any], status: Any, alive_fd: int) -> None:
-    """PID 1 of the run's PID namespace: sets up the rootfs, runs the command, reaps, cleans."""
+def _init_main(payload: dict[str, Any], status: Any, alive_fd: int, stubs_fd: int) -> None:
+    """PID 1 of the run's PID namespace: sets up the rootfs, then becomes the command."""
     _die_with_parent(None, alive_fd)
     os.close(alive_fd)
     if os.getpid() != 1:
-        # Never go on: the kill(-1) below must only ever reach our own PID namespace.
         raise OSError(0, "sandbox init is not PID 1 of a new PID namespace")
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     stubs = _setup_rootfs(payload)
+    # Compiled while libseccomp is still reachable; loaded just before exec.
+    from builder.solve.seccomp import Filter
+
+    seccomp_filter = Filter()
     _pivot_root(stubs.rootfs)
+    os.write(stubs_fd, stubs.dump())
+    os.close(stubs_fd)
     # The host's run_dir holds no mount of ours any more: the builder may remove it now,
     # so a builder killed later leaves nothing behind.
     _report(status, "ready")
     spec = payload["spec"]
-    cwd = spec["cwd"]
-    os.makedirs(cwd, mode=0o755, exist_ok=True)
-    main = os.fork()
-    if main == 0:
-        _exec_command(spec, payload["single_map"], status)
-    code = 255
-    while True:
-        try:
-            pid, st = os.waitpid(-1, 0)
-        except ChildProcessError:
-            break
-        if pid == main:
-            code = os.WEXITSTATUS(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
-            break
-    # Whatever the command left running dies with it, as in `docker build`.
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(-1, signal.SIGKILL)  # PID 1 of our own namespace (checked above)
-    while True:
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            break
-    stubs.remove()
-    _report(status, f"exit {code}")
+    os.makedirs(spec["cwd"], mode=0o755, exist_ok=True)
+    _exec_command(spec, payload, status, seccomp_filter)
 
 
-def _exec_command(spec: dict[str, Any], single_map: bool, status: Any) -> None:
-    """In the forked command process: become the user and exec; never returns."""
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _drop_capabilities(cap_last: int) -> None:
+    """Keep Docker's default set: the bounding set loses every other capability (so no
+    setuid or file-capability binary gets one back) and effective = permitted = the set,
+    inheritable and ambient empty."""
+    libc = _libc()
+    pr_capbset_drop, pr_cap_ambient, pr_cap_ambient_clear_all = 24, 47, 4
+    for cap in range(cap_last + 1):
+        if not policy.CAP_MASK >> cap & 1:
+            _check(libc.prctl(pr_capbset_drop, cap, 0, 0, 0), f"drop capability {cap}")
+    libc.prctl(pr_cap_ambient, pr_cap_ambient_clear_all, 0, 0, 0)  # EINVAL before Linux 4.3
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    for i in range(2):
+        word = (policy.CAP_MASK >> (32 * i)) & 0xFFFFFFFF
+        data[i] = _CapData(word, word, 0)
+    _check(libc.capset(ctypes.byref(header), data), "capset")
+
+
+def _exec_command(spec: dict[str, Any], payload: dict[str, Any], status: Any, filt: Any) -> None:
+    """PID 1 becomes the user, drops privileges, execs the command; never returns."""
     try:
         os.setsid()
         os.chdir(spec["cwd"])
         groups = list(spec["groups"])
-        if not (single_map and set(groups) <= {0}):
+        if not (payload["single_map"] and set(groups) <= {0}):
             os.setgroups(groups)
         os.setgid(spec["gid"])
+        filt.load()  # needs CAP_SYS_ADMIN (no_new_privs is not set, as in Docker)
+        _drop_capabilities(payload["cap_last"])
         os.setuid(spec["uid"])
         # exec keeps ignored signals ignored: give the command default dispositions.
         for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
