@@ -334,21 +334,47 @@ def _sorted(entries: list[Entry]) -> list[Entry]:
     return sorted(entries, key=lambda e: e.path.split("/"))
 
 
+_SECRET_KEYS = frozenset({"id", "src", "source", "type", "env"})
+"""The keys buildx's ``--secret`` takes; any other is an error there and here."""
+
+
 def secrets_from(specs: list[str]) -> dict[str, Path]:
-    """``--secret id=NAME,src=FILE`` (docker buildx syntax) -> {NAME: FILE}."""
+    """``--secret id=NAME,src=FILE`` (docker buildx syntax) -> {NAME: FILE}.
+
+    As buildx: every field is ``key=value`` with a known key (id, src/source, type, env);
+    ``type`` is file or env.  Environment secrets are not supported yet (exit 2).
+    """
+    from cache.errors import Unsupported
+
     out: dict[str, Path] = {}
     for spec in specs:
-        fields = dict(p.partition("=")[::2] for p in spec.split(","))
+        fields: dict[str, str] = {}
+        for part in spec.split(","):
+            key, eq, value = part.partition("=")
+            key = key.strip().lower()
+            if not eq:
+                raise InvalidInput(
+                    f"invalid --secret {spec!r}: field {part!r} must be a key=value pair"
+                )
+            if key not in _SECRET_KEYS:
+                raise InvalidInput(
+                    f"invalid --secret {spec!r}: unexpected key {key!r} "
+                    "(known: id, src, source, type, env)"
+                )
+            fields[key] = value
+        kind = fields.get("type", "file")
+        if kind not in ("file", "env"):
+            raise InvalidInput(f"invalid --secret {spec!r}: unsupported secret type {kind!r}")
         sid = fields.get("id")
         src = fields.get("src") or fields.get("source")
+        if kind == "env" or ("env" in fields and not src):
+            raise Unsupported(
+                f"--secret {spec!r}: environment secrets are not supported yet; use src=FILE"
+            )
         if not sid:
             raise InvalidInput(f"invalid --secret {spec!r}: id= is required")
         if not src:
-            env_name = fields.get("env") or sid
-            val = os.environ.get(env_name)
-            if val is None:
-                raise InvalidInput(f"invalid --secret {spec!r}: src=FILE is required")
-            raise InvalidInput(f"--secret {sid}: env= secrets are not supported; use src=FILE")
+            raise InvalidInput(f"invalid --secret {spec!r}: src=FILE is required")
         p = Path(src)
         if not p.is_file():
             raise NotFound(f"--secret {sid}: {src} is not a file")
