@@ -37,3 +37,16 @@ def test_env_secret_not_supported_yet() -> None:
         secrets_from(["id=a,env=HOME"])
     with pytest.raises(Unsupported):
         secrets_from(["id=a,type=env"])
+
+
+def test_dockerignore_inverted_class_range_is_refused() -> None:
+    # moby/patternmatcher compiles classes with Go's regexp, which rejects `l-O`: Docker fails
+    # the build; COPY wildcards (filepath.Match) accept it and match nothing.
+    from builder.frontend.dockerignore import compile_segment, parse_dockerignore
+
+    with pytest.raises(InvalidInput, match=r"\.dockerignore:2: bad \.dockerignore pattern "
+                       r"'\[Local-Only\]': invalid character class range: `l-O`"):
+        parse_dockerignore("ok\n[Local-Only]/\n", source=".dockerignore")
+    assert parse_dockerignore("[a-c]x\n").excluded("bx")
+    assert compile_segment("[Local-Only]").fullmatch("L")
+    assert not compile_segment("[l-O]").fullmatch("m")

@@ -45,11 +45,13 @@ def go_clean(path: str) -> str:
     return cleaned
 
 
-def _parse_class(text: str, start: int) -> tuple[str, int]:
+def _parse_class(text: str, start: int, *, inverted_ok: bool = True) -> tuple[str, int]:
     """Translate the ``[...]`` class starting at ``text[start]`` to a regex; return it and the index after ``]``.
 
     Follows Go's ``filepath.Match`` grammar: ``^`` negates, ``lo-hi`` ranges, ``\\`` escapes,
-    the class must be non-empty and closed.
+    the class must be non-empty and closed.  An inverted range (``l-O``) matches nothing
+    there; ``inverted_ok=False`` rejects it as Go's ``regexp`` does, which is what
+    moby/patternmatcher compiles .dockerignore classes with.
     """
     i = start + 1
     negate = i < len(text) and text[i] == "^"
@@ -69,6 +71,8 @@ def _parse_class(text: str, start: int) -> tuple[str, int]:
         if i < len(text) and text[i] == "-":
             hi, i = _class_char(text, i + 1)
         # Go accepts an inverted range and it matches nothing; Python's re would reject it.
+        if lo > hi and not inverted_ok:
+            raise PatternSyntaxError(f"invalid character class range: `{lo}-{hi}`")
         if lo <= hi:
             items.append(re.escape(lo) if lo == hi else f"{re.escape(lo)}-{re.escape(hi)}")
     body = "".join(items)
@@ -164,7 +168,7 @@ def _compile_pattern(text: str) -> tuple[MatchKind, str, re.Pattern[str] | None]
             kind = "regex"
             i += 1
         elif ch == "[":
-            cls, i = _parse_class(text, i)
+            cls, i = _parse_class(text, i, inverted_ok=False)
             out.append(cls)
             kind = "regex"
         elif ch == "\\":
