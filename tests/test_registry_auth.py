@@ -159,7 +159,7 @@ def test_token_auth_caches_tokens_per_scope(
     assert issued[0]["service"] == reg.tokens.service
     # a push to another repository asks for its own scope, and the mount for both
     target = parse(f"{reg.host}/{unique_repo('dest')}:latest")
-    mount_from = {d.digest: ref.path for d in (img.config, *img.layers)}
+    mount_from = {d.digest: ref.repository for d in (img.config, *img.layers)}
     (res,) = push(store, img.manifest_digest, [target], mount_from=mount_from)
     assert sorted(res.mounted) == sorted(mount_from)
     scopes = [r["scope"] for r in reg.tokens.requests[before + 1 :]]

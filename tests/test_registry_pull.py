@@ -136,7 +136,7 @@ def test_push_mounts_heads_and_round_trips(registry: Registry, tmp_path: Path) -
     store = BlobStore(tmp_path / "home")
     img = pull(store, src, platform=AMD64)
     target = parse(f"{registry.host}/{unique_repo('app')}:v1")
-    mount_from = {d.digest: src.path for d in (img.config, *img.layers)}
+    mount_from = {d.digest: src.repository for d in (img.config, *img.layers)}
     progress: list[tuple[str, int, int]] = []
     (res,) = push(store, img.manifest_digest, [target], mount_from=mount_from,
                   progress=lambda d, n, t: progress.append((d, n, t)))

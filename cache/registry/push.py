@@ -75,8 +75,9 @@ class _Pusher:
         if self.repo.has_blob(digest, push=True):
             self.present.append(digest)
         else:
-            source = self.mount_from.get(digest)
-            if source and source != self.repo.name and self.repo.mount_blob(digest, source):
+            domain, _, source = self.mount_from.get(digest, "").partition("/")
+            if (source and domain == self.repo.ref.domain and source != self.repo.name
+                    and self.repo.mount_blob(digest, source)):
                 self.mounted.append(digest)
             else:
                 path = self.store.path(Digest(digest))
@@ -130,8 +131,8 @@ def push(
 ) -> list[PushResult]:
     """Push the image ``manifest_digest`` to every reference in ``refs``.
 
-    ``mount_from`` maps a blob digest to the repository path it came from; it is tried as a
-    cross-repository mount when that repository is on the same registry as a target.
+    ``mount_from`` maps a blob digest to the repository it came from (``domain/path``); it
+    is tried as a cross-repository mount when that repository is on a target's registry.
     """
     results: list[PushResult] = []
     transports: dict[str, Transport] = {}

@@ -1,0 +1,156 @@
+"""Images from registries for FROM / ``COPY --from`` and ``lbuild pull``.
+
+A tag is resolved once and remembered as a local tag named by its normalized reference
+(``docker.io/library/alpine:3.20``), pointing at the manifest of this host's platform; later
+builds use it without asking the registry (Docker's default).  ``--pull`` asks again with
+one manifest HEAD and fetches only when the digest moved; blobs already in the store are
+never fetched again.  ``offline`` (``lbuild watch`` without ``--pull``) never touches the
+network: an image that is not in the store is an error with a hint.
+
+Each pulled layer is also decompressed into the store (its diff_id blob, checked against the
+config), as an ``oci-layout://`` build context is: the solver and RUN work from those.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from cache.errors import DigestMismatch, NotFound
+from cache.types import Digest
+
+if TYPE_CHECKING:
+    from builder.plan.dag import ExternalImage
+    from cache.registry.pull import PulledImage
+    from cache.registry.reference import Reference
+    from cache.session import Session
+    from cache.store.blobs import BlobStore
+
+Transfer = Callable[[str, str, int, int], None]
+"""``transfer(kind, digest, done, total)``: kind is "pull" or "push"."""
+
+
+def transfer_for(reporter: Any) -> Transfer | None:
+    """The reporter's ``transfer`` method when it has one (progress views and JSON do)."""
+    fn = getattr(reporter, "transfer", None)
+    return fn if callable(fn) else None
+
+
+def _progress(transfer: Transfer | None, kind: str) -> Callable[[str, int, int], None] | None:
+    """Per-blob progress for a reporter: the first and last report of every blob, and at
+    most one in between per 0.25 s per blob (a terminal bar or a JSON consumer needs no more)."""
+    if transfer is None:
+        return None
+    last: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def progress(digest: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        with lock:
+            prev = last.get(digest)
+            if prev is not None and done < total and now - prev < 0.25:
+                return
+            last[digest] = now
+        transfer(kind, digest, done, total)
+
+    return progress
+
+
+def host_platform() -> tuple[str, str, str]:
+    from cache.platform import host_platform as host
+
+    return host()
+
+
+def import_layers(store: BlobStore, image: PulledImage) -> None:
+    """Decompress every layer whose diff_id blob is missing; check it against the config."""
+    from cache.layers.tar import import_layer
+
+    config = json.loads(store.read(Digest(image.config.digest)))
+    diff_ids = [Digest(d) for d in (config.get("rootfs") or {}).get("diff_ids") or []]
+    if len(diff_ids) != len(image.layers):
+        raise DigestMismatch(f"image {image.ref}: config lists {len(diff_ids)} diff_ids for "
+                             f"{len(image.layers)} layers", str(len(image.layers)),
+                             str(len(diff_ids)))
+    for layer, diff_id in zip(image.layers, diff_ids, strict=True):
+        if store.has(diff_id):
+            continue
+        with store.open(Digest(layer.digest)) as f:
+            info = import_layer(store, f, layer.media_type)
+        if info.diff_id != diff_id:
+            raise DigestMismatch(f"image {image.ref}: layer {layer.digest} diff_id",
+                                 diff_id, info.diff_id)
+
+
+def pull_into(session: Session, ref: Reference, *, transfer: Transfer | None = None,
+              platform: tuple[str, str, str] | None = None) -> PulledImage:
+    """Pull ``ref`` (the host's platform by default), import its layers and remember its tag."""
+    from cache.registry.pull import format_platform, pull
+
+    want = platform or host_platform()
+    pulled = pull(session.store, ref, platform=want, progress=_progress(transfer, "pull"))
+    import_layers(session.store, pulled)
+    if ref.digest is None:
+        meta = {"source": ref.repository, "index": pulled.index_digest,
+                "platform": format_platform(want)}
+        blobs = [Digest(pulled.manifest_digest), Digest(pulled.config.digest),
+                 *(Digest(x.digest) for x in pulled.layers)]
+        if pulled.index_digest:
+            blobs.append(Digest(pulled.index_digest))
+        config = json.loads(session.store.read(Digest(pulled.config.digest)))
+        blobs += [Digest(d) for d in (config.get("rootfs") or {}).get("diff_ids") or []]
+        session.index.set_tag(str(ref), Digest(pulled.manifest_digest),
+                              json.dumps(meta, sort_keys=True), blobs=blobs)
+    return pulled
+
+
+def resolve_remote(
+    session: Session,
+    name: str,
+    *,
+    refresh: bool = False,
+    offline: bool = False,
+    used: dict[str, str] | None = None,
+    transfer: Transfer | None = None,
+) -> ExternalImage:
+    """The image ``name`` (any reference Docker takes) for FROM / ``COPY --from``."""
+    from builder.images import image_from_store
+    from cache.registry.pull import remote_digest
+    from cache.registry.reference import parse
+
+    ref = parse(name)
+    tag_name = str(ref)
+    if ref.digest is None:
+        rec = session.index.get_tag(tag_name)
+        current: str | None = None
+        if rec is not None and refresh and not offline:
+            meta = json.loads(rec.meta_json or "{}")
+            known = meta.get("index") or rec.manifest_digest
+            current = remote_digest(ref)
+            if current != known:
+                rec = None
+        if rec is not None:
+            try:
+                img = image_from_store(session.store, name, rec.manifest_digest)
+            except NotFound:
+                if offline:
+                    raise
+            else:
+                if used is not None:
+                    used[tag_name] = rec.manifest_digest
+                return img
+        if offline:
+            raise NotFound(f"image {name} is not in the local store (lbuild watch does not pull)",
+                           hint=f"lbuild pull {name}, or watch with --pull")
+        pulled = pull_into(session, ref, transfer=transfer)
+        if used is not None:
+            used[tag_name] = pulled.manifest_digest
+        return image_from_store(session.store, name, Digest(pulled.manifest_digest))
+    if offline and not session.store.has(Digest(ref.digest)):
+        raise NotFound(f"image {name} is not in the local store (lbuild watch does not pull)",
+                       hint=f"lbuild pull {name}, or watch with --pull")
+    pulled = pull_into(session, ref, transfer=transfer)  # no request when all is stored
+    return image_from_store(session.store, name, Digest(pulled.manifest_digest))
