@@ -50,3 +50,34 @@ def test_dockerignore_inverted_class_range_is_refused() -> None:
     assert parse_dockerignore("[a-c]x\n").excluded("bx")
     assert compile_segment("[Local-Only]").fullmatch("L")
     assert not compile_segment("[l-O]").fullmatch("m")
+
+
+def test_platform_normalised_as_containerd_does() -> None:
+    from cache.platform import can_run, host_platform, parse_platform
+
+    _os, arch, _variant = host_platform()
+    assert parse_platform("linux") == ("linux", arch, _variant)
+    assert parse_platform("Linux/aarch64/v8") == ("linux", "arm64", "")
+    assert parse_platform("linux/x86_64") == ("linux", "amd64", "")
+    assert can_run(f"linux/{arch}")
+    assert not can_run("linux/s390x" if arch != "s390x" else "linux/amd64")
+    assert not can_run(f"windows/{arch}")
+    with pytest.raises(ValueError):
+        parse_platform("linux//v7")
+
+
+def test_from_platform_the_host_cannot_run_is_exit_2(tmp_path: Path, home: Path) -> None:
+    from util import lbuild
+
+    from cache.platform import host_platform
+
+    other = "linux/s390x" if host_platform()[1] != "s390x" else "linux/amd64"
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM scratch AS ok\nFROM --platform=$BUILDPLATFORM scratch\nFROM --platform={other} scratch\n"
+    )
+    p = lbuild("build", tmp_path, home=home, check=False)
+    assert p.returncode == 2
+    assert p.stderr.strip() == (
+        f"lbuild: error: {tmp_path}/Dockerfile:3: FROM --platform={other}: building for a "
+        f"platform other than this host's (linux/{host_platform()[1]}) is not supported yet"
+    )

@@ -281,6 +281,27 @@ def select_context(
     return out
 
 
+def _check_platform(platform: str | None, file: str, stage: df.Stage) -> None:
+    """``FROM --platform=P``: lbuild builds for this host only; another platform is exit 2."""
+    if platform is None:
+        return
+    from cache.platform import can_run, host_platform
+
+    try:
+        runnable = can_run(platform)
+    except ValueError as e:
+        raise InvalidInput(str(e), file=file, line=stage.base.line) from None
+    if not runnable:
+        _os, arch, variant = host_platform()
+        host = f"linux/{arch}" + (f"/{variant}" if variant else "")
+        raise Unsupported(
+            f"FROM --platform={platform}: building for a platform other than this host's "
+            f"({host}) is not supported yet",
+            file=file,
+            line=stage.base.line,
+        )
+
+
 def copy_is_multi(instr: df.Copy) -> bool:
     """Several sources (heredocs included) or a wildcard: the destination is a directory."""
     return len(instr.sources) + len(instr.heredocs) > 1 or any(
@@ -406,6 +427,7 @@ def make_plan(
     def _plan_stage(idx: int) -> StagePlan:
         stage = dockerfile.stages[idx]
         base_ref = df.resolve_base(dockerfile, stage, opts.build_args)
+        _check_platform(df.resolve_platform(dockerfile, stage, opts.build_args), file, stage)
         sp = StagePlan(idx, stage.name, [])
         base_id = f"{idx}:base"
         base = Step(
