@@ -2,8 +2,9 @@
 
 Exit codes (one table, here): 0 success; 1 the build failed (a step failed, the store is
 unusable, the system refused an operation, an internal error); 2 bad usage or bad input
-(Dockerfile errors, missing sources, bad flags); 130 interrupted.  Every error is one line
-on stderr; ``LBUILD_DEBUG=1`` shows the traceback of an internal error.
+(Dockerfile errors, missing sources, bad flags); 130 interrupted (SIGINT); 143 terminated
+(SIGTERM, handled as SIGINT is: the build is cancelled and cleaned up).  Every error is one
+line on stderr; ``LBUILD_DEBUG=1`` shows the traceback of an internal error.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from cache.errors import EXIT_BAD_INPUT, EXIT_BUILD_FAILED, EXIT_INTERRUPTED, LbuildError
@@ -299,6 +302,22 @@ def cmd_cache(ns: argparse.Namespace) -> int:
 _GC_DEFAULTS = (700, 10, 10)
 
 
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, systemd, Kubernetes, CI runners), raised in the main thread as
+    Ctrl-C raises KeyboardInterrupt, so it unwinds the same way: running RUN steps are
+    killed, their active snapshots removed, the index writer abandoned, nothing half-written
+    recorded; then lbuild exits 143."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Once: a second SIGTERM must not interrupt the cleanup the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
+
+
 def run() -> None:
     """The ``lbuild`` command: ``main``, then exit without tearing the interpreter down.
 
@@ -313,6 +332,7 @@ def run() -> None:
     # the default thresholds run full collections over it several times for nothing (about
     # 25 ms of a 0.37 s edit rebuild here). `watch` puts the defaults back.
     gc.set_threshold(100_000, 50, 50)
+    signal.signal(signal.SIGTERM, _on_sigterm)  # `watch` installs its own
     code = main()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
@@ -345,7 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LbuildError as e:
         print(f"lbuild: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            print("lbuild: terminated", file=sys.stderr)
+            return EXIT_TERMINATED
         print("lbuild: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `lbuild cache ls | head`
