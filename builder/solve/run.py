@@ -13,7 +13,7 @@ import os
 import posixpath
 import shutil
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +40,27 @@ class RunEnv:
     secrets: Mapping[str, Path]
     snapshotter: str | None = None
     clamp_mtime: int | None = None  # SOURCE_DATE_EPOCH when set
+    allow: frozenset[str] = frozenset()  # entitlements (--allow): network.host
+
+
+ENTITLEMENT_NETWORK_HOST = "network.host"
+
+
+def check_entitlements(
+    instrs: Iterable[df.Instruction], allow: frozenset[str] | set[str], file: str
+) -> None:
+    """Refuse (exit 2) a RUN that needs an entitlement the build was not given: as BuildKit,
+    ``RUN --network=host`` needs ``--allow network.host``.  Checked before anything runs, so
+    a cached step does not slip through."""
+    for instr in instrs:
+        host = isinstance(instr, df.Run) and (instr.network or "").lower() == "host"
+        if host and ENTITLEMENT_NETWORK_HOST not in allow:
+            raise InvalidInput(
+                "RUN --network=host needs the network.host entitlement",
+                hint="pass --allow network.host to lbuild build",
+                file=file,
+                line=instr.line,
+            )
 
 
 def resolve_user(
@@ -269,12 +290,11 @@ def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:
             if "HOME" not in names:
                 env_pairs.append(("HOME", user_home or "/"))
             binds, targets = mounts_for(instr, env, state.workdir, file, scratch)
-            network = (instr.network or "host").lower()
-            if network == "default":
-                network = "host"
-            if network not in ("host", "none"):
+            network = (instr.network or "default").lower()
+            check_entitlements([instr], env.allow, file)
+            if network not in ("default", "host", "none"):
                 raise InvalidInput(
-                    f"RUN --network={network} is not supported (use host or none)",
+                    f"RUN --network={network} is not supported (use default, host or none)",
                     file=file,
                     line=instr.line,
                 )
