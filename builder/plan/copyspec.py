@@ -10,7 +10,6 @@ reuse a layer whose step key changed only because an earlier step did.
 
 from __future__ import annotations
 
-import fnmatch
 import posixpath
 import re
 from collections.abc import Callable, Iterable
@@ -47,11 +46,11 @@ class CopyResult:
     facts: dict[str, Any] = field(default_factory=dict)
 
 
-_WILDCARD = re.compile(r"(?<!\\)[*?\[]")
-
-
 def has_wildcard(s: str) -> bool:
-    return bool(_WILDCARD.search(s))
+    """An unescaped ``*``, ``?`` or ``[`` (the one rule of context and ``--from`` sources)."""
+    from builder.frontend.dockerignore import has_wildcards
+
+    return has_wildcards(s)
 
 
 def parse_chmod(spec: str | None, file: str, line: int) -> int | None:
@@ -127,22 +126,41 @@ def resolve_chown(
 # --- sources from another stage's merged view ------------------------------------------------
 
 
-def glob_view(view: View, pattern: str) -> list[str]:
-    """Paths in ``view`` matching ``pattern`` segment by segment (Go filepath.Match rules)."""
+def glob_view(
+    view: View, pattern: str, file: str | None = None, line: int | None = None
+) -> list[str]:
+    """Paths in ``view`` matching ``pattern`` segment by segment.
+
+    The one wildcard matcher of context sources too (Go's ``filepath.Match``:
+    ``builder.frontend.dockerignore.compile_segment``), so ``[^x]*`` means "not x" here as
+    there, and a malformed pattern is an error rather than a literal.
+    """
+    from builder.frontend.dockerignore import PatternSyntaxError, compile_segment
+    from builder.frontend.dockerignore import has_wildcards as go_has_wildcards
+
     parts = [p for p in clean(pattern).split("/") if p]
     current = [""]
     for seg in parts:
         nxt: list[str] = []
-        for base in current:
-            real = view.resolve(base) if base else ""
-            if not has_wildcard(seg):
-                cand = posixpath.join(base, seg) if base else seg
+        if not go_has_wildcards(seg):
+            literal = re.sub(r"\\(.)", r"\1", seg, flags=re.DOTALL)
+            for base in current:
+                cand = posixpath.join(base, literal) if base else literal
                 if view.exists(view.resolve(cand, follow_last=False)) or view.exists(cand):
                     nxt.append(cand)
-                continue
+            current = nxt
+            continue
+        try:
+            regex = compile_segment(seg)
+        except PatternSyntaxError as err:
+            raise InvalidInput(
+                f"bad COPY source pattern {pattern!r}: {err}", file=file, line=line
+            ) from None
+        for base in current:
+            real = view.resolve(base) if base else ""
             for child in sorted(view.children.get(real, ())):
                 name = posixpath.basename(child)
-                if fnmatch.fnmatchcase(name, seg):
+                if regex.fullmatch(name):
                     nxt.append(posixpath.join(base, name) if base else name)
         current = nxt
     return current
@@ -152,7 +170,7 @@ def select_from_view(view: View, sources: Iterable[str], file: str, line: int) -
     """Resolve COPY --from sources in a stage's view into Selected items."""
     out: list[Selected] = []
     for src in sources:
-        matches = glob_view(view, src) if has_wildcard(src) else [clean(src)]
+        matches = glob_view(view, src, file, line) if has_wildcard(src) else [clean(src)]
         if not matches:
             raise NotFound(f"COPY source not found in stage: {src}", file=file, line=line)
         for m in matches:
