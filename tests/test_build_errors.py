@@ -58,8 +58,8 @@ def test_unknown_instruction(ectx: Path, home: Path, tmp_path: Path) -> None:
     "src,words",
     [
         ("missing.txt", "not found"),
-        ("../a.txt", "escapes the build context"),
-        ("/a.txt", "escapes the build context"),
+        ("../missing.txt", "not found"),  # cleaned against the root, as BuildKit does
+        ("/missing.txt", "not found"),
         ("abs-out", "outside the build context"),
         ("rel-out", "outside the build context"),
         ("nomatch*", "not found"),

@@ -231,13 +231,13 @@ class BuildContext:
         return cf
 
     def _clean_source(self, source: str) -> str:
-        """Clean a source path; InvalidInput if it is absolute or climbs out of the root."""
-        if source.startswith("/"):
-            raise InvalidInput(f"source escapes the build context: {source}")
-        cleaned = go_clean(source)
-        if cleaned == ".." or cleaned.startswith("../"):
-            raise InvalidInput(f"source escapes the build context: {source}")
-        return cleaned
+        """Clean a source path against the context root, as BuildKit does (``fs.RootPath``).
+
+        ``/present.txt`` and ``../present.txt`` both name ``present.txt`` at the root: a path
+        can never climb out lexically.  (A symlink pointing outside stays an error.)
+        """
+        cleaned = go_clean("/" + source).lstrip("/")
+        return cleaned or "."
 
     def select(
         self,
