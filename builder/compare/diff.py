@@ -400,7 +400,7 @@ def diff_images(a: Image, b: Image, opts: DiffOptions | None = None) -> DiffResu
     for ld in res.layers:
         if ld.compared_files and not ld.files and not ld.order and not opts.any:
             # the tars differ only in how they are written (headers, padding, end marker)
-            ld.fields.append(FieldDiff("tar encoding", "", "differs (entries are equal)"))
+            ld.fields.append(FieldDiff("tar bytes", "entries equal", "encoded differently"))
     return res
 
 

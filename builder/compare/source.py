@@ -103,7 +103,7 @@ def open_image(ref: str, local: LocalResolver | None = None) -> Image:
             path, tag = _split_tag(ref[len(prefix) :])
             return open_layout(Path(path), tag, ref)
     if ref.startswith("docker-archive:"):
-        path, name = _split_tag(ref[len("docker-archive:") :])
+        path, name = _split_archive(ref[len("docker-archive:") :])
         return open_docker_archive(Path(path), name, ref)
     if ref.startswith(("docker://", "registry://")):
         raise Unsupported(f"{ref}: registry references are not supported yet by lbuild diff")
@@ -133,6 +133,15 @@ def _split_tag(spec: str) -> tuple[str, str | None]:
     head, sep, tail = spec.rpartition(":")
     if sep and head and "/" not in tail and tail:
         return head, tail
+    return spec, None
+
+
+def _split_archive(spec: str) -> tuple[str, str | None]:
+    """``FILE[:NAME]`` where NAME may hold a colon itself (``x:1``): the first prefix that is
+    an existing file is the archive."""
+    for i, c in enumerate(spec):
+        if c == ":" and i and Path(spec[:i]).is_file():
+            return spec[:i], spec[i + 1 :] or None
     return spec, None
 
 
@@ -478,72 +487,24 @@ def _plain(stack: contextlib.ExitStack, raw: BinaryIO) -> BinaryIO:
     return buffered
 
 
-def _clean(name: str) -> str:
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    return "/".join(parts) or "."
-
-
 def iter_members(layer: Layer, what: str = "") -> Iterator[Member]:
     """Stream ``layer``'s tar members in order, each regular file's content hashed (blake3)."""
     import zlib
 
-    from blake3 import blake3
+    from builder.compare.tarscan import scan
 
     where = what or f"layer {layer.index}"
     try:
         with contextlib.ExitStack() as stack:
             raw = stack.enter_context(layer.opener())
             plain = _plain(stack, raw)
-            tar = stack.enter_context(tarfile.open(fileobj=plain, mode="r|"))
-            for order, ti in enumerate(tar):
-                digest = ""
-                if ti.isreg():
-                    h = blake3()
-                    f = tar.extractfile(ti)
-                    if f is not None:
-                        while chunk := f.read(_CHUNK):
-                            h.update(chunk)
-                    digest = h.hexdigest()
-                pax = ti.pax_headers
-                xattrs: tuple[tuple[str, str], ...] = ()
-                extra: tuple[tuple[str, str], ...] = ()
-                if pax:
-                    xattrs = tuple(
-                        sorted(
-                            (k.split(".xattr.", 1)[1], v)
-                            for k, v in pax.items()
-                            if k.startswith(_XATTR_PREFIXES)
-                        )
-                    )
-                    extra = tuple(
-                        sorted(
-                            (k, v)
-                            for k, v in pax.items()
-                            if k not in _PAX_EXPRESSED and not k.startswith(_XATTR_PREFIXES)
-                        )
-                    )
-                yield Member(
-                    path=_clean(ti.name),
-                    order=order,
-                    typeflag=ti.type.decode("latin-1"),
-                    mode=ti.mode & 0o7777,
-                    uid=ti.uid,
-                    gid=ti.gid,
-                    uname=ti.uname,
-                    gname=ti.gname,
-                    size=ti.size if ti.isreg() else 0,
-                    mtime=ti.mtime,
-                    link=ti.linkname,
-                    devmajor=ti.devmajor if ti.ischr() or ti.isblk() else 0,
-                    devminor=ti.devminor if ti.ischr() or ti.isblk() else 0,
-                    xattrs=xattrs,
-                    pax=extra,
-                    digest=digest,
-                )
+            yield from scan(plain.read)
     except FileNotFoundError as e:
         raise NotFound(f"{where}: blob {layer.digest or layer.diff_id} is missing ({e})") from None
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+    except (EOFError, zlib.error, OSError) as e:
         raise InvalidInput(f"{where}: cannot read the layer tar: {e}") from None
+    except (InvalidInput, Unsupported) as e:
+        raise type(e)(f"{where}: {e.message}") from None
     except Exception as e:
         if type(e).__name__ == "ZstdError":
             raise InvalidInput(f"{where}: cannot read the layer tar: {e}") from None

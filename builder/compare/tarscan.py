@@ -1,0 +1,236 @@
+"""A lean forward-only tar reader for comparisons: every header field a diff reports.
+
+``tarfile`` in stream mode costs about 0.3 ms of Python per member here; this reader parses
+the 512-byte headers with slices (about a tenth of that) and hashes regular files' data with
+blake3 as it streams by.  It reads ustar, GNU (long names, base-256 numbers) and PAX (local and
+global records) headers, as Go's archive/tar does; sparse members are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from cache.errors import InvalidInput, Unsupported
+
+if TYPE_CHECKING:
+    from builder.compare.source import Member
+
+_BLOCK = 512
+_ZERO = bytes(_BLOCK)
+_CHUNK = 1 << 20
+_EXPRESSED = frozenset({"path", "linkpath", "size", "uid", "gid", "uname", "gname", "mtime"})
+_XATTR_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")
+_REGULAR = (b"0", b"\0", b"7")
+
+
+class _Reader:
+    def __init__(self, read: Callable[[int], bytes]) -> None:
+        self._read = read
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        """Exactly ``n`` bytes, fewer only at the end of the stream."""
+        data = self._read(n) if n > 0 else b""
+        if 0 < len(data) < n:
+            parts = [data]
+            want = n - len(data)
+            while want > 0:
+                more = self._read(want)
+                if not more:
+                    break
+                parts.append(more)
+                want -= len(more)
+            data = b"".join(parts)
+        self.pos += len(data)
+        return data
+
+    def skip(self, n: int, what: str, *, strict: bool = True) -> None:
+        while n > 0:
+            got = self.take(min(n, _CHUNK))
+            if not got:
+                if strict:
+                    raise InvalidInput(f"truncated tar: {what} ends early at offset {self.pos}")
+                return
+            n -= len(got)
+
+
+def _cstr(field: bytes) -> bytes:
+    return field.split(b"\0", 1)[0]
+
+
+def _number(field: bytes, at: int) -> int:
+    if field and field[0] & 0x80:  # GNU base-256
+        if field[0] == 0xFF:
+            return int.from_bytes(field, "big", signed=True)
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = _cstr(field).strip(b" ")
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise InvalidInput(f"invalid tar header at offset {at}: bad number {field!r}") from None
+
+
+def _check_sum(hdr: bytes, at: int) -> None:
+    stored = _number(hdr[148:156], at)
+    unsigned = sum(hdr[:148]) + 8 * 0x20 + sum(hdr[156:])
+    if stored == unsigned:
+        return
+    signed = unsigned - 256 * sum(1 for b in hdr[:148] + hdr[156:] if b >= 0x80)
+    if stored != signed:
+        raise InvalidInput(f"invalid tar header at offset {at}: checksum mismatch")
+
+
+def _pax(data: bytes, at: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        sp = data.find(b" ", pos)
+        try:
+            n = int(data[pos:sp])
+        except ValueError:
+            raise InvalidInput(f"invalid PAX header at offset {at}") from None
+        rec = data[sp + 1 : pos + n]
+        if n <= 0 or not rec.endswith(b"\n") or b"=" not in rec:
+            raise InvalidInput(f"invalid PAX record at offset {at}")
+        key, _, value = rec[:-1].partition(b"=")
+        k = key.decode("utf-8", "surrogateescape")
+        if value:
+            out[k] = value.decode("utf-8", "surrogateescape")
+        else:
+            out.pop(k, None)
+        pos += n
+    return out
+
+
+def _pax_number(value: str, at: int) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise InvalidInput(f"invalid PAX number {value!r} at offset {at}") from None
+    return int(f) if f.is_integer() and "." not in value else f
+
+
+def _clean(name: str) -> str:
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    return "/".join(parts) or "."
+
+
+def scan(read: Callable[[int], bytes]) -> Iterator[Member]:
+    """The members of an uncompressed tar stream, in order."""
+    from blake3 import blake3
+
+    from builder.compare.source import Member
+
+    src = _Reader(read)
+    global_pax: dict[str, str] = {}
+    local: dict[str, str] = {}
+    long_name: bytes | None = None
+    long_link: bytes | None = None
+    order = 0
+    while True:
+        at = src.pos
+        hdr = src.take(_BLOCK)
+        if not hdr or hdr == _ZERO:
+            return
+        if len(hdr) < _BLOCK:
+            raise InvalidInput(f"truncated tar: partial header at offset {at}")
+        _check_sum(hdr, at)
+        flag = hdr[156:157]
+        size = _number(hdr[124:136], at)
+        if flag in (b"x", b"g", b"L", b"K"):
+            data = src.take(size)
+            if len(data) < size:
+                raise InvalidInput(f"truncated tar: extended header at offset {at}")
+            src.skip(-size % _BLOCK, "padding")
+            if flag == b"x":
+                local = _pax(data, at)
+            elif flag == b"g":
+                global_pax.update(_pax(data, at))
+            elif flag == b"L":
+                long_name = _cstr(data)
+            else:
+                long_link = _cstr(data)
+            continue
+        fields = {**global_pax, **local} if (global_pax or local) else {}
+        local = {}
+        if flag == b"S" or any(k.startswith("GNU.sparse.") for k in fields):
+            raise Unsupported(f"sparse tar members are not supported (at offset {at})")
+        if "path" in fields:
+            name = fields["path"]
+        else:
+            raw = long_name or _cstr(hdr[0:100])
+            if long_name is None and hdr[257:263] == b"ustar\x00" and hdr[345] != 0:
+                raw = _cstr(hdr[345:500]) + b"/" + raw
+            name = raw.decode("utf-8", "surrogateescape")
+        if "linkpath" in fields:
+            link = fields["linkpath"]
+        else:
+            link = (long_link or _cstr(hdr[157:257])).decode("utf-8", "surrogateescape")
+        long_name = long_link = None
+        if "size" in fields:
+            size = int(_pax_number(fields["size"], at))
+        if flag == b"\0" and name.endswith("/"):
+            flag = b"5"  # pre-POSIX tars mark directories only by the trailing slash
+        regular = flag in _REGULAR
+        digest = ""
+        if regular:
+            h = blake3()
+            left = size
+            while left > 0:
+                chunk = src.take(min(left, _CHUNK))
+                if not chunk:
+                    raise InvalidInput(f"truncated tar: {name} ends early at offset {src.pos}")
+                h.update(chunk)
+                left -= len(chunk)
+            digest = h.hexdigest()
+            src.skip(-size % _BLOCK, "padding", strict=False)
+        elif size:
+            src.skip(size + (-size % _BLOCK), name, strict=False)
+        device = flag in (b"3", b"4")
+        xattrs: tuple[tuple[str, str], ...] = ()
+        extra: tuple[tuple[str, str], ...] = ()
+        if fields:
+            xattrs = tuple(
+                sorted(
+                    (k.split(".xattr.", 1)[1], v)
+                    for k, v in fields.items()
+                    if k.startswith(_XATTR_PREFIXES)
+                )
+            )
+            extra = tuple(
+                sorted(
+                    (k, v)
+                    for k, v in fields.items()
+                    if k not in _EXPRESSED and not k.startswith(_XATTR_PREFIXES)
+                )
+            )
+        yield Member(
+            path=_clean(name),
+            order=order,
+            typeflag=flag.decode("latin-1"),
+            mode=_number(hdr[100:108], at) & 0o7777,
+            uid=int(_pax_number(fields["uid"], at))
+            if "uid" in fields
+            else _number(hdr[108:116], at),
+            gid=int(_pax_number(fields["gid"], at))
+            if "gid" in fields
+            else _number(hdr[116:124], at),
+            uname=fields["uname"]
+            if "uname" in fields
+            else _cstr(hdr[265:297]).decode("utf-8", "surrogateescape"),
+            gname=fields["gname"]
+            if "gname" in fields
+            else _cstr(hdr[297:329]).decode("utf-8", "surrogateescape"),
+            size=size if regular else 0,
+            mtime=_pax_number(fields["mtime"], at)
+            if "mtime" in fields
+            else _number(hdr[136:148], at),
+            link=link,
+            devmajor=_number(hdr[329:337], at) if device else 0,
+            devminor=_number(hdr[337:345], at) if device else 0,
+            xattrs=xattrs,
+            pax=extra,
+            digest=digest,
+        )
+        order += 1
