@@ -68,6 +68,11 @@ def _build_args(p: argparse.ArgumentParser) -> None:
         choices=["overlay", "copy"],
         help="how RUN gets its root filesystem (default: overlay where possible)",
     )
+    p.add_argument(
+        "--pull",
+        action="store_true",
+        help="ask the registry again for FROM images pulled before (one manifest HEAD each)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,9 +85,10 @@ def parser() -> argparse.ArgumentParser:
         "--output",
         action="append",
         default=[],
-        metavar="type=oci,dest=DIR|type=docker,dest=FILE",
+        metavar="type=oci,dest=DIR|type=docker,dest=FILE|type=registry,name=REF",
     )
     b.add_argument("--progress", choices=["auto", "plain", "json"], default="auto")
+    b.add_argument("--push", action="store_true", help="push every -t tag to its registry")
 
     pl = sub.add_parser("plan", help="print the step DAG with keys and HIT/MISS, building nothing")
     _build_args(pl)
@@ -108,6 +114,12 @@ def parser() -> argparse.ArgumentParser:
     )
     # watch and unpack are defined here, not in their modules: a build must not import them
     _watch_parser(sub)
+    from builder.compare.command import add_parsers as compare_parsers
+
+    compare_parsers(sub, _build_args)  # diff, repro-check
+    from builder.registrycmd import add_parsers as registry_parsers
+
+    registry_parsers(sub)  # pull, push
     u = sub.add_parser("unpack", help="unpack an image's root filesystem into a directory")
     u.add_argument("image", metavar="IMAGE", help="a local tag, or oci-layout://DIR[:TAG]")
     u.add_argument("dest", metavar="DIR", type=Path, help="must not exist, or be empty")
@@ -167,7 +179,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def options_from(ns: argparse.Namespace) -> object:
-    from builder.api import BuildOptions, parse_kv, parse_output
+    from builder.options import BuildOptions, parse_kv, parse_output
 
     if ns.secret:
         from builder.solve.run import secrets_from
@@ -188,6 +200,9 @@ def options_from(ns: argparse.Namespace) -> object:
         keep_mtime=ns.keep_mtime,
         secrets=secrets_from(ns.secret) if ns.secret else {},
         snapshotter=ns.snapshotter,
+        pull=getattr(ns, "pull", False),
+        push=getattr(ns, "push", False),
+        offline=ns.command == "watch" and not getattr(ns, "pull", False),
     )
 
 
@@ -199,14 +214,17 @@ def cmd_build(ns: argparse.Namespace) -> int:
 
     writer = start_writer(ns.home)
     try:
-        from builder.api import BuildOptions, build
+        from builder.api import build
         from builder.noop import try_fast
+        from builder.options import BuildOptions
         from builder.progress import make_reporter
 
         opts = options_from(ns)
         assert isinstance(opts, BuildOptions)
         reporter = make_reporter("plain" if ns.progress == "auto" else ns.progress)
-        done, probe = try_fast(opts, reporter)
+        # --pull and pushes talk to registries: never answered from the no-op memo
+        network = opts.pull or bool(opts.registry_names())
+        done, probe = (None, None) if network else try_fast(opts, reporter)
     except BaseException:
         if writer is not None:
             writer.abandon()
@@ -225,8 +243,9 @@ def cmd_build(ns: argparse.Namespace) -> int:
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:
-    from builder.api import BuildOptions, Session
     from builder.commands import plan_text, planned
+    from builder.options import BuildOptions
+    from cache.session import Session
 
     opts = options_from(ns)
     assert isinstance(opts, BuildOptions)
@@ -237,8 +256,9 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
 
 def cmd_why(ns: argparse.Namespace) -> int:
-    from builder.api import BuildOptions, Session
     from builder.commands import why
+    from builder.options import BuildOptions
+    from cache.session import Session
 
     opts = options_from(ns)
     assert isinstance(opts, BuildOptions)
@@ -257,7 +277,7 @@ def cmd_cache(ns: argparse.Namespace) -> int:
     import datetime as dt
 
     from builder import commands
-    from builder.api import Session
+    from cache.session import Session
 
     exclusive = ns.cache_command in ("prune", "verify")
     with Session.open(ns.home, exclusive=exclusive) as session:
@@ -351,6 +371,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_why(ns)
         if ns.command == "cache":
             return cmd_cache(ns)
+        if ns.command in ("diff", "repro-check"):
+            from builder.compare.command import cmd_diff, cmd_repro
+
+            return cmd_diff(ns) if ns.command == "diff" else cmd_repro(ns)
+        if ns.command in ("pull", "push"):
+            from builder.registrycmd import cmd_pull, cmd_push
+
+            return cmd_pull(ns) if ns.command == "pull" else cmd_push(ns)
         if ns.command == "unpack":
             from builder.unpackcmd import cmd_unpack
 

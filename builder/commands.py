@@ -15,8 +15,9 @@ from builder.plan.keys import LAYER_OP
 from cache.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from builder.api import BuildOptions, Session
+    from builder.options import BuildOptions
     from builder.plan.dag import Plan, Step
+    from cache.session import Session
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ def _visible_deps(plan: Plan, sid: str) -> tuple[str, ...]:
 
 def planned(opts: BuildOptions, session: Session) -> tuple[Plan, list[PlannedStep]]:
     """Plan a build and look every key up, building nothing."""
-    from builder.api import IndexCache, dockerfile_id, no_cache_rule, prepare
+    from builder.api import dockerfile_id, no_cache_rule, prepare
+    from builder.solve.stepcache import IndexCache
 
     plan, _ = prepare(opts, session)
     cache = IndexCache(session, dockerfile_id(opts))

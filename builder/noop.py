@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from builder.api import BuildOptions, BuildResult
+    from builder.options import BuildOptions, BuildResult
     from builder.progress import Reporter
 
 RACY_NS = 2_000_000_000
@@ -123,14 +123,14 @@ def fingerprint(
             if is_dir:
                 subdirs.append((rel, state))
         stack.extend(reversed(subdirs))
-    h.update("\n".join(lines).encode())
+    h.update("\n".join(lines).encode("utf-8", "surrogateescape"))  # non-UTF-8 names
     return Fingerprint(h.hexdigest(), racy)
 
 
 def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
     """(key, ignore-rules) for a build, or None when the fast path must not be tried."""
-    from builder.api import oci_layout_ref
     from builder.frontend.dockerignore import load_ignore
+    from builder.options import oci_layout_ref
     from builder.plan.keys import LAYER_FORMAT
 
     if opts.no_cache or opts.no_cache_filter:
@@ -170,7 +170,9 @@ def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
 
 
 def memo_path(home: Path, key: str) -> Path:
-    return home / "memo" / f"{key}.json"
+    from cache.home import Home
+
+    return Home(home).memo / f"{key}.json"
 
 
 def save_memo(
@@ -231,13 +233,13 @@ def probe(opts: BuildOptions, epoch: int) -> Probe | None:
 def try_fast(opts: BuildOptions, reporter: Reporter) -> tuple[BuildResult | None, Probe | None]:
     """The build's result if nothing changed since the memo was written (else None), and the
     probe the normal build can reuse."""
-    from builder.api import source_date_epoch
-    from cache.home import home_dir
+    from builder.options import source_date_epoch
+    from cache.home import Home, home_dir
 
     t0 = time.monotonic()
     home = home_dir(opts.home)
     pr = probe(opts, source_date_epoch(opts.epoch))
-    db = home / "lbuild.db"
+    db = Home(home).db
     if pr is None or not db.exists():
         return None, pr
     raw = _read(memo_path(home, pr.key))
@@ -258,10 +260,12 @@ def try_fast(opts: BuildOptions, reporter: Reporter) -> tuple[BuildResult | None
 def _replay(
     opts: BuildOptions, reporter: Reporter, home: Path, memo: dict[str, Any], t0: float
 ) -> BuildResult | None:
-    from builder.api import BuildResult
+    from builder.options import BuildResult
 
-    db = home / "lbuild.db"
-    blobs_dir = home / "blobs" / "sha256"
+    from cache.home import Home
+
+    db = Home(home).db
+    blobs_dir = Home(home).blobs
     for d in memo["blobs"]:
         if not (blobs_dir / d.split(":", 1)[1]).is_file():
             return None
@@ -285,9 +289,9 @@ def _replay(
             fast.close()
     if time.time() - float(memo.get("touched", 0)) > TOUCH_EVERY_S:
         return None  # let the normal path bump last-used times now and then
-    from builder.api import _lock
+    from cache.home import lock_home
 
-    with _lock(home, exclusive=False):
+    with lock_home(home, exclusive=False):
         for d in memo["blobs"]:  # a prune may have run since the first check
             if not (blobs_dir / d.split(":", 1)[1]).is_file():
                 return None
@@ -316,13 +320,13 @@ class _Shown:
 
 
 def _full(tag: str) -> str:
-    from builder.api import full_tag
+    from builder.options import full_tag
 
     return full_tag(tag)
 
 
 def _export(opts: BuildOptions, home: Path, memo: dict[str, Any]) -> None:
-    from builder.api import full_tag, split_tag
+    from builder.options import full_tag, split_tag
 
     todo = []
     for out in opts.outputs:

@@ -13,7 +13,7 @@ import time
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from builder.api import BuildResult
+    from builder.options import BuildResult
     from builder.plan.dag import Step
 
 
@@ -74,11 +74,18 @@ class PlainReporter:
     def message(self, text: str) -> None:
         self._print(text)
 
+    def transfer(self, kind: str, digest: str, done: int, total: int) -> None:
+        """A registry blob moving (kind "pull" or "push"): one line when it is complete."""
+        if done >= total:
+            self._print(f"{kind} {digest[:19]} done ({total} bytes)")
+
     def finish(self, result: BuildResult) -> None:
         self._print(
             f"{result.steps_cached}/{result.steps_total} steps cached, {result.seconds:.2f}s"
         )
         self._print(f"image {result.manifest_digest}")
+        for ref in result.pushed:
+            self._print(f"pushed {ref}")
 
 
 class JsonReporter:
@@ -121,17 +128,22 @@ class JsonReporter:
     def message(self, text: str) -> None:
         self._emit({"event": "message", "text": text})
 
+    def transfer(self, kind: str, digest: str, done: int, total: int) -> None:
+        """A registry blob moving: ``{"event": "pull"|"push", "digest", "done", "total"}``."""
+        self._emit({"event": kind, "digest": digest, "done": done, "total": total})
+
     def finish(self, result: BuildResult) -> None:
-        self._emit(
-            {
-                "event": "done",
-                "digest": result.manifest_digest,
-                "config": result.config_digest,
-                "steps": result.steps_total,
-                "cached": result.steps_cached,
-                "seconds": round(result.seconds, 4),
-            }
-        )
+        done: dict[str, Any] = {
+            "event": "done",
+            "digest": result.manifest_digest,
+            "config": result.config_digest,
+            "steps": result.steps_total,
+            "cached": result.steps_cached,
+            "seconds": round(result.seconds, 4),
+        }
+        if result.pushed:
+            done["pushed"] = list(result.pushed)
+        self._emit(done)
 
 
 class RichReporter(PlainReporter):
@@ -146,13 +158,27 @@ class RichReporter(PlainReporter):
         self._Text = Text
         self.console = Console(stderr=True)
         self.running: dict[str, tuple[str, float]] = {}
+        self.blobs: dict[str, str] = {}  # registry blobs in flight: digest -> their line
         self.live = Live(Text(""), console=self.console, refresh_per_second=8, transient=True)
         self.live.start()
 
     def _render(self) -> Any:
         now = time.monotonic()
         lines = [f"=> {name} {now - t0:.1f}s" for name, t0 in self.running.values()]
+        lines += self.blobs.values()
         return self._Text("\n".join(lines))
+
+    def transfer(self, kind: str, digest: str, done: int, total: int) -> None:
+        with self.lock:
+            if done >= total:
+                self.blobs.pop(digest, None)
+            else:
+                bar = "#" * (20 * done // max(total, 1))
+                self.blobs[digest] = (
+                    f"=> {kind} {digest[7:19]} [{bar:<20}] {done / 1e6:.1f}/{total / 1e6:.1f} MB"
+                )
+            self.live.update(self._render())
+        super().transfer(kind, digest, done, total)
 
     def _print(self, text: str) -> None:
         with self.lock:

@@ -24,8 +24,8 @@ from cache.errors import DigestMismatch, InvalidInput, NotFound
 from cache.types import Digest, sha256_digest
 
 if TYPE_CHECKING:
-    from builder.api import Session
     from builder.plan.dag import ExternalImage
+    from cache.session import Session
     from cache.types import BlobInfo
 
 __all__ = ["UnpackResult", "cmd_unpack", "unpack_image"]
@@ -76,7 +76,7 @@ class _Hashing:
 
 def resolve_image(session: Session, ref: str) -> ExternalImage:
     """IMAGE as ``FROM`` would find it: ``oci-layout://DIR[:TAG]`` or a local tag."""
-    from builder.api import make_resolver
+    from builder.images import make_resolver
 
     contexts = {ref: ref} if ref.startswith("oci-layout://") else {}
     image = make_resolver(session, contexts)(ref)
@@ -181,7 +181,7 @@ def unpack_image(session: Session, ref: str, dest: Path) -> UnpackResult:
 
 def cmd_unpack(ns: argparse.Namespace) -> int:
     """``lbuild unpack IMAGE DIR``."""
-    from builder.api import Session
+    from cache.session import Session
 
     with Session.open(ns.home) as session:
         res = unpack_image(session, ns.image, ns.dest)

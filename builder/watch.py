@@ -42,8 +42,8 @@ from builder.progress import JsonReporter, PlainReporter, Reporter
 from cache.errors import LbuildError
 
 if TYPE_CHECKING:
-    from builder.api import BuildOptions, BuildResult
     from builder.frontend.dockerignore import IgnoreRules
+    from builder.options import BuildOptions, BuildResult
     from builder.plan.dag import Step
 
 ChangeKind = Literal["created", "modified", "deleted", "moved"]
@@ -622,8 +622,8 @@ def _drain(fd: int) -> None:
 # -- command line ----------------------------------------------------------------------------
 def cmd_watch(ns: argparse.Namespace) -> int:
     """``lbuild watch``: returns 0 after a clean shutdown."""
-    from builder.api import BuildOptions
     from builder.cli import options_from
+    from builder.options import BuildOptions
 
     opts = options_from(ns)
     assert isinstance(opts, BuildOptions)

@@ -1,13 +1,32 @@
-"""Where the cache home is, and the index writer a build starts before anything else.
+"""The cache home: the one owner of its layout, its lock, and the index writer a build starts
+before anything else.
+
+Layout of a home (``$LBUILD_HOME``, else ``$XDG_CACHE_HOME/lbuild``, else
+``~/.cache/lbuild``)::
+
+    lbuild.db           the index (SQLite, WAL)
+    lock                flock: builds hold it shared, prune/verify exclusive
+    blobs/sha256/<hex>  the content store
+    memo/<key>.json     no-op memos
+    snapshots/          committed and active snapshots (RUN)
+    cache-mounts/       RUN --mount=type=cache directories
+    tmp/                in-flight files, swept on start
+
+Every other module asks :class:`Home` for these paths instead of spelling them out.
 
 This module is imported first by ``lbuild build`` and must stay light: it imports the
-standard library and :mod:`cache.index.recorder` only (not :mod:`builder.api`), so the writer child
-starts as early as possible (see :mod:`cache.index.buildindex`).
+standard library only at its top (the writer child's module is imported by
+:func:`start_writer`), so the writer child starts as early as possible (see
+:mod:`cache.index.buildindex`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,12 +34,69 @@ if TYPE_CHECKING:
     from cache.index.recorder import Recorder
 
 
-def home_dir(home: Path | None) -> Path:
-    """The cache directory: ``--home``, else ``cache.index.db.default_home()`` (``$LBUILD_HOME``,
-    ``$XDG_CACHE_HOME/lbuild``, ``~/.cache/lbuild``)."""
-    from cache.index.db import default_home
+@dataclass(frozen=True)
+class Home:
+    """The paths of one cache home (nothing is created by asking)."""
 
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        return self.root / "lbuild.db"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "lock"
+
+    @property
+    def blobs(self) -> Path:
+        """``blobs/sha256``: one file per blob, named by its hex digest."""
+        return self.root / "blobs" / "sha256"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def memo(self) -> Path:
+        return self.root / "memo"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def cache_mounts(self) -> Path:
+        return self.root / "cache-mounts"
+
+
+def default_home() -> Path:
+    """The cache directory: ``$LBUILD_HOME``, else ``$XDG_CACHE_HOME/lbuild``, else ``~/.cache/lbuild``."""
+    home = os.environ.get("LBUILD_HOME")
+    if home:
+        return Path(home)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg) / "lbuild"
+    return Path.home() / ".cache" / "lbuild"
+
+
+def home_dir(home: Path | None) -> Path:
+    """The cache directory: ``--home``, else :func:`default_home`."""
     return home if home is not None else default_home()
+
+
+@contextmanager
+def lock_home(home: Path, *, exclusive: bool) -> Iterator[int]:
+    """Hold the home's flock (shared for builds, exclusive for prune/verify); yields its fd."""
+    import fcntl
+
+    fd = os.open(Home(home).lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def start_writer(home: Path | None) -> Recorder | None:
@@ -31,6 +107,6 @@ def start_writer(home: Path | None) -> Recorder | None:
         return None
     from cache.index.recorder import Recorder
 
-    h = home_dir(home)
-    h.mkdir(parents=True, exist_ok=True)
-    return Recorder.start(h / "lbuild.db", lock=h / "lock")
+    h = Home(home_dir(home))
+    h.root.mkdir(parents=True, exist_ok=True)
+    return Recorder.start(h.db, lock=h.lock)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.api import BuildOptions, Output, build
+from builder.api import build
+from builder.options import BuildOptions, Output
 from builder.progress import PlainReporter
 from cache.errors import StoreError
 from cache.index.buildindex import BuildIndex
@@ -266,7 +267,8 @@ def test_a_build_with_the_process_writer_never_imports_sqlalchemy(tmp_path: Path
         f"""
         import io, sys
         from pathlib import Path
-        from builder.api import BuildOptions, build
+        from builder.options import BuildOptions
+        from builder.api import build
         from builder.progress import PlainReporter
         opts = BuildOptions(context=Path({str(ctx)!r}), home=Path({str(tmp_path / "home")!r}))
         for _ in range(2):

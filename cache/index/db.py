@@ -38,8 +38,6 @@ T = TypeVar("T")
 SCHEMA_VERSION = 2
 """The layout this lbuild reads and writes."""
 
-DB_FILENAME = "lbuild.db"
-
 WRITE_OPTION = "lbuild_write"
 """Execution option: a transaction that will write.  On SQLite it starts with ``BEGIN
 IMMEDIATE`` so the write lock is taken up front; a deferred transaction that reads and then
@@ -48,22 +46,6 @@ wait can help it, because its snapshot is stale)."""
 
 BUSY_TIMEOUT_S = 30.0
 """How long a connection waits on another process's lock before giving up."""
-
-
-def default_home() -> Path:
-    """The cache directory: ``$LBUILD_HOME``, else ``$XDG_CACHE_HOME/lbuild``, else ``~/.cache/lbuild``."""
-    home = os.environ.get("LBUILD_HOME")
-    if home:
-        return Path(home)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg) / "lbuild"
-    return Path.home() / ".cache" / "lbuild"
-
-
-def default_db_path() -> Path:
-    """The default index database file: ``<home>/lbuild.db``."""
-    return default_home() / DB_FILENAME
 
 
 def sqlite_file(url_or_path: str | os.PathLike[str]) -> Path | None:

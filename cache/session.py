@@ -1,0 +1,91 @@
+"""An opened cache home: its content store and its index, built at the edge and passed in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cache.errors import LbuildError
+from cache.home import Home, home_dir, lock_home
+
+if TYPE_CHECKING:
+    from cache.index.buildindex import BuildIndex
+    from cache.index.recorder import Recorder
+    from cache.index.records import Index
+    from cache.store.blobs import BlobStore
+
+
+@dataclass
+class Session:
+    """An opened cache home: content store and index. Built at the edge, passed in.
+
+    ``index`` is the full ``Index`` (SQLAlchemy), or for a build opened with
+    ``deferred=True`` a ``BuildIndex`` (stdlib reads, writes in a child process; see
+    :mod:`cache.index.buildindex`).  Commands that need more than a build's reads and writes use
+    ``full_index``.
+    """
+
+    home: Path
+    store: BlobStore
+    index: Index | BuildIndex
+
+    @property
+    def full_index(self) -> Index:
+        """The SQLAlchemy ``Index`` (only for sessions opened without ``deferred``)."""
+        from cache.index.records import Index
+
+        if not isinstance(self.index, Index):
+            raise TypeError("this session's index is a build index; open it without deferred")
+        return self.index
+
+    @classmethod
+    @contextmanager
+    def open(
+        cls,
+        home: Path | None,
+        *,
+        exclusive: bool = False,
+        deferred: bool = False,
+        recorder: Recorder | None = None,
+    ) -> Iterator[Session]:
+        """Open the cache home.
+
+        Builds hold a shared lock for their whole run; prune and verify open with
+        ``exclusive=True``, so they wait for running builds and keep new ones out (a blob
+        is written before its record, and must not be collected in between).  With
+        ``deferred``, index writes go to a child process that also holds that lock until its
+        last write is committed; leaving the block waits for it and raises ``StoreError`` if
+        a write failed (unless the block is already failing: then the writes that were sent
+        are still committed, and the block's own error is the one raised).  ``recorder`` is
+        a writer child started ahead (``cache.home.start_writer``), used or abandoned
+        here.
+        """
+        from cache.store.blobs import BlobStore
+
+        h = home_dir(home)
+        h.mkdir(parents=True, exist_ok=True)
+        with lock_home(h, exclusive=exclusive) as lock_fd:
+            store = BlobStore(h)
+            store.sweep_tmp()
+            index: Index | BuildIndex | None = None
+            if deferred:
+                from cache.index.buildindex import BuildIndex
+
+                index = BuildIndex.open(Home(h).db, keep_fds=(lock_fd,), recorder=recorder)
+            elif recorder is not None:
+                recorder.abandon()
+            if index is None:
+                from cache.index.records import Index
+
+                index = Index.open(str(Home(h).db))
+            try:
+                yield cls(h, store, index)
+            except BaseException:
+                with suppress(LbuildError):
+                    index.close()
+                raise
+            index.close()
+
