@@ -6,7 +6,8 @@ environment.  Every later run changes what its variations say (``VARIATIONS``):
 
 =========== ================================================================================
 path        the context is copied to another directory (another depth and name)
-umask       the build runs under umask 0027 / 0002 instead of the caller's
+umask       the copy is checked out under umask 0002 / 0027 (file modes 0664 / 0640) and the
+            build runs under that umask
 mtime       the copy's files and directories get other mtimes
 order       the copy is created in reverse (or shuffled) order on a tmpfs (/dev/shm) when
             there is one, and the build's home lives there too: directory read order differs
@@ -249,9 +250,13 @@ def external_bases(context: Path, dockerfile: Path | None) -> list[str]:
 # Runs
 
 
-def _copy_context(src: Path, dest: Path, *, reverse: bool, shuffle: int | None) -> None:
-    """Copy a context keeping modes, symlinks and contents, creating entries in sorted,
-    reversed or shuffled order (directories are made when their first entry is)."""
+def _copy_context(
+    src: Path, dest: Path, *, reverse: bool, shuffle: int | None, umask: int | None
+) -> None:
+    """Copy a context keeping symlinks and contents, creating entries in sorted, reversed or
+    shuffled order (directories are made when their first entry is).  Modes are kept, or with
+    ``umask`` made as a git checkout under that umask makes them (0666/0777 minus the umask,
+    git keeping only the executable bit)."""
     entries: list[tuple[str, bool]] = []  # (relative path, is a real directory)
     for dirpath, dirnames, filenames in os.walk(src):
         rel = os.path.relpath(dirpath, src)
@@ -276,10 +281,14 @@ def _copy_context(src: Path, dest: Path, *, reverse: bool, shuffle: int | None) 
         else:
             shutil.copyfile(s, d, follow_symlinks=False)
     # modes once every entry exists (a 0555 directory could not have been filled)
-    for rel, _ in [*entries, (".", True)]:
+    for rel, is_dir in [*entries, (".", True)]:
         s = src / rel
-        if not s.is_symlink():
-            os.chmod(dest / rel, stat.S_IMODE(s.lstat().st_mode))
+        if s.is_symlink():
+            continue
+        mode = stat.S_IMODE(s.lstat().st_mode)
+        if umask is not None:
+            mode = (0o777 if is_dir or mode & 0o111 else 0o666) & ~umask
+        os.chmod(dest / rel, mode)
 
 
 def _vary_mtimes(root: Path, run: int) -> None:
@@ -298,7 +307,7 @@ def _tmpfs_dir(work: Path, name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
 
 
-_UMASKS = (0o027, 0o002)
+_UMASKS = (0o027, 0o002)  # run 1 gets 0002, run 2 0027, ...
 _TZS = ("Pacific/Kiritimati", "America/Adak")
 _LOCALES = ("C", "POSIX")
 
@@ -320,7 +329,7 @@ def plan_runs(spec: ReproSpec, work: Path, cleanup: list[Path]) -> list[Run]:
         env.pop(HOSTNAME_ENV, None)
         context, dockerfile = ctx, df
         home = rdir / "home"
-        needs_copy = vary and bool(v & {"path", "mtime", "order"})
+        needs_copy = vary and bool(v & {"path", "mtime", "order", "umask"})
         if needs_copy:
             if "order" in v:
                 base = _tmpfs_dir(work, f"run{i}")
@@ -338,6 +347,7 @@ def plan_runs(spec: ReproSpec, work: Path, cleanup: list[Path]) -> list[Run]:
                 context,
                 reverse="order" in v and i % 2 == 1,
                 shuffle=i if "order" in v and i % 2 == 0 else None,
+                umask=_UMASKS[i % 2] if "umask" in v else None,
             )
             if "path" in v:
                 used["path"] = str(context)

@@ -1,0 +1,134 @@
+"""lbuild's local store as an image source for ``lbuild diff`` and ``lbuild repro-check``.
+
+``LocalStore(home)`` opens the cache home lazily (only when a reference is not a path) and
+resolves a tag (``lbuild build -t NAME``) to a ``source.Image`` whose layers are read from the
+store: the uncompressed tar under its diff_id when the store keeps it (lbuild does), else the
+compressed blob.  ``export_base`` writes such an image as an OCI layout, which is how
+repro-check hands a local base image to builds that run in throwaway homes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from builder.compare.source import Image, Layer
+
+if TYPE_CHECKING:
+    from cache.session import Session
+
+__all__ = ["LocalStore"]
+
+
+class LocalStore:
+    """A resolver over one cache home (a ``source.LocalResolver``); close it when done."""
+
+    def __init__(self, home: Path | None) -> None:
+        self._home = home
+        self._stack = contextlib.ExitStack()
+        self._session: Session | None = None
+
+    def __enter__(self) -> LocalStore:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+        self._session = None
+
+    def session(self) -> Session:
+        if self._session is None:
+            from cache.session import Session
+
+            self._session = self._stack.enter_context(Session.open(self._home))
+        return self._session
+
+    def manifest_digest(self, ref: str) -> str | None:
+        """The manifest digest tagged ``ref`` in the store, or None."""
+        from builder.options import full_tag
+        from cache.errors import InvalidInput
+
+        try:
+            name = full_tag(ref)
+        except InvalidInput:
+            return None
+        found = self.session().index.get_tag(name)
+        return None if found is None else str(found.manifest_digest)
+
+    def __call__(self, ref: str) -> Image | None:
+        from cache.types import Digest
+
+        digest = self.manifest_digest(ref)
+        if digest is None:
+            return None
+        store = self.session().store
+        manifest = json.loads(store.read(Digest(digest)))
+        config_digest = Digest(manifest["config"]["digest"])
+        config = json.loads(store.read(config_digest))
+        diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
+        layers = []
+        for i, desc in enumerate(manifest.get("layers", [])):
+            diff_id = str(diff_ids[i]) if i < len(diff_ids) else ""
+            plain = bool(diff_id) and store.has(Digest(diff_id))
+            blob = Digest(diff_id if plain else desc["digest"])
+            layers.append(
+                Layer(
+                    index=i,
+                    media_type=str(desc.get("mediaType", "")),
+                    digest=str(desc["digest"]),
+                    size=int(desc.get("size", -1)),
+                    diff_id=diff_id,
+                    opener=_store_opener(store.open, blob),
+                )
+            )
+        return Image(
+            ref=ref,
+            kind="local",
+            manifest_digest=digest,
+            manifest=manifest,
+            config_digest=str(config_digest),
+            config=config,
+            layers=tuple(layers),
+        )
+
+    def export_base(self, ref: str, dest: Path) -> bool:
+        """Write the image tagged ``ref`` as an OCI layout at ``dest`` (tag ``latest``);
+        False when the store has no such tag."""
+        from builder.export.oci import Image as OciImage
+        from builder.export.oci import export_oci_layout
+        from builder.images import image_from_store
+        from cache.types import Digest
+
+        digest = self.manifest_digest(ref)
+        if digest is None:
+            return False
+        store = self.session().store
+        ext = image_from_store(store, ref, Digest(digest))
+        manifest_bytes = store.read(Digest(digest))
+        manifest: dict[str, Any] = json.loads(manifest_bytes)
+        config_digest = Digest(manifest["config"]["digest"])
+        image = OciImage(
+            manifest_digest=Digest(digest),
+            manifest=manifest_bytes,
+            config_digest=config_digest,
+            config=store.read(config_digest),
+            layers=ext.layers,
+            diff_ids=ext.diff_ids,
+        )
+        export_oci_layout(store, image, dest, "latest")
+        return True
+
+
+def _store_opener(open_blob: Callable[[Any], BinaryIO], blob: Any) -> Callable[[], BinaryIO]:
+    def opener() -> BinaryIO:
+        return open_blob(blob)
+
+    return opener
