@@ -446,7 +446,8 @@ class HeaderRecorder:
 
 # -- images --------------------------------------------------------------------------------
 def layer_tar(files: dict[str, bytes]) -> bytes:
-    """An uncompressed layer tar with ``files`` (parents made), deterministic."""
+    """An uncompressed layer tar with ``files`` (parents made), deterministic; files under
+    bin/ and usr/bin/ are executable (0755), the others 0644."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
         dirs: set[str] = set()
@@ -460,7 +461,8 @@ def layer_tar(files: dict[str, bytes]) -> bytes:
                     info.type, info.mode = tarfile.DIRTYPE, 0o755
                     tf.addfile(info)
             info = tarfile.TarInfo(path)
-            info.size, info.mode = len(files[path]), 0o644
+            info.size = len(files[path])
+            info.mode = 0o755 if path.startswith(("bin/", "usr/bin/")) else 0o644
             tf.addfile(info, io.BytesIO(files[path]))
     return buf.getvalue()
 
