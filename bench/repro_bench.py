@@ -1,0 +1,101 @@
+"""Benchmark of ``lbuild repro-check`` and ``lbuild diff`` (issue 14).
+
+    python3 bench/repro_bench.py [--rounds 3] [--work DIR]
+
+1. repro-check with the default variations on the cache benchmark's app context (about 2,000
+   files, 40 MiB, three stages; ``bench/scenario.py`` without the --jobs heavy files) against
+   one cold build of the same context (a fresh home, the same base image): A B A B, medians.
+   Goal: repro-check <= 2.3x one cold build.  Also repro-check without the clock variation
+   (its 2 s stagger is a fixed cost).
+2. ``lbuild diff`` of two 2,000-file images whose every layer differs (the app image built with
+   SOURCE_DATE_EPOCH=0 and =1: every file's mtime differs, so every tar is streamed and every
+   file compared).  Goal: <= 1 s.  The whole command (interpreter start included) and the
+   in-process comparison are both timed.
+
+The page cache is not dropped (that would disturb whatever else runs on the machine): both
+sides of every ratio run warm.  Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from scenario import ScenarioSpec, generate  # noqa: E402
+
+
+def lbuild(*args: str | Path, env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)) -> float:
+    e = dict(os.environ)
+    e.pop("SOURCE_DATE_EPOCH", None)
+    e.update(env or {})
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "builder", *map(str, args)], env=e,
+                       capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if p.returncode not in ok:
+        raise SystemExit(f"lbuild {' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", type=Path)
+    ns = ap.parse_args()
+    work = ns.work or Path(tempfile.mkdtemp(prefix="repro-bench-"))
+    s = generate(work / "scenario", ScenarioSpec(heavy_files=0))
+    home = work / "home"
+    lbuild("build", s.base_context, "-t", "base", "--home", home)
+    base = work / "base-layout"
+    lbuild("build", s.base_context, "--home", home, "-o", f"type=oci,dest={base}")
+    ctx_arg = ["--build-context", f"base=oci-layout://{base}:latest"]
+
+    cold, repro, repro_noclock = [], [], []
+    for r in range(ns.rounds):
+        fresh = work / f"cold-{r}"
+        cold.append(lbuild("build", *ctx_arg, "--home", fresh, "-o",
+                           f"type=oci,dest={work / f'cold-out-{r}'}", s.context))
+        repro.append(lbuild("repro-check", "--home", home, s.context, ok=(0, 1)))
+        repro_noclock.append(lbuild("repro-check", "--home", home, "--variations", "all,-clock",
+                                    s.context, ok=(0, 1)))
+    a, b = work / "img-a", work / "img-b"
+    lbuild("build", *ctx_arg, "--home", work / "ha", "-o", f"type=oci,dest={a}", s.context,
+           env={"SOURCE_DATE_EPOCH": "0"})
+    lbuild("build", *ctx_arg, "--home", work / "hb", "-o", f"type=oci,dest={b}", s.context,
+           env={"SOURCE_DATE_EPOCH": "1"})
+    diff_cmd = [lbuild("diff", a, b, ok=(1,)) for _ in range(5)]
+    from builder.compare.diff import diff_images
+    from builder.compare.source import open_image
+
+    inproc = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        res = diff_images(open_image(str(a)), open_image(str(b)))
+        inproc.append(time.perf_counter() - t0)
+    files = sum(len(ld.files) for ld in res.layers)
+
+    med = statistics.median
+    print(f"context: {s.small_files} small files, {s.context_bytes / (1 << 20):.0f} MiB; "
+          f"{ns.rounds} rounds, medians; load {os.getloadavg()[0]:.2f}")
+    print("| measure | seconds | ratio |")
+    print("| --- | ---: | ---: |")
+    print(f"| one cold build (fresh home) | {med(cold):.2f} | 1.00x |")
+    print(f"| repro-check, default variations (2 builds) | {med(repro):.2f} | {med(repro) / med(cold):.2f}x |")
+    print(f"| repro-check, all but clock | {med(repro_noclock):.2f} | {med(repro_noclock) / med(cold):.2f}x |")
+    print(f"| lbuild diff, 2 images x {len(res.a.layers)} layers, {files} files differ (command) | {med(diff_cmd):.2f} | |")
+    print(f"| the same comparison in process | {med(inproc):.2f} | |")
+    print(f"\nraw: cold {cold}, repro {repro}, repro-no-clock {repro_noclock}, diff {diff_cmd}, in-process {inproc}")
+
+
+if __name__ == "__main__":
+    main()
