@@ -122,3 +122,31 @@ def test_errors_exit_codes(registry: Registry, tmp_path: Path) -> None:
     assert p.returncode == 2 and "no image" in p.stderr
     p = lbuild("build", "--output", "type=registry", ctx, home=tmp_path / "h", check=False)
     assert p.returncode == 2 and "name=" in p.stderr
+
+
+def test_offline_build_never_asks_the_registry(registry: Registry, tmp_path: Path) -> None:
+    """What lbuild watch does without --pull: a remembered tag works, an unknown one fails."""
+    from builder.api import build
+    from builder.options import BuildOptions
+    from cache.errors import NotFound
+
+    lay = base_layout(tmp_path)
+    repo = unique_repo("base")
+    put_image(registry, lay, repo)
+    proxy = FaultProxy(registry.host).start()
+    try:
+        ctx = context(tmp_path, f"FROM {proxy.host}/{repo}:latest")
+        home = tmp_path / "home"
+        with pytest.raises(NotFound) as err:
+            build(BuildOptions(ctx, home=home, offline=True), writer="inline")
+        assert "not in the local store" in str(err.value) and err.value.exit_code == 2
+        assert proxy.log == []
+        lbuild("pull", f"{proxy.host}/{repo}:latest", home=home)
+        pulled = len(proxy.log)
+        result = build(BuildOptions(ctx, home=home, offline=True, no_cache=True), writer="inline")
+        assert result.steps_total == 2 and len(proxy.log) == pulled
+        # --pull in watch (offline=False, pull=True): exactly one HEAD
+        build(BuildOptions(ctx, home=home, pull=True, no_cache=True), writer="inline")
+        assert [m for m, _, _ in proxy.log[pulled:]] == ["HEAD"]
+    finally:
+        proxy.stop()
