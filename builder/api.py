@@ -20,6 +20,7 @@ from builder.options import (
     full_tag,
     parse_kv,
     parse_output,
+    run_clamp,
     source_date_epoch,
     split_tag,
 )
@@ -83,6 +84,7 @@ def prepare(
         epoch=source_date_epoch(opts.epoch),
         keep_mtime=opts.keep_mtime,
         platform=f"{os_name}/{arch}",
+        clamp=run_clamp(opts),
     )
     from builder.pull import transfer_for
 
@@ -295,11 +297,7 @@ def _make_run_step(
 ) -> Callable[[Solver, Step], LayerInfo | None]:
     from builder.solve.run import RunEnv, make_run_step
 
-    clamp = (
-        source_date_epoch(opts.epoch)
-        if (opts.epoch is not None or os.environ.get("SOURCE_DATE_EPOCH"))
-        else None
-    )
+    clamp = run_clamp(opts)
     env = RunEnv(session.home, opts.context, dict(opts.secrets), opts.snapshotter, clamp)
     return make_run_step(env)
 

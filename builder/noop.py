@@ -130,7 +130,7 @@ def fingerprint(
 def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
     """(key, ignore-rules) for a build, or None when the fast path must not be tried."""
     from builder.frontend.dockerignore import load_ignore
-    from builder.options import oci_layout_ref
+    from builder.options import oci_layout_ref, run_clamp
     from builder.plan.keys import LAYER_FORMAT
 
     if opts.no_cache or opts.no_cache_filter:
@@ -164,6 +164,7 @@ def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
         "compression": opts.compression,
         "keep_mtime": opts.keep_mtime,
         "epoch": epoch,
+        "clamp": run_clamp(opts),
         "snapshotter": opts.snapshotter,
     }
     return _b3(json.dumps(ident, sort_keys=True).encode()), ctx, rules

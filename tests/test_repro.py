@@ -98,3 +98,38 @@ def test_bad_input_exits_2_before_building(busybox_home: Path, tmp_path: Path) -
         p = lbuild("repro-check", "--home", busybox_home, *args, home=busybox_home, check=False)
         assert p.returncode == 2, (args, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr
+
+
+def test_source_date_epoch_flags(busybox_home: Path, tmp_path: Path) -> None:
+    """--source-date-epoch, --build-arg SOURCE_DATE_EPOCH and --no-rewrite-timestamp; a RUN
+    built without SOURCE_DATE_EPOCH is not reused by a build with it (the clamp is in its key)."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM busybox:test\nRUN echo hi > /hi\n")
+
+    def build(name: str, *flags: str) -> Path:
+        out = tmp_path / name
+        lbuild("build", *flags, ctx, "-o", f"type=oci,dest={out}", home=busybox_home)
+        return out
+
+    def diff(a: Path, b: Path) -> dict[str, Any]:
+        p = lbuild("diff", "--format", "json", a, b, home=busybox_home, check=False)
+        assert p.returncode in (0, 1), p.stderr
+        return json.loads(p.stdout)  # type: ignore[no-any-return]
+
+    plain = build("plain")
+    flag = build("flag", "--source-date-epoch", "100")
+    arg = build("arg", "--build-arg", "SOURCE_DATE_EPOCH=100")
+    keep = build("keep", "--source-date-epoch", "100", "--no-rewrite-timestamp")
+    out = diff(plain, flag)
+    fields = {f["field"]: f["b"] for f in out["config"]}
+    assert fields == {"created": "1970-01-01T00:01:40Z", "history[3].created": "1970-01-01T00:01:40Z"}
+    (layer,) = out["layers"]
+    assert layer["files"][0]["path"] == "hi" and layer["files"][0]["changes"]["mtime"][1] == 100
+    assert diff(flag, arg)["equal"] is True
+    out = diff(flag, keep)
+    assert out["config"] == []  # created and history still from SOURCE_DATE_EPOCH
+    (layer,) = out["layers"]
+    assert layer["files"][0]["changes"]["mtime"][1] > 100  # RUN's own time kept
+    p = lbuild("build", "--build-arg", "SOURCE_DATE_EPOCH=soon", ctx, home=busybox_home, check=False)
+    assert p.returncode == 2 and "SOURCE_DATE_EPOCH must be an integer" in p.stderr

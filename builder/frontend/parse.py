@@ -39,6 +39,7 @@ from builder.frontend.instructions import (
     Volume,
     Workdir,
 )
+from builder.frontend.runmount import parse_mount
 from cache.errors import InvalidInput, NotFound
 
 __all__ = ["load", "parse"]
@@ -203,6 +204,10 @@ def _parse_run(c: _Command) -> Run:
     security = flags.string("security")
     if security is not None and security not in ("sandbox", "insecure"):
         raise c.error(f"unsupported security mode for RUN: {security} (use sandbox or insecure)")
+    mounts = flags.strings("mount")
+    for raw in mounts:
+        if "$" not in raw:  # with variables it is checked once they are expanded
+            parse_mount(raw, c.filename, c.line)
     heredocs: list[Heredoc] = []
     if not c.json and c.cmd.heredocs:
         heredocs = _attach_heredocs(c, _heredoc_markers(split_words(" ".join(c.args))))
@@ -211,7 +216,7 @@ def _parse_run(c: _Command) -> Run:
         command=c.args,
         exec_form=c.json,
         heredocs=tuple(heredocs),
-        mounts=flags.strings("mount"),
+        mounts=mounts,
         network=network,
         security=security,
     )

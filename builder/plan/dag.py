@@ -160,6 +160,7 @@ class PlanOptions:
     epoch: int | None
     keep_mtime: bool
     platform: str
+    clamp: int | None = None  # RUN output clamped to SOURCE_DATE_EPOCH (part of RUN keys)
 
 
 def _norm_stage_ref(ref: str) -> str:
@@ -538,6 +539,8 @@ def make_plan(
                 binds = bind_sources(ctx, instr, hasher, file)
                 if binds:
                     inputs["binds"] = binds
+                if opts.clamp is not None:
+                    inputs["clamp"] = opts.clamp
                 inputs["parent"] = parent_key
             elif isinstance(instr, df.Workdir):
                 st.kind = "workdir"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from builder.frontend import dockerfile as df
+from builder.frontend.runmount import parse_mount
 from builder.plan.copyspec import db_entry
 from cache.errors import InvalidInput, NotFound, StepFailed
 from cache.types import Entry, LayerInfo
@@ -131,33 +132,6 @@ def command_argv(instr: df.Run, shell: tuple[str, ...]) -> tuple[tuple[str, ...]
     return (*shell, text), None
 
 
-def parse_mount(raw: str, file: str, line: int) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    for part in raw.split(","):
-        k, sep, v = part.partition("=")
-        k = k.strip().lower()
-        if k in ("ro", "readonly", "rw", "readwrite") and not sep:
-            v = "true"
-        fields[k] = v
-    fields.setdefault("type", "bind")
-    if fields["type"] not in ("bind", "cache", "tmpfs", "secret", "ssh"):
-        raise InvalidInput(f"unsupported mount type {fields['type']!r}", file=file, line=line)
-    if fields["type"] == "ssh":
-        raise InvalidInput("RUN --mount=type=ssh is not supported", file=file, line=line)
-    for alias in ("dst", "destination"):
-        if alias in fields:
-            fields["target"] = fields.pop(alias)
-    if "src" in fields:
-        fields["source"] = fields.pop("src")
-    if fields["type"] != "secret" and not fields.get("target"):
-        raise InvalidInput(f"--mount={raw}: target is required", file=file, line=line)
-    return fields
-
-
-def _truthy(v: str | None) -> bool:
-    return v is not None and v.lower() in ("", "true", "1")
-
-
 def mounts_for(
     instr: df.Run, env: RunEnv, workdir: str, file: str, scratch: Path
 ) -> tuple[list[BindSpec], list[str]]:
@@ -168,29 +142,29 @@ def mounts_for(
     targets: list[str] = []
     for raw in instr.mounts:
         m = parse_mount(raw, file, instr.line)
-        t = m["type"]
-        target = m.get("target", "")
+        t = m.type
+        target = m.target
         if target and not target.startswith("/"):
             target = posixpath.join(workdir, target)
         if t == "cache":
-            cid = m.get("id") or target
+            cid = m.id or target
             safe = uuid.uuid5(uuid.NAMESPACE_URL, cid).hex
             d = env.home / "cache-mounts" / safe
             d.mkdir(parents=True, exist_ok=True)
             out.append(
-                BindSpec(str(d), target, "bind", readonly=_truthy(m.get("ro") or m.get("readonly")))
+                BindSpec(str(d), target, "bind", readonly=m.readonly)
             )
         elif t == "tmpfs":
             out.append(BindSpec(None, target, "tmpfs"))
         elif t == "secret":
-            sid = m.get("id") or posixpath.basename(target)
+            sid = m.id or posixpath.basename(target)
             if not sid:
                 raise InvalidInput(
                     "--mount=type=secret needs id= or target=", file=file, line=instr.line
                 )
             src = env.secrets.get(sid)
             if src is None:
-                if _truthy(m.get("required")):
+                if m.required:
                     raise NotFound(
                         f"secret {sid} not provided (use --secret id={sid},src=FILE)",
                         file=file,
@@ -200,13 +174,13 @@ def mounts_for(
             target = target or f"/run/secrets/{sid}"
             out.append(BindSpec(str(src), target, "bind", readonly=True))
         else:  # bind from the context (read-only unless rw; rw writes are thrown away)
-            if m.get("from"):
+            if m.from_:
                 raise InvalidInput(
                     "RUN --mount=type=bind,from=... is not supported yet",
                     file=file,
                     line=instr.line,
                 )
-            src_rel = posixpath.normpath("/" + m.get("source", ".")).lstrip("/")
+            src_rel = posixpath.normpath("/" + (m.source or ".")).lstrip("/")
             src = (env.context / src_rel) if src_rel else env.context
             if not src.exists():
                 raise NotFound(
@@ -214,7 +188,7 @@ def mounts_for(
                     file=file,
                     line=instr.line,
                 )
-            rw = _truthy(m.get("rw") or m.get("readwrite"))
+            rw = m.readwrite
             if rw:
                 scratch.mkdir(parents=True, exist_ok=True)
                 copy = scratch / uuid.uuid4().hex
