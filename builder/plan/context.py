@@ -28,10 +28,10 @@ from builder.frontend.dockerignore import (
     go_clean,
     has_wildcards,
 )
-from builder.noop import list_dir
+from builder.plan.listing import list_dir
 from cache.errors import InvalidInput, LbuildError, NotFound
 
-ContextFileType = Literal["file", "dir", "symlink"]
+ContextFileType = Literal["file", "dir", "symlink", "fifo"]
 
 FileHasher = Callable[[str, os.stat_result], str]
 """Returns the blake3 hex of a regular file's content, given its path and a fresh stat."""
