@@ -20,7 +20,6 @@ from builder.options import (
     full_tag,
     parse_kv,
     parse_output,
-    run_clamp,
     source_date_epoch,
     split_tag,
 )
@@ -84,7 +83,6 @@ def prepare(
         epoch=source_date_epoch(opts.epoch),
         keep_mtime=opts.keep_mtime,
         platform=f"{os_name}/{arch}",
-        clamp=run_clamp(opts),
     )
     from builder.pull import transfer_for
 
@@ -196,6 +194,7 @@ def _build(
             probed.dag if probed is not None else None,
             reporter=rep,
         )
+        check_entitlements(plan, opts)
         cache = IndexCache(session, dockerfile_id(opts))
         solver = Solver(
             plan,
@@ -292,12 +291,37 @@ def _run_step(opts: BuildOptions, session: Session) -> Callable[[Solver, Step], 
     return run_step
 
 
+def check_entitlements(plan: Plan, opts: BuildOptions) -> None:
+    """A RUN --network=host without ``--allow network.host`` fails the build before any step
+    runs (exit 2), cached or not, as BuildKit refuses it."""
+    host = [
+        s.instr
+        for s in plan.steps.values()
+        if s.kind == "run" and (getattr(s.instr, "network", None) or "").lower() == "host"
+    ]
+    if host:
+        from builder.solve.run import check_entitlements as check
+
+        check([i for i in host if i is not None], frozenset(opts.allow), plan.filename)
+
+
 def _make_run_step(
     opts: BuildOptions, session: Session
 ) -> Callable[[Solver, Step], LayerInfo | None]:
     from builder.solve.run import RunEnv, make_run_step
 
-    clamp = run_clamp(opts)
-    env = RunEnv(session.home, opts.context, dict(opts.secrets), opts.snapshotter, clamp)
+    clamp = (
+        source_date_epoch(opts.epoch)
+        if (opts.epoch is not None or os.environ.get("SOURCE_DATE_EPOCH"))
+        else None
+    )
+    env = RunEnv(
+        session.home,
+        opts.context,
+        dict(opts.secrets),
+        opts.snapshotter,
+        clamp,
+        allow=frozenset(opts.allow),
+    )
     return make_run_step(env)
 

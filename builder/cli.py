@@ -57,18 +57,6 @@ def _build_args(p: argparse.ArgumentParser) -> None:
         help="keep context file mtimes in COPY/ADD layers (they then enter the key)",
     )
     p.add_argument(
-        "--source-date-epoch",
-        type=int,
-        metavar="N",
-        help="SOURCE_DATE_EPOCH (also taken from the environment or --build-arg): "
-        "file times clamped to it, created and history times equal to it",
-    )
-    p.add_argument(
-        "--no-rewrite-timestamp",
-        action="store_true",
-        help="with SOURCE_DATE_EPOCH, keep the times RUN gives its files",
-    )
-    p.add_argument(
         "--secret",
         action="append",
         default=[],
@@ -79,6 +67,13 @@ def _build_args(p: argparse.ArgumentParser) -> None:
         "--snapshotter",
         choices=["overlay", "copy"],
         help="how RUN gets its root filesystem (default: overlay where possible)",
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="ENTITLEMENT",
+        help="grant an entitlement: network.host (RUN --network=host)",
     )
     p.add_argument(
         "--pull",
@@ -191,7 +186,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def options_from(ns: argparse.Namespace) -> object:
-    from builder.options import BuildOptions, parse_kv, parse_output
+    from builder.options import BuildOptions, parse_allow, parse_kv, parse_output
 
     if ns.secret:
         from builder.solve.run import secrets_from
@@ -210,33 +205,13 @@ def options_from(ns: argparse.Namespace) -> object:
         jobs=ns.jobs,
         compression=ns.compression,
         keep_mtime=ns.keep_mtime,
-        epoch=_epoch(ns),
-        rewrite_timestamp=not ns.no_rewrite_timestamp,
         secrets=secrets_from(ns.secret) if ns.secret else {},
         snapshotter=ns.snapshotter,
+        allow=parse_allow(ns.allow),
         pull=getattr(ns, "pull", False),
         push=getattr(ns, "push", False),
         offline=ns.command == "watch" and not getattr(ns, "pull", False),
     )
-
-
-def _epoch(ns: argparse.Namespace) -> int | None:
-    """--source-date-epoch, else --build-arg SOURCE_DATE_EPOCH=N (as BuildKit takes it), else
-    None (the environment's SOURCE_DATE_EPOCH is read later)."""
-    if ns.source_date_epoch is not None:
-        return int(ns.source_date_epoch)
-    for item in ns.build_arg:
-        name, sep, value = item.partition("=")
-        if name == "SOURCE_DATE_EPOCH" and sep:
-            from cache.errors import InvalidInput
-
-            try:
-                return int(value)
-            except ValueError:
-                raise InvalidInput(
-                    f"--build-arg SOURCE_DATE_EPOCH must be an integer, got {value!r}"
-                ) from None
-    return None
 
 
 def cmd_build(ns: argparse.Namespace) -> int:

@@ -25,8 +25,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from builder.plan.listing import Scans, list_dir
-
 if TYPE_CHECKING:
     from builder.options import BuildOptions, BuildResult
     from builder.progress import Reporter
@@ -55,6 +53,27 @@ def _read(path: Path) -> bytes | None:
         return path.read_bytes()
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
+
+
+Scans = dict[str, list[tuple[str, os.stat_result]]]
+"""Directory listings taken by the probe's walk: real rel ("." for the root) -> sorted
+(name, lstat) pairs, the form ``BuildContext`` lists directories in (so a build after a
+failed probe does not list and stat the context a second time)."""
+
+
+def list_dir(path: str) -> list[tuple[str, os.stat_result]]:
+    """A directory's (name, lstat) pairs sorted by name, the one way the context is listed
+    (here and by ``BuildContext``); an entry removed while listing is left out, and a
+    directory that cannot be read raises ``OSError``."""
+    listing: list[tuple[str, os.stat_result]] = []
+    with os.scandir(path) as it:
+        for entry in it:
+            try:
+                listing.append((entry.name, entry.stat(follow_symlinks=False)))
+            except FileNotFoundError:
+                continue  # removed since the listing
+    listing.sort(key=lambda e: e[0])
+    return listing
 
 
 def fingerprint(
@@ -111,7 +130,7 @@ def fingerprint(
 def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
     """(key, ignore-rules) for a build, or None when the fast path must not be tried."""
     from builder.frontend.dockerignore import load_ignore
-    from builder.options import oci_layout_ref, run_clamp
+    from builder.options import oci_layout_ref
     from builder.plan.keys import LAYER_FORMAT
 
     if opts.no_cache or opts.no_cache_filter:
@@ -145,8 +164,8 @@ def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
         "compression": opts.compression,
         "keep_mtime": opts.keep_mtime,
         "epoch": epoch,
-        "clamp": run_clamp(opts),
         "snapshotter": opts.snapshotter,
+        "allow": list(opts.allow),  # a memo made with --allow must not answer a build without
     }
     return _b3(json.dumps(ident, sort_keys=True).encode()), ctx, rules
 

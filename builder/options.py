@@ -44,9 +44,9 @@ class BuildOptions:
     compression: Compression = "gzip"
     keep_mtime: bool = False
     epoch: int | None = None  # SOURCE_DATE_EPOCH; None reads the environment
-    rewrite_timestamp: bool = True  # with SOURCE_DATE_EPOCH, clamp the times of RUN's files
     secrets: Mapping[str, Path] = field(default_factory=dict)
     snapshotter: str | None = None  # overlay | copy | None (automatic)
+    allow: tuple[str, ...] = ()  # entitlements (--allow): network.host
     pull: bool = False  # --pull: resolve remote FROM tags again (one manifest HEAD each)
     push: bool = False  # --push: push every -t tag to its registry
     offline: bool = False  # never touch a registry (lbuild watch without --pull)
@@ -71,6 +71,26 @@ class BuildResult:
     pushed: tuple[str, ...] = ()  # REF@DIGEST of every push (--push, --output type=registry)
 
 
+ENTITLEMENTS = ("network.host",)
+"""What ``--allow`` grants (BuildKit's names); BuildKit's ``security.insecure`` is not
+supported (RUN --security=insecure is not either)."""
+
+
+def parse_allow(values: Sequence[str]) -> tuple[str, ...]:
+    """``--allow ENTITLEMENT`` (repeatable, or comma-separated) -> the sorted set granted."""
+    out: set[str] = set()
+    for value in values:
+        for name in (v.strip() for v in value.split(",")):
+            if name == "security.insecure":
+                raise Unsupported("--allow security.insecure is not supported yet")
+            if name not in ENTITLEMENTS:
+                raise InvalidInput(
+                    f"invalid --allow {name!r}: unknown entitlement (known: network.host)"
+                )
+            out.add(name)
+    return tuple(sorted(out))
+
+
 def source_date_epoch(value: int | None) -> int:
     if value is not None:
         return value
@@ -81,16 +101,6 @@ def source_date_epoch(value: int | None) -> int:
         return int(raw)
     except ValueError:
         raise InvalidInput(f"SOURCE_DATE_EPOCH must be an integer, got {raw!r}") from None
-
-
-def run_clamp(opts: BuildOptions) -> int | None:
-    """The time RUN output is clamped to: SOURCE_DATE_EPOCH when it is set (``--source-date-epoch``,
-    ``--build-arg SOURCE_DATE_EPOCH`` or the environment) unless ``--no-rewrite-timestamp``."""
-    if not opts.rewrite_timestamp:
-        return None
-    if opts.epoch is not None or os.environ.get("SOURCE_DATE_EPOCH"):
-        return source_date_epoch(opts.epoch)
-    return None
 
 
 def parse_output(spec: str) -> Output:
