@@ -34,7 +34,9 @@ def swapped(tmp_path: Path) -> tuple[Path, os.stat_result, Path]:
     return f, st, secret
 
 
-def test_hasher_does_not_follow_a_symlink_swapped_in(swapped: tuple[Path, os.stat_result, Path]) -> None:
+def test_hasher_does_not_follow_a_symlink_swapped_in(
+    swapped: tuple[Path, os.stat_result, Path],
+) -> None:
     f, st, _ = swapped
     with pytest.raises(LbuildError, match="file changed while being read"):
         hash_file(f, st)
@@ -60,9 +62,7 @@ def test_hasher_refuses_another_file_than_the_walk_saw(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("size", [4, 3 << 20])  # read whole, and streamed in chunks
-def test_layer_writer_does_not_follow_a_symlink_swapped_in(
-    tmp_path: Path, size: int
-) -> None:
+def test_layer_writer_does_not_follow_a_symlink_swapped_in(tmp_path: Path, size: int) -> None:
     secret = tmp_path / "secret"
     secret.write_bytes(b"s" * size)
     f = tmp_path / "app.bin"
@@ -73,3 +73,109 @@ def test_layer_writer_does_not_follow_a_symlink_swapped_in(
         write_layer([entry], store)
     assert list(store.digests()) == []
     assert os.listdir(tmp_path / "store" / "tmp") == []
+
+
+# --- item 16: what COPY copies -----------------------------------------------------------------
+
+
+def _build(ctx: Path, home: Path, out: Path, *args: str) -> dict[str, bool]:
+    import json
+
+    from util import lbuild
+
+    p = lbuild("build", ctx, "--progress", "json", "-o", f"type=oci,dest={out}", *args, home=home)
+    events = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    return {e["name"]: e["cached"] for e in events if e.get("event") == "step_done"}
+
+
+@pytest.mark.slow
+def test_copy_keeps_xattrs_and_fifos_and_odd_names(tmp_path: Path, home: Path) -> None:
+    """File capabilities and user xattrs are kept (and are in the key), ``COPY .`` copies a
+    fifo, and a non-UTF-8 file name goes into the image byte for byte."""
+    from util import umoci_unpack
+
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY . /app/\n")
+    tool = ctx / "tool"
+    tool.write_bytes(b"#!/bin/sh\n")
+    cap = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep
+    os.setxattr(tool, "security.capability", cap)
+    os.setxattr(tool, "user.note", b"hello")
+    os.mkfifo(ctx / "pipe")
+    odd = b"caf\xe9.txt"  # Latin-1, not UTF-8
+    with open(os.path.join(os.fsencode(ctx), odd), "wb") as f:
+        f.write(b"odd\n")
+
+    first = _build(ctx, home, tmp_path / "one")
+    assert list(first.values()) == [False]
+    root = umoci_unpack(tmp_path / "one", tmp_path / "b1")
+    assert os.getxattr(root / "app/tool", "security.capability") == cap
+    assert os.getxattr(root / "app/tool", "user.note") == b"hello"
+    assert stat_kind(root / "app/pipe") == "fifo"
+    assert odd in os.listdir(os.fsencode(root / "app"))
+    with open(os.path.join(os.fsencode(root / "app"), odd), "rb") as f:
+        assert f.read() == b"odd\n"
+
+    assert list(_build(ctx, home, tmp_path / "two").values()) == [True]  # names stay hashable
+    os.setxattr(tool, "user.note", b"changed")  # same bytes, new xattr: a miss, a new layer
+    assert list(_build(ctx, home, tmp_path / "three").values()) == [False]
+    root = umoci_unpack(tmp_path / "three", tmp_path / "b3")
+    assert os.getxattr(root / "app/tool", "user.note") == b"changed"
+
+
+def stat_kind(p: Path) -> str:
+    import stat as st
+
+    mode = p.lstat().st_mode
+    return "fifo" if st.S_ISFIFO(mode) else "file" if st.S_ISREG(mode) else "other"
+
+
+@pytest.mark.slow
+def test_context_a_thousand_directories_deep(tmp_path: Path, home: Path) -> None:
+    from util import lbuild, umoci_unpack
+
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY . /app/\n")
+    fd = os.open(ctx, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(1000):  # relative to a directory fd: no path gets long
+            os.mkdir("d", dir_fd=fd)
+            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        leaf = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(leaf, b"deep\n")
+        os.close(leaf)
+    finally:
+        os.close(fd)
+    try:
+        _build(ctx, home, tmp_path / "out")
+        root = umoci_unpack(tmp_path / "out", tmp_path / "b")
+        assert (root / "app" / "/".join(["d"] * 1000) / "leaf").read_bytes() == b"deep\n"
+        # the no-op probe and the stat index walk it too
+        p = lbuild("build", ctx, "--progress", "plain", home=home)
+        assert "1/1 steps cached" in p.stdout + p.stderr
+    finally:  # pytest's own cleanup of old temp dirs recurses: leave nothing this deep
+        import subprocess
+
+        subprocess.run(["rm", "-rf", str(ctx), str(tmp_path / "b")], check=True)
+
+
+def test_docker_output_to_a_directory_is_bad_input_naming_it(tmp_path: Path, home: Path) -> None:
+    from util import lbuild
+
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM scratch\nENV A=1\n")
+    dest = tmp_path / "adir"
+    dest.mkdir()
+    p = lbuild("build", ctx, "-o", f"type=docker,dest={dest}", home=home, check=False)
+    assert p.returncode == 2
+    errors = [x for x in p.stderr.splitlines() if "error" in x or "Traceback" in x]
+    assert errors == [
+        f"lbuild: error: docker archive destination {dest} is a directory (name a file)"
+    ]
+    assert sorted(os.listdir(tmp_path)) == ["adir", "ctx", "home"]
+    assert os.listdir(dest) == []

@@ -279,6 +279,8 @@ def export_docker_archive(
 
     tags = [_docker_tag(t) for t in repo_tags]
     dest = Path(dest)
+    if dest.is_dir():
+        raise InvalidInput(f"docker archive destination {dest} is a directory (name a file)")
     for d in image.diff_ids:
         if not store.has(d):
             raise NotFound(

@@ -38,6 +38,7 @@ FileHasher = Callable[[str, os.stat_result], str]
 
 _MMAP_THRESHOLD = 1 << 20  # below this a plain read is cheaper than mapping + threads
 _READ_CHUNK = 1 << 20
+_SKIPPED_XATTRS = frozenset({"security.selinux"})
 _MAX_SYMLINK_HOPS = 40  # as Linux's MAXSYMLINKS: a loop fails instead of spinning
 
 
@@ -87,7 +88,7 @@ def _join(parent: str, name: str) -> str:
 
 
 def _make_file(rel: str, st: os.stat_result, link: str = "") -> ContextFile | None:
-    """Build a ContextFile from a stat result; None for sockets, devices and fifos."""
+    """Build a ContextFile from a stat result; None for sockets and devices."""
     fmt = stat.S_IFMT(st.st_mode)
     kind: ContextFileType
     if fmt == stat.S_IFREG:
@@ -96,6 +97,8 @@ def _make_file(rel: str, st: os.stat_result, link: str = "") -> ContextFile | No
         kind, size = "dir", 0
     elif fmt == stat.S_IFLNK:
         kind, size = "symlink", len(os.fsencode(link))
+    elif fmt == stat.S_IFIFO:  # copied as a fifo, as BuildKit does
+        kind, size = "fifo", 0
     else:
         return None
     return ContextFile(
@@ -221,7 +224,8 @@ class BuildContext:
         if cf is None:
             if strict:
                 raise InvalidInput(
-                    f"{instruction} source {logical} is not a regular file, directory or symlink"
+                    f"{instruction} source {logical} is not a regular file, directory, "
+                    "symlink or fifo"
                 )
             return None
         if self.ignore.excluded(real) and not (cf.type == "dir" and self._has_included(real)):
@@ -337,9 +341,25 @@ class BuildContext:
     def _walk_dir(
         self, real: str, logical: str, state: tuple[bool, ...], pending: list[ContextFile]
     ) -> Iterator[ContextFile]:
-        """Walk one directory; ``pending`` holds excluded ancestors not yet yielded."""
+        """Walk one directory; ``pending`` holds excluded ancestors not yet yielded.
+
+        Iterative (a stack of open listings), so a context thousands of directories deep
+        walks like a flat one (no RecursionError)."""
         rules = self.ignore
-        for name, st in self._scan(real, logical):
+        Frame = tuple[
+            str, str, tuple[bool, ...], Iterator[tuple[str, os.stat_result]], ContextFile | None
+        ]
+        # (real, logical, state, entries left, the excluded dir this frame put on pending)
+        stack: list[Frame] = [(real, logical, state, iter(self._scan(real, logical)), None)]
+        while stack:
+            real, logical, state, entries, marker = stack[-1]
+            nxt = next(entries, None)
+            if nxt is None:
+                stack.pop()
+                if marker is not None and pending and pending[-1] is marker:
+                    pending.pop()  # nothing below survived: the excluded dir is not sent
+                continue
+            name, st = nxt
             child_real = _join(real, name)
             child_logical = _join(logical, name)
             child_state = rules.child_state(state, child_real)
@@ -366,14 +386,12 @@ class BuildContext:
                 if not rules.may_include_below_from(child_real, child_state):
                     continue
                 pending.append(cf)
-                yield from self._walk_dir(child_real, child_logical, child_state, pending)
-                if pending and pending[-1] is cf:
-                    pending.pop()
-                continue
-            yield from pending
-            pending.clear()
-            yield cf
-            yield from self._walk_dir(child_real, child_logical, child_state, pending)
+            else:
+                yield from pending
+                pending.clear()
+                yield cf
+            below = iter(self._scan(child_real, child_logical))
+            stack.append((child_real, child_logical, child_state, below, cf if excluded else None))
 
     def _scan(self, real: str, logical: str) -> list[tuple[str, os.stat_result]]:
         """The (name, lstat) of a directory's entries, sorted by name."""
@@ -384,6 +402,36 @@ class BuildContext:
             return list_dir(self._host(real))
         except OSError as err:
             raise InvalidInput(f"cannot read directory {logical}: {err.strerror}") from None
+
+    def xattrs(self, f: ContextFile) -> tuple[tuple[str, bytes], ...]:
+        """The extended attributes of a selected path (file capabilities, user.*, ...), sorted;
+        kept in its layer entry as buildah and BuildKit keep them.  ``security.selinux`` is
+        left out (a label of this host, not of the file); so is every xattr of a symlink."""
+        if f.type == "symlink":
+            return ()
+        rel = f.real or f.rel
+        path = self._root_str if rel in ("", ".") else os.path.join(self._root_str, rel)
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError as err:
+            if err.errno in (errno.ENOTSUP, errno.ENOENT):
+                return ()
+            raise InvalidInput(
+                f"cannot read extended attributes of {f.rel}: {err.strerror}"
+            ) from None
+        out: list[tuple[str, bytes]] = []
+        for name in sorted(names):
+            if name in _SKIPPED_XATTRS:
+                continue
+            try:
+                out.append((name, os.getxattr(path, name, follow_symlinks=False)))
+            except OSError as err:
+                if err.errno == errno.ENODATA:  # removed since the listing
+                    continue
+                raise InvalidInput(
+                    f"cannot read extended attribute {name} of {f.rel}: {err.strerror}"
+                ) from None
+        return tuple(out)
 
     def open(self, f: ContextFile) -> BinaryIO:
         """Open a selected regular file for reading; InvalidInput when it cannot be read."""

@@ -392,8 +392,9 @@ def plan_copy(
 
 def merkle(selected: list[Selected]) -> list[list[Any]]:
     """Canonical description of the selected sources: names, types, modes, content digests,
-    link targets and hardlink groups.  Context items carry uid/gid 0 and mtime 0 (unless
-    ``--keep-mtime``), so no host path, inode, owner or mtime reaches a step key."""
+    link targets, hardlink groups and extended attributes (only when a file has any).
+    Context items carry uid/gid 0 and mtime 0 (unless ``--keep-mtime``), so no host path,
+    inode, owner or mtime reaches a step key."""
     rows: list[list[Any]] = []
     groups: dict[tuple[int, int], str] = {}
     for sel in selected:
@@ -415,6 +416,8 @@ def merkle(selected: list[Selected]) -> list[list[Any]]:
                     e.gid,
                     e.mtime,
                     link_group,
+                    # only when there are any: keys of files without xattrs stay as they were
+                    *([[[n, v.hex()] for n, v in e.xattrs]] if e.xattrs else []),
                 ]
             )
     return rows

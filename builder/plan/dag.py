@@ -216,6 +216,7 @@ def _context_items(
             digest=digest,
             link=f.link,
             mtime=mtime,
+            xattrs=ctx.xattrs(f),
             source=ContentRef(host_path=path) if path is not None else None,
         )
         return Item(rel, e, hl)

@@ -18,7 +18,11 @@ LAYER_OP = "LAYER"
 
 def canonical(obj: Any) -> bytes:
     """Sorted-key, whitespace-free JSON: the one encoding keys are computed over."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a non-UTF-8 file name (surrogateescape): escaped, still ASCII
+        return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 def with_format(inputs: dict[str, Any]) -> dict[str, Any]:

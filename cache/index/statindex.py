@@ -59,6 +59,16 @@ def _abs(path: str | os.PathLike[str]) -> str:
     return os.path.abspath(os.fspath(path))
 
 
+def _storable(path: str) -> bool:
+    """Whether a path can be a row of the index (text columns are UTF-8; a file name that is
+    not, kept by ``os`` as surrogate escapes, is simply not remembered)."""
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class StatIndex:
     """Cached file hashes keyed by path and stat tuple, over the cache index database.
 
@@ -157,6 +167,8 @@ class StatIndex:
     def _row(self, path: str) -> StatEntry | None:
         if path in self._rows:
             return self._rows[path]
+        if not _storable(path):
+            return None
         if any(path.startswith(root) for root in self._loaded_roots):
             return None
         row = self._reader().stat_get_many([path]).get(path)
@@ -193,6 +205,8 @@ class StatIndex:
         """
         when = time.time_ns() if observed_ns is None else observed_ns
         key = _abs(path)
+        if not _storable(key):
+            return False  # a non-UTF-8 name: hashed on every build, never an error
         if self.is_racy(st, when):
             # forget what we knew: the old row might otherwise match a later stat
             self._rows.pop(key, None)
