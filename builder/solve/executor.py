@@ -456,12 +456,17 @@ class _Session:
             self.error = rest
 
     def _kill(self, proc: subprocess.Popen[bytes]) -> None:
-        # Killing init kills its whole PID namespace; the helper would follow by itself
-        # (PDEATHSIG goes the other way), so kill it too and reap it.
-        for pid in (self.init_pid, proc.pid):
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        # Killing PID 1 (the command, or runc) kills its whole PID namespace; the helper
+        # then cleans up after it (runc's cgroups, mount stubs) and exits.  A helper that
+        # does not is killed too; either way it is reaped.
+        if self.init_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.init_pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
         with contextlib.suppress(Exception):
             proc.wait(timeout=10)
 
@@ -639,33 +644,64 @@ def _runc_helper(payload: dict[str, Any], status: Any) -> None:
         if stubs.ensure(m["target"], is_dir=is_dir) is None:
             raise OSError(0, f"cannot mount on {m['target']}: a parent or the target is not usable")
     cid = f"lbuild-{uuid.uuid4().hex[:16]}"
-    config = runc.bundle_config(spec, rootfs, etc, extra, cgroup=f"/lbuild/{cid}")
+    runc.sweep_cgroups()
+    config = runc.bundle_config(spec, rootfs, etc, extra, cgroup=f"/{runc.CGROUP_PARENT}/{cid}")
     Path(bundle, "config.json").write_text(json.dumps(config))
     log = os.path.join(run_dir, "runc.log")
+    pid_file = os.path.join(run_dir, "pid")
     argv = [payload["runc"], "--root", state, "--log", log, "--log-format", "json"]
-    argv += ["run", "--bundle", bundle, cid]
-    pid = os.fork()
-    if pid == 0:
+    argv += ["run", "--detach", "--pid-file", pid_file, "--bundle", bundle, cid]
+    reaper = os.fork()
+    if reaper == 0:
+        code = 255
         try:
-            # PID 1 of our PID namespace: when runc dies, so does everything below it.
-            _check(_libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
-            # runc reads /proc/<pid> of its children: a /proc of this PID namespace.
-            sys_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_DFL)
-            os.execv(argv[0], argv)
+            code = _runc_reaper(argv, pid_file)
         except BaseException as exc:
-            _report(status, f"error cannot start runc: {_one_line(exc)}")
+            _report(status, f"error cannot run runc: {_one_line(exc)}")
         finally:
-            os._exit(255)
-    status.write(f"pid {pid}\n")
-    _, st = os.waitpid(pid, 0)
+            os._exit(code)
+    status.write(f"pid {reaper}\n")
+    _, st = os.waitpid(reaper, 0)
     code = os.WEXITSTATUS(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
     errors = runc.runc_errors(log)
+    # runc --detach leaves a stopped container: its state goes with our tmpfs, its cgroups
+    # (empty now: the PID namespace is gone) are removed here, as `runc delete` would.
+    runc.remove_cgroups(cid)
     stubs.remove(rootfs)
     if errors:
         _report(status, f"runc-error {errors[-1]}")
     _report(status, f"exit {code}")
+
+
+def _runc_reaper(argv: list[str], pid_file: str) -> int:
+    """PID 1 of the helper's new PID namespace: runs ``runc run --detach`` and becomes the
+    parent of the container's process when runc exits; returns the command's exit code.
+
+    Why detached: a foreground runc copies the command's stdout and stderr through two pipes
+    of its own, which loses their order; detached, the command writes to our output pipe
+    itself.  Why a PID namespace: when this process dies (with the helper, with the
+    builder: PR_SET_PDEATHSIG), the kernel kills everything below it, runc's container
+    included."""
+    _check(_libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+    # runc reads /proc/<pid> of its children: a /proc of this PID namespace.
+    sys_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    runc_pid = os.posix_spawn(argv[0], argv, dict(os.environ))
+    ended: dict[int, int] = {}
+    container: int | None = None
+    while True:
+        try:
+            pid, st = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return 255  # runc failed before starting the command (its log says why)
+        ended[pid] = os.WEXITSTATUS(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
+        if pid == runc_pid:
+            if ended[pid] != 0:
+                return 255
+            container = int(Path(pid_file).read_text().strip())
+        if container is not None and container in ended:
+            return ended[container]
 
 
 def _one_line(exc: BaseException) -> str:

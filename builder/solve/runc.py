@@ -10,25 +10,42 @@ snapshot on ``<run dir>/rootfs``::
       │                      (network: the helper's), /proc /dev /dev/pts /dev/shm
       │                      /dev/mqueue /sys (ro) /sys/fs/cgroup (ro), the generated
       │                      /etc/hosts /etc/resolv.conf /etc/hostname, RUN --mount binds
-      └─ runc --root <tmpfs> run --bundle ...   PID 1 of a PID namespace of its own, so
-           └─ the command (PID 1 of the          that killing runc kills the container too
-              container's PID namespace)
+      └─ reaper: PID 1 of a PID namespace of its own (killing it kills everything below)
+           ├─ runc --root <tmpfs> run --detach --bundle ...  (exits once the command runs)
+           └─ the command (PID 1 of the container's PID namespace; the reaper's child
+              once runc has exited, so the reaper gets its exit status)
 
+Detached, because a foreground runc copies the command's stdout and stderr through pipes of
+its own and loses their order; detached, the command writes to the output pipe itself.
 runc keeps its state in the helper's tmpfs and its log in a file there; everything vanishes
-with the helper's mount namespace.  The command's stdout and stderr are runc's (the output
-pipe); an error runc reports (its JSON log) is turned into one line for the builder.
+with the helper's mount namespace, and the helper removes the container's (empty) cgroups
+as ``runc delete`` would.  An error runc reports (its JSON log) becomes one line for the
+builder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import time
 from typing import Any
 
 from builder.solve import policy, seccomp
 
-__all__ = ["available", "bundle_config", "exec_failure_code", "runc_errors"]
+__all__ = [
+    "available",
+    "bundle_config",
+    "exec_failure_code",
+    "remove_cgroups",
+    "runc_errors",
+    "sweep_cgroups",
+]
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_PARENT = "lbuild"
+"""runc puts each RUN in ``<hierarchy>/lbuild/<container id>``."""
 
 
 def available() -> str | None:
@@ -135,6 +152,45 @@ def bundle_config(
             "seccomp": seccomp.oci_profile(),
         },
     }
+
+
+def _cgroup_parents() -> list[str]:
+    """``lbuild`` under every cgroup hierarchy (v1 controllers, the unified v2 tree)."""
+    out = [os.path.join(CGROUP_ROOT, CGROUP_PARENT)]
+    try:
+        entries = list(os.scandir(CGROUP_ROOT))
+    except OSError:
+        return out
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            out.append(os.path.join(e.path, CGROUP_PARENT))
+    return out
+
+
+def remove_cgroups(cid: str) -> None:
+    """Remove container ``cid``'s cgroups: runc does when the command exits, not when it is
+    killed (a cancelled RUN).  Only empty cgroups can be removed; errors are ignored."""
+    for parent in _cgroup_parents():
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(parent, cid))
+
+
+def sweep_cgroups(min_age_s: float = 60.0) -> None:
+    """Remove the empty cgroups of RUNs whose builder was SIGKILLed (runc died with it).
+    Only ones older than ``min_age_s``: a concurrent build's runc may have made its cgroup
+    an instant ago and not moved its process in yet."""
+    now = time.time()
+    for parent in _cgroup_parents():
+        try:
+            entries = list(os.scandir(parent))
+        except OSError:
+            continue
+        for e in entries:
+            if not e.name.startswith("lbuild-") or not e.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):
+                if now - e.stat(follow_symlinks=False).st_mtime >= min_age_s:
+                    os.rmdir(e.path)  # EBUSY while a process is in it
 
 
 def runc_errors(log_path: str) -> list[str]:
