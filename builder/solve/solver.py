@@ -26,7 +26,7 @@ from cache.store.blobs import BlobStore
 from cache.types import BlobInfo, Digest, Entry, LayerInfo, StepKey
 
 if TYPE_CHECKING:
-    from builder.progress import Reporter
+    from builder.solve.events import StepEvents
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class Solver:
     plan: Plan
     store: BlobStore
     cache: StepCache
-    reporter: Reporter
+    reporter: StepEvents
     jobs: int = 2
     no_cache: Callable[[Step], bool] = lambda s: False
     epoch: int = 0
