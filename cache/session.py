@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cache.errors import LbuildError
-from cache.home import Home, home_dir, lock_home
+from cache.home import Home, ensure_home, home_dir, lock_home
 
 if TYPE_CHECKING:
-    from cache.index.buildindex import BuildIndex
+    from cache.index.contract import StepIndex
     from cache.index.recorder import Recorder
     from cache.index.records import Index
     from cache.store.blobs import BlobStore
@@ -30,7 +30,7 @@ class Session:
 
     home: Path
     store: BlobStore
-    index: Index | BuildIndex
+    index: StepIndex
 
     @property
     def full_index(self) -> Index:
@@ -65,12 +65,11 @@ class Session:
         """
         from cache.store.blobs import BlobStore
 
-        h = home_dir(home)
-        h.mkdir(parents=True, exist_ok=True)
+        h = ensure_home(home_dir(home))
         with lock_home(h, exclusive=exclusive) as lock_fd:
             store = BlobStore(h)
             store.sweep_tmp()
-            index: Index | BuildIndex | None = None
+            index: StepIndex | None = None
             if deferred:
                 from cache.index.buildindex import BuildIndex
 

@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol, cast
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, cast
 
 from cache.index.records import StatEntry, prefix_range
 
 if TYPE_CHECKING:
-    from cache.index.buildindex import BuildIndex
+    from cache.index.contract import StatReader, StepIndex
     from cache.index.reader import FastIndex
-    from cache.index.records import Index
 
 RACY_NS = 2_000_000_000
 """A file touched less than this long before it was hashed is not recorded.  Two seconds
@@ -38,20 +37,6 @@ timestamps; on a fine-grained filesystem it only costs one more read of a just-s
 
 BATCH = 1000
 """Recorded rows are written to the database in transactions of at most this many."""
-
-
-class StatReader(Protocol):
-    """Where stat rows are read from: ``FastIndex`` or ``Index``."""
-
-    def stat_get_many(self, paths: Iterable[str]) -> dict[str, StatEntry]: ...
-
-    def stat_under(self, root: str) -> dict[str, StatEntry]: ...
-
-
-class StatWriter(Protocol):
-    """Where stat rows are written to: ``Index``."""
-
-    def stat_put_many(self, entries: Iterable[StatEntry]) -> None: ...
 
 
 def _abs(path: str | os.PathLike[str]) -> str:
@@ -83,7 +68,7 @@ class StatIndex:
 
     def __init__(
         self,
-        index: Index | BuildIndex | None = None,
+        index: StepIndex | None = None,
         *,
         db: str | os.PathLike[str] | None = None,
         batch_size: int = BATCH,
@@ -122,7 +107,7 @@ class StatIndex:
         """A stat index over the database at ``db`` (a path or SQLAlchemy URL)."""
         return cls(db=db, batch_size=batch_size, racy_ns=racy_ns)
 
-    def _writer(self) -> Index | BuildIndex:
+    def _writer(self) -> StepIndex:
         if self._index is None:
             from cache.index.records import Index
 
