@@ -272,24 +272,29 @@ def test_user_groups_env_cwd_hostname_and_mounts(
     src = tmp_path / "src"
     src.mkdir()
     (src / "in").write_text("bound\n")
-    rc, out = sh(
-        rootfs,
-        runtime,
-        'id -u; id -g; id -G; pwd; echo "$FOO"; hostname; cat /etc/hostname; cat /mnt/in; '
-        "(echo x > /mnt/x) 2>/dev/null || echo ro; grep -c ' /scratch tmpfs ' /proc/self/mounts",
-        env=(*PATH, ("FOO", "a b")),
-        cwd="/tmp",
-        uid=1000,
-        gid=1000,
-        groups=(1000, 65534),
-        hostname="iso-host",
-        extra_mounts=(
-            BindSpec(str(src), "/mnt", "bind", True),
-            BindSpec(None, "/scratch", "tmpfs"),
-        ),
-    )
+    old_umask = os.umask(0o027)  # lbuild's own umask must not reach RUN
+    try:
+        rc, out = sh(
+            rootfs,
+            runtime,
+            'umask; id -u; id -g; id -G; pwd; echo "$FOO"; hostname; cat /etc/hostname; cat /mnt/in; '
+            "(echo x > /mnt/x) 2>/dev/null || echo ro; grep -c ' /scratch tmpfs ' /proc/self/mounts",
+            env=(*PATH, ("FOO", "a b")),
+            cwd="/tmp",
+            uid=1000,
+            gid=1000,
+            groups=(1000, 65534),
+            hostname="iso-host",
+            extra_mounts=(
+                BindSpec(str(src), "/mnt", "bind", True),
+                BindSpec(None, "/scratch", "tmpfs"),
+            ),
+        )
+    finally:
+        os.umask(old_umask)
     assert rc == 0, out
     assert out.splitlines() == [
+        "0022",  # runc's umask on both paths, whatever lbuild's own is
         "1000",
         "1000",
         "1000 65534",

@@ -547,6 +547,9 @@ def _helper_main() -> None:
     for fd in (spec_fd, status_fd, go_fd):
         os.set_inheritable(fd, False)
     status = os.fdopen(status_fd, "w", buffering=1)
+    # What we make (stubs, /etc files, runc's bundle) gets the modes we ask for, and the
+    # command runs under runc's umask: nothing depends on the caller's umask.
+    os.umask(0o022)
     try:
         with os.fdopen(spec_fd) as f:
             payload = json.load(f)
@@ -627,6 +630,7 @@ def _runc_helper(payload: dict[str, Any], status: Any) -> None:
         os.mkdir(d, 0o700)
     for name, text in payload["files"].items():
         Path(files, name).write_text(text)
+        os.chmod(os.path.join(files, name), 0o644)  # readable by any USER, whatever our umask
     mount_all([Mount(**m) for m in payload["mounts"]], rootfs)
     stubs = _Stubs(rootfs)
     for d in ("/proc", "/dev", "/sys"):
@@ -812,6 +816,7 @@ def _setup_rootfs(payload: dict[str, Any]) -> _Stubs:
     os.mkdir(files)
     for name, text in payload["files"].items():
         Path(files, name).write_text(text)
+        os.chmod(os.path.join(files, name), 0o644)  # readable by any USER, whatever our umask
     # The first mount is the root ("/"): it makes rootfs the mount point pivot_root needs.
     mount_all([Mount(**m) for m in payload["mounts"]], rootfs)
     stubs = _Stubs(rootfs)
@@ -970,6 +975,7 @@ def _exec_command(spec: dict[str, Any], payload: dict[str, Any], status: Any, fi
         filt.load()  # needs CAP_SYS_ADMIN (no_new_privs is not set, as in Docker)
         _drop_capabilities(payload["cap_last"])
         os.setuid(spec["uid"])
+        os.umask(0o022)  # runc's (and Docker's), whatever lbuild's own umask is
         # exec keeps ignored signals ignored: give the command default dispositions.
         for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
