@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 import zstandard
-from util import lbuild
+from registry_server import Registry, unique_repo
+from registry_server import registry_fixture  # noqa: F401 (a fixture)
+from util import lbuild, tool
 
 # ---------------------------------------------------------------------------------------------
 # A tiny image writer (tarfile + json), so every header field is under the test's control.
@@ -320,3 +322,14 @@ def test_local_tag_against_its_export(tmp_path: Path, home: Path) -> None:
     lbuild("build", ctx, "-t", "mine:2", home=home)
     code, res = diff(home, "mine:1", "mine:2")
     assert code == 1 and set(changed(res)) == {"f"}
+
+
+def test_registry_reference(tmp_path: Path, home: Path, registry: Registry) -> None:
+    a = make_layout(tmp_path / "a", [BASE, APP])
+    repo = f"{registry.host}/{unique_repo()}"
+    tool("skopeo", "copy", *registry.skopeo_flags("dest"), f"oci:{a}:latest", f"docker://{repo}:1")
+    code, out = diff(home, f"docker://{repo}:1", a)
+    assert code == 0 and out["a"]["kind"] == "local", out
+    assert out["a"]["manifest"] == out["b"]["manifest"]  # skopeo kept the manifest bytes
+    code, out = diff(home, f"{repo}:1", make_layout(tmp_path / "b", [BASE]))
+    assert code == 1 and [layer["index"] for layer in out["layers"]] == [1]

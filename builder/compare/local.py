@@ -1,8 +1,9 @@
 """lbuild's local store as an image source for ``lbuild diff`` and ``lbuild repro-check``.
 
 ``LocalStore(home)`` opens the cache home lazily (only when a reference is not a path) and
-resolves a tag (``lbuild build -t NAME``) to a ``source.Image`` whose layers are read from the
-store: the uncompressed tar under its diff_id when the store keeps it (lbuild does), else the
+resolves a tag (``lbuild build -t NAME``), or a registry reference (``docker://REF``, or
+``HOST/...`` that is not a local tag: pulled into the store as FROM pulls it), to a
+``source.Image`` whose layers are read from the store: the uncompressed tar under its diff_id when the store keeps it (lbuild does), else the
 compressed blob.  ``export_base`` writes such an image as an OCI layout, which is how
 repro-check hands a local base image to builds that run in throwaway homes.
 """
@@ -64,11 +65,22 @@ class LocalStore:
         return None if found is None else str(found.manifest_digest)
 
     def __call__(self, ref: str) -> Image | None:
+        if ref.startswith("docker://"):
+            return self._image(ref, self.pull(ref.removeprefix("docker://")))
+        digest = self.manifest_digest(ref)
+        if digest is None and _names_a_registry(ref):
+            digest = self.pull(ref)
+        return None if digest is None else self._image(ref, digest)
+
+    def pull(self, name: str) -> str:
+        """Pull ``name`` into the store (one HEAD when its tag is known); its manifest digest."""
+        from builder.pull import resolve_remote
+
+        return str(resolve_remote(self.session(), name, refresh=True).manifest_digest)
+
+    def _image(self, ref: str, digest: str) -> Image:
         from cache.types import Digest
 
-        digest = self.manifest_digest(ref)
-        if digest is None:
-            return None
         store = self.session().store
         manifest = json.loads(store.read(Digest(digest)))
         config_digest = Digest(manifest["config"]["digest"])
@@ -125,6 +137,13 @@ class LocalStore:
         )
         export_oci_layout(store, image, dest, "latest")
         return True
+
+
+def _names_a_registry(ref: str) -> bool:
+    """Whether a reference starts with a registry host (``host.tld/``, ``host:port/``,
+    ``localhost/``): only those are pulled, so a mistyped local tag never goes to Docker Hub."""
+    first, sep, _ = ref.partition("/")
+    return bool(sep) and ("." in first or ":" in first or first == "localhost")
 
 
 def _store_opener(open_blob: Callable[[Any], BinaryIO], blob: Any) -> Callable[[], BinaryIO]:

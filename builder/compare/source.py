@@ -6,8 +6,9 @@
   without a tag, the layout's only image, else ``latest``);
 - ``docker-archive:FILE[:NAME]`` and ``FILE`` (a ``docker save`` / ``skopeo copy
   docker-archive:`` tar, uncompressed; NAME picks one of several images by its RepoTags);
-- anything else is handed to the ``local`` resolver the caller supplies (lbuild's store of
-  tags: see ``builder.compare.local``); registry references are not supported yet.
+- anything else, and ``docker://REF``, is handed to the ``local`` resolver the caller
+  supplies (``builder.compare.local``: lbuild's tags, and registry references, pulled into
+  lbuild's store).
 
 Nothing is unpacked to disk: ``iter_members`` streams a layer (gzip, zstd or plain, recognised
 by its first bytes) through ``tarfile`` in stream mode and hashes each regular file's bytes
@@ -105,8 +106,11 @@ def open_image(ref: str, local: LocalResolver | None = None) -> Image:
     if ref.startswith("docker-archive:"):
         path, name = _split_archive(ref[len("docker-archive:") :])
         return open_docker_archive(Path(path), name, ref)
-    if ref.startswith(("docker://", "registry://")):
-        raise Unsupported(f"{ref}: registry references are not supported yet by lbuild diff")
+    if ref.startswith("docker://"):
+        image = local(ref) if local is not None else None
+        if image is None:
+            raise Unsupported(f"{ref}: a registry reference needs lbuild's store to pull into")
+        return image
     p = Path(ref)
     if p.is_dir():
         return open_layout(p, None, ref)
