@@ -86,6 +86,56 @@ def home_dir(home: Path | None) -> Path:
     return home if home is not None else default_home()
 
 
+HOME_HINT = "set LBUILD_HOME (or --home) to a directory this user can write"
+
+
+def ensure_home(home: Path) -> Path:
+    """Create the cache home (0700) if needed and check this user may use it; returns it.
+
+    The home holds images' setuid binaries and world-writable directories (in snapshots),
+    so it is private: a home this user owns is made 0700 when it is not; a home another
+    user owns (other than root) or that others may write is refused.  An unusable home
+    (read-only, no permission, a file in the way, HOME unset or pointing nowhere) is one
+    ``StoreError`` line with the hint to set ``LBUILD_HOME``.
+    """
+    from cache.errors import StoreError
+
+    try:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = home.stat()
+    except OSError as e:
+        raise StoreError(
+            f"cannot use the cache home {home}: {e.strerror or e}", hint=HOME_HINT
+        ) from None
+    mine = st.st_uid == os.geteuid()
+    if not mine and (st.st_uid != 0 or st.st_mode & 0o022):
+        raise StoreError(
+            f"the cache home {home} belongs to uid {st.st_uid} "
+            f"(mode {st.st_mode & 0o7777:04o}): another user could change what builds use",
+            hint=HOME_HINT,
+        )
+    if not os.access(home, os.W_OK | os.X_OK):
+        import errno
+
+        reason = "Read-only file system" if _read_only(home) else os.strerror(errno.EACCES)
+        raise StoreError(f"cannot use the cache home {home}: {reason}", hint=HOME_HINT)
+    if mine and st.st_mode & 0o077:
+        try:
+            os.chmod(home, 0o700)
+        except OSError as e:
+            raise StoreError(
+                f"cannot make the cache home {home} private: {e.strerror or e}", hint=HOME_HINT
+            ) from None
+    return home
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 @contextmanager
 def lock_home(home: Path, *, exclusive: bool) -> Iterator[int]:
     """Hold the home's flock (shared for builds, exclusive for prune/verify); yields its fd."""
@@ -107,6 +157,5 @@ def start_writer(home: Path | None) -> Recorder | None:
         return None
     from cache.index.recorder import Recorder
 
-    h = Home(home_dir(home))
-    h.root.mkdir(parents=True, exist_ok=True)
+    h = Home(ensure_home(home_dir(home)))
     return Recorder.start(h.db, lock=h.lock)

@@ -49,7 +49,9 @@ from cache.errors import StoreError
 if TYPE_CHECKING:
     import subprocess
 
-WRITE_METHODS = frozenset({"put_step", "touch_steps", "put_compressed", "set_tag", "stat_put_many"})
+WRITE_METHODS = frozenset(
+    {"put_step", "touch_steps", "put_compressed", "set_tag", "stat_put_many", "add_build"}
+)
 """The ``Index`` methods a child may be asked to call (writes only)."""
 
 _HEADER = struct.Struct(">I")
@@ -291,7 +293,10 @@ def main(argv: Sequence[str]) -> int:
         import fcntl
 
         # held until this process ends: inherited by nothing, released by the kernel
-        fd = os.open(args[2], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(args[2], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:  # an unusable home: the parent reports it, in one line
+            os._exit(1)
         fcntl.flock(fd, fcntl.LOCK_SH)
         del args[1:]
     if len(args) != 1:
