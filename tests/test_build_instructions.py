@@ -119,9 +119,10 @@ def test_shell_cmd_healthcheck_onbuild(everything: Any) -> None:
 
 
 def test_workdir_tree_and_history(everything: Any) -> None:
+    # WORKDIR makes each missing level owned by the USER in effect (1000:7), as BuildKit does
     assert everything.tree == {
-        "w": D(),
-        "w/rel": D(),
+        "w": D(uid=1000, gid=7),
+        "w/rel": D(uid=1000, gid=7),
         "w/3-7-late-default": D(),
         "w/3-7-late-default/f": F("f\n"),
     }

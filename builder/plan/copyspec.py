@@ -280,6 +280,15 @@ def plan_copy(
             f"cannot copy to /{dest_path}: /{p} is not a directory", file=file, line=line
         )
 
+    def existing_dir(p: str) -> Entry:
+        """Directory ``p`` of the parent image as it is (``view`` is not None here)."""
+        assert view is not None
+        e = view.get(p)
+        if e is None:  # implicit: a lower layer's tar named children but not the directory
+            e = Entry(path=p, type="dir", mode=0o755)
+        facts[f"meta:{p}"] = [e.mode, e.uid, e.gid, e.mtime, [[k, v.hex()] for k, v in e.xattrs]]
+        return replace(e, path=p, offset=-1, source=None)
+
     def ensure_dirs(path: str) -> None:
         """Create missing parent directories of ``path`` (0755, root or --chown owner)."""
         parts = path.split("/")[:-1] if path else []
@@ -295,6 +304,9 @@ def plan_copy(
                 # entries below a file is one no runtime can unpack.
                 if not view_is_dir(cur):
                     not_a_dir(cur)
+                # The layer carries the existing directory with the metadata it has (as
+                # BuildKit's differ does), so applying it never changes the directory.
+                put(existing_dir(cur))
                 continue
             uid, gid = owner if owner else (0, 0)
             put(Entry(path=cur, type="dir", mode=0o755, uid=uid, gid=gid, mtime=mtime or 0))
@@ -354,12 +366,12 @@ def plan_copy(
                 if item.rel == "":
                     # The destination directory is never a copy of the source directory:
                     # BuildKit creates it 0755 (owned by --chown) when missing and leaves an
-                    # existing one alone; only --chmod changes its mode (moby/buildkit#585,
-                    # #4945).  ensure_dirs above already created it when it was missing.
-                    if base and chmod is not None and not sel.archive:
-                        old = out.get(base) or (view.get(view.resolve(base)) if view else None)
-                        uid, gid = owner if owner else ((old.uid, old.gid) if old else (0, 0))
-                        facts[f"owner:{base}"] = [uid, gid]
+                    # existing one alone (ensure_dirs above put it in the layer as it is);
+                    # --chmod gives the mode of a directory it creates (moby/buildkit#585,
+                    # #4945), never one that exists (issue 9).
+                    made = base in out and not (view is not None and view_exists(base))
+                    if base and chmod is not None and not sel.archive and made:
+                        uid, gid = owner if owner else (0, 0)
                         put(
                             Entry(
                                 path=base,

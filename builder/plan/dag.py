@@ -548,6 +548,7 @@ def make_plan(
                 new_wd = join_workdir(state.workdir, instr.path)
                 state.config["WorkingDir"] = new_wd
                 inputs["workdir"] = new_wd
+                inputs["user"] = state.user  # owns the directories it creates
                 inputs["parent"] = parent_key
             else:
                 if not apply_config(state, instr, file):

@@ -8,7 +8,7 @@ from typing import Any
 
 from cache.types import Entry, StepKey
 
-LAYER_FORMAT = 2
+LAYER_FORMAT = 3
 """Version of lbuild's layer writer and key layout: bump it when layer bytes would change."""
 
 LAYER_OP = "LAYER"

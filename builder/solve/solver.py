@@ -198,20 +198,7 @@ class Solver:
             real = view.resolve(wd)
             if not wd or view.is_dir(real):
                 return None
-            entries = []
-            cur = ""
-            for part in real.split("/"):
-                cur = f"{cur}/{part}" if cur else part
-                if view.exists(cur):
-                    if not view.is_dir(cur):
-                        raise InvalidInput(
-                            f"WORKDIR /{wd}: /{cur} is not a directory",
-                            file=self.plan.filename,
-                            line=step.line,
-                        )
-                    continue
-                entries.append(Entry(path=cur, type="dir", mode=0o755, mtime=self.epoch))
-            return self.write(entries, by_content=True)
+            return self.write(self._workdir_entries(step, wd, view), by_content=True)
         if step.kind == "copy":
             assert isinstance(instr, df.Copy)
             return self.execute_copy(step, instr)
@@ -222,6 +209,39 @@ class Solver:
                 )
             return self.run_step(self, step)
         raise AssertionError(step.kind)
+
+    def _workdir_entries(self, step: Step, wd: str, view: View) -> list[Entry]:
+        """The layer of a WORKDIR that creates directories: each missing level owned by the
+        current USER (a name: its uid and primary gid; a bare uid N: N:N, as BuildKit's
+        mkdir does), 0755; the existing levels above them as they are (issue 9)."""
+        from dataclasses import replace
+
+        assert step.state is not None
+        real = view.resolve(wd)
+        owner: tuple[int, int] | None = None
+        entries: list[Entry] = []
+        cur = ""
+        for part in real.split("/"):
+            cur = f"{cur}/{part}" if cur else part
+            if view.exists(cur):
+                if not view.is_dir(cur):
+                    raise InvalidInput(
+                        f"WORKDIR /{wd}: /{cur} is not a directory",
+                        file=self.plan.filename,
+                        line=step.line,
+                    )
+                old = view.get(cur) or Entry(path=cur, type="dir", mode=0o755)
+                entries.append(replace(old, path=cur, offset=-1, source=None))
+                continue
+            if owner is None:
+                owner = resolve_chown(
+                    step.state.user or "0", self.read_file(view), self.plan.filename, step.line
+                ) or (0, 0)
+            uid, gid = owner
+            entries.append(
+                Entry(path=cur, type="dir", mode=0o755, uid=uid, gid=gid, mtime=self.epoch)
+            )
+        return entries
 
     def write(self, entries: list[Entry], *, by_content: bool = False) -> LayerInfo:
         """Write a layer of ``entries`` (or, with ``by_content``, reuse an identical one).

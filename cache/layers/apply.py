@@ -23,11 +23,12 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from cache.errors import DigestMismatch, InvalidInput
-from cache.types import Digest, sha256_digest
+from cache.types import Digest, Entry, sha256_digest
 
 if TYPE_CHECKING:
     import tarfile
@@ -67,18 +68,25 @@ def apply_layer(
     expected: Digest | None = None,
     name: str = "layer",
     overlay: bool = False,
+    parents: Mapping[str, Entry | None] | None = None,
 ) -> Digest:
     """Extract the uncompressed layer tar ``tar_stream`` onto ``dest``; return its sha256 digest.
 
     ``expected``: the layer's diff_id; a different digest raises ``DigestMismatch`` naming
     ``name``.  Bad members raise ``InvalidInput``.
+
+    Directories the layer does not carry keep the metadata the lower layers gave them (as
+    ``umoci unpack`` and containerd's applier do): on a merged tree the ones that exist keep
+    their times although entries are made in them; on an overlay lowerdir, ``parents`` gives
+    the lower layers' entry for each such directory (None or absent: 0755, root, time 0),
+    see ``layer_parents``.
     """
     import tarfile
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     reader = _HashingReader(tar_stream)
-    applier = _Applier(dest, name=name, overlay=overlay)
+    applier = _Applier(dest, name=name, overlay=overlay, parents=parents)
     try:
         with tarfile.open(fileobj=reader, mode="r|", errorlevel=2) as tf:  # type: ignore[call-overload]
             for member in tf:
@@ -111,31 +119,69 @@ def normalize_member_path(raw: str, *, name: str = "layer") -> str:
 class _Applier:
     """Applies tar members one by one; remembers what this layer created (for opaque dirs)."""
 
-    def __init__(self, dest: Path, *, name: str, overlay: bool) -> None:
+    def __init__(
+        self,
+        dest: Path,
+        *,
+        name: str,
+        overlay: bool,
+        parents: Mapping[str, Entry | None] | None = None,
+    ) -> None:
         self.dest = dest
         self.name = name
         self.overlay = overlay
+        self.parents = parents or {}
         self.is_root = os.geteuid() == 0
         # Paths this layer put in place: an opaque marker must not delete them.
         self.created: set[str] = set()
         # Directory times are set last: creating children changes a directory's mtime.
         self.dir_times: list[tuple[str, int]] = []
+        # Directories this layer changes but does not carry: (atime, mtime) to give back.
+        self.kept_times: dict[str, tuple[int, int]] = {}
+        self.members: set[str] = set()
 
     # -- helpers -------------------------------------------------------------------------
     def _abs(self, rel: str) -> str:
         return os.path.join(self.dest, rel) if rel else str(self.dest)
 
+    def _keep_times(self, rel: str) -> None:
+        """Remember directory ``rel``'s times before an entry is made or removed in it."""
+        if rel in self.kept_times or rel in self.members:
+            return
+        try:
+            st = os.lstat(self._abs(rel))
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self.kept_times[rel] = (st.st_atime_ns, st.st_mtime_ns)
+
+    def _make_parent(self, rel: str, path: str) -> None:
+        """Create directory ``rel``, which the layer names no entry for, as the layers below
+        have it (``parents``), else 0755 root at time 0."""
+        os.mkdir(path, 0o700)
+        e = self.parents.get(rel)
+        if e is None or e.type != "dir":
+            e = Entry(path=rel, type="dir", mode=0o755)
+        self._chown(path, e.uid, e.gid)
+        os.chmod(path, e.mode & 0o7777)
+        self._set_xattrs(path, e.xattrs, rel)
+        self.kept_times[rel] = (e.mtime * 1_000_000_000, e.mtime * 1_000_000_000)
+
     def _check_parents(self, rel: str, raw: str) -> None:
         """Make sure every parent of ``rel`` is a real directory inside dest (create if missing)."""
         parts = rel.split("/")[:-1]
         cur = str(self.dest)
+        cur_rel = ""
+        self._keep_times("")
         for part in parts:
             cur = os.path.join(cur, part)
+            cur_rel = f"{cur_rel}/{part}" if cur_rel else part
             try:
                 st = os.lstat(cur)
             except FileNotFoundError:
-                os.mkdir(cur, 0o755)
+                self._make_parent(cur_rel, cur)
                 continue
+            self._keep_times(cur_rel)
             if stat.S_ISLNK(st.st_mode):
                 raise InvalidInput(f"{self.name}: member {raw!r} passes through a symlink")
             if not stat.S_ISDIR(st.st_mode):
@@ -151,16 +197,14 @@ class _Applier:
         else:
             os.unlink(path)
 
-    def _parent_created(self, rel: str) -> bool:
-        parent = rel.rpartition("/")[0]
-        return parent in self.created
-
     # -- members -------------------------------------------------------------------------
     def apply(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         rel = normalize_member_path(m.name, name=self.name)
         if not rel:
             # The root itself: only its metadata (docker writes "./" in some layers).
             if m.isdir():
+                self.members.add(rel)
+                self.kept_times.pop(rel, None)
                 self._set_meta(rel, m)
             return
         base = rel.rpartition("/")[2]
@@ -174,6 +218,8 @@ class _Applier:
             return
         path = self._abs(rel)
         if m.isdir():
+            self.members.add(rel)
+            self.kept_times.pop(rel, None)
             _ensure_dir(path, 0o700)
         else:
             self._remove(path)
@@ -268,7 +314,15 @@ class _Applier:
         if not m.issym():
             # chmod after chown: chown clears setuid/setgid bits.
             os.chmod(path, m.mode & 0o7777)
-        for key, value in member_xattrs(m):
+        self._set_xattrs(path, member_xattrs(m), m.name)
+        mtime_ns = int(m.mtime * 1_000_000_000)
+        if m.isdir():
+            self.dir_times.append((path, mtime_ns))
+        else:
+            os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+
+    def _set_xattrs(self, path: str, xattrs: Iterable[tuple[str, bytes]], shown: str) -> None:
+        for key, value in xattrs:
             if key.startswith(_FORBIDDEN_XATTR_PREFIXES):
                 continue
             try:
@@ -278,18 +332,21 @@ class _Applier:
                     raise
             except OSError as exc:
                 raise InvalidInput(
-                    f"{self.name}: cannot set xattr {key!r} on {m.name!r}: {exc.strerror}"
+                    f"{self.name}: cannot set xattr {key!r} on {shown!r}: {exc.strerror}"
                 ) from exc
-        mtime_ns = int(m.mtime * 1_000_000_000)
-        if m.isdir():
-            self.dir_times.append((path, mtime_ns))
-        else:
-            os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
 
     def finish(self) -> None:
-        """Set directory times, deepest first."""
+        """Set directory times, deepest first; give the directories the layer does not carry
+        their times back."""
         for path, mtime_ns in reversed(self.dir_times):
             os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+        for rel, (atime_ns, mtime_ns) in self.kept_times.items():
+            if rel in self.members:
+                continue
+            try:
+                os.utime(self._abs(rel), ns=(atime_ns, mtime_ns), follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed by a later member (a whiteout of the directory)
 
 
 def member_xattrs(m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
@@ -335,3 +392,28 @@ def _ensure_dir(path: str, mode: int) -> bool:
         os.unlink(path)
     os.mkdir(path, mode)
     return True
+
+
+def layer_parents(
+    toc: Iterable[Entry], lower: Callable[[str], Entry | None]
+) -> dict[str, Entry | None]:
+    """The directories a layer needs but does not carry (the root included), each with the
+    entry the layers below give it (``lower``: a merged view's lookup; None when they have no
+    directory there).  What ``apply_layer(..., parents=...)`` takes for an overlay lowerdir."""
+    carried: set[str] = set()
+    needed: set[str] = {""}
+    for e in toc:
+        if e.type == "dir":
+            carried.add(e.path)
+        if e.type == "opaque":
+            needed.add(e.path)
+        parts = e.path.split("/")[:-1]
+        cur = ""
+        for part in parts:
+            cur = f"{cur}/{part}" if cur else part
+            needed.add(cur)
+    out: dict[str, Entry | None] = {}
+    for p in sorted(needed - carried):
+        low = lower(p)
+        out[p] = low if low is not None and low.type == "dir" else None
+    return out
