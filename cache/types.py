@@ -9,7 +9,6 @@ Vocabulary (see docs/architecture.md):
 
 from __future__ import annotations
 
-import stat as _stat
 from dataclasses import dataclass, field
 from typing import Literal, NewType
 
@@ -94,20 +93,6 @@ class Entry:
     @property
     def is_dir(self) -> bool:
         return self.type == "dir"
-
-    def tar_mode(self) -> int:
-        """Full st_mode (type bits | permission bits) as a tar header would imply it."""
-        kind = {
-            "file": _stat.S_IFREG,
-            "dir": _stat.S_IFDIR,
-            "symlink": _stat.S_IFLNK,
-            "hardlink": _stat.S_IFREG,
-            "char": _stat.S_IFCHR,
-            "block": _stat.S_IFBLK,
-            "fifo": _stat.S_IFIFO,
-        }.get(self.type, _stat.S_IFREG)
-        return kind | (self.mode & 0o7777)
-
 
 @dataclass(frozen=True)
 class LayerInfo:

@@ -88,14 +88,6 @@ class ImageState:
             env.append(f"{key}={value}")
         self.config["Env"] = env
 
-    def add_history(self, created_by: str, *, empty: bool, created: str, comment: str = "") -> None:
-        h: dict[str, Any] = {"created": created, "created_by": created_by}
-        if comment:
-            h["comment"] = comment
-        if empty:
-            h["empty_layer"] = True
-        self.history.append(h)
-
     def final_config(self, epoch: int) -> dict[str, Any]:
         """The OCI image config JSON object for this state."""
         os_name, arch, variant = host_platform()

@@ -65,22 +65,6 @@ class StepCache(Protocol):
 
 
 @dataclass
-class Layer:
-    """A layer of a stage's chain: its diff_id and, once known, its compressed blob."""
-
-    diff_id: Digest
-    blob: BlobInfo | None = None
-
-
-@dataclass
-class StageResult:
-    state: ImageState
-    layers: list[Layer]
-    view: View | None = None
-    view_upto: int = -1
-
-
-@dataclass
 class Solver:
     """Executes a Plan against a content store and a step cache."""
 

@@ -31,7 +31,7 @@ from typing import Any
 from cache.index.db import sqlite_file
 from cache.index.reader import FastIndex
 from cache.index.recorder import NothingApplied, Recorder
-from cache.index.records import Site, StatEntry, StepRecord, TagRecord
+from cache.index.records import BuildRecord, Site, StatEntry, StepRecord, TagRecord
 from cache.types import BlobInfo, Digest, StepKey
 
 _CompressedKey = tuple[Digest, str, int, str]
@@ -199,6 +199,13 @@ class BuildIndex:
         with self._lock:
             self._tags[name] = TagRecord(name, manifest_digest, meta_json, when, pinned)
             self._send("set_tag", name, manifest_digest, meta_json, blobs=pinned, now=when)
+
+    # -- builds ------------------------------------------------------------------------
+
+    def add_build(self, rec: BuildRecord) -> None:
+        """Record a finished build (as ``Index.add_build``; its id is the child's to assign)."""
+        with self._lock:
+            self._send("add_build", rec)
 
     # -- stat index --------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from cache.index.buildindex import BuildIndex
     from cache.index.reader import FastIndex
-    from cache.index.records import Index, Site, StatEntry, StepRecord, TagRecord
+    from cache.index.records import BuildRecord, Index, Site, StatEntry, StepRecord, TagRecord
     from cache.types import BlobInfo, Digest, StepKey
 
 
@@ -61,6 +61,7 @@ class StepIndex(IndexReader, Protocol):
         now: float | None = None,
     ) -> None: ...
     def stat_put_many(self, entries: Iterable[StatEntry]) -> None: ...
+    def add_build(self, rec: BuildRecord) -> int | None: ...
     def close(self) -> None: ...
 
 

@@ -730,23 +730,6 @@ class Index:
 
         self._write("writing the stat index", run)
 
-    def stat_forget(self, paths: Iterable[str]) -> int:
-        """Drop stat rows (files deleted, or their hash is in doubt); return how many."""
-        from sqlalchemy import delete
-
-        from cache.index.models import StatRow
-
-        wanted = sorted(set(paths))
-
-        def run(s: Session) -> int:
-            n = 0
-            for chunk in _chunks(wanted):
-                n += s.execute(delete(StatRow).where(StatRow.path.in_(chunk))).rowcount  # type: ignore[attr-defined]
-            return n
-
-        return self._write("forgetting stat index rows", run)
-
-
 def prefix_range(root: str) -> tuple[str, str]:
     """``(low, high)`` such that ``low <= p < high`` exactly for paths ``p`` below ``root``."""
     prefix = root.rstrip("/") + "/"
