@@ -130,8 +130,8 @@ def fingerprint(
 def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
     """(key, ignore-rules) for a build, or None when the fast path must not be tried."""
     from builder.frontend.dockerignore import load_ignore
-    from builder.options import oci_layout_ref
-    from builder.plan.keys import LAYER_FORMAT
+    from builder.options import oci_layout_ref, run_clamp
+    from builder.plan.keys import KEY_FORMAT
 
     if opts.no_cache or opts.no_cache_filter:
         return None
@@ -152,7 +152,7 @@ def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
         contexts[name] = f"{spec}\0{_b3(index)}"
     ident = {
         "memo": MEMO_FORMAT,
-        "layer_format": LAYER_FORMAT,
+        "layer_format": KEY_FORMAT,
         "dockerfile": str(dfile),
         "dockerfile_b3": _b3(data),
         "context": str(ctx),

@@ -8,8 +8,11 @@ from typing import Any
 
 from cache.types import Entry, StepKey
 
-LAYER_FORMAT = 3
-"""Version of lbuild's layer writer and key layout: bump it when layer bytes would change."""
+KEY_FORMAT = 3
+"""Version of the step-key layout and of what a step makes of its inputs (the entries of its
+layer, its config change): bump it when the same inputs would give other entries or another
+config.  The bytes the tar writer makes of given entries have their own version,
+``cache.layers.tar.TAR_WRITER_VERSION``, which enters layer content keys."""
 
 LAYER_OP = "LAYER"
 """The ``op`` of a *layer record*: a layer filed under its content key (``Solver.write``,
@@ -27,7 +30,7 @@ def canonical(obj: Any) -> bytes:
 
 def with_format(inputs: dict[str, Any]) -> dict[str, Any]:
     """The canonical inputs of a step: ``inputs`` plus the layer format version."""
-    return {"format": LAYER_FORMAT, **inputs}
+    return {"format": KEY_FORMAT, **inputs}
 
 
 def step_key(inputs: dict[str, Any]) -> StepKey:
@@ -49,7 +52,7 @@ def layer_content_key(entries: Iterable[Entry]) -> StepKey | None:
 
     import blake3
 
-    from cache.layers.tar import LAYER_FORMAT_VERSION
+    from cache.layers.tar import TAR_WRITER_VERSION
 
     rows: list[list[Any]] = []
     for e in entries:
@@ -64,8 +67,8 @@ def layer_content_key(entries: Iterable[Entry]) -> StepKey | None:
         )  # fmt: skip
     rows.sort(key=lambda r: (r[0], r[1]))
     doc = {
-        "format": LAYER_FORMAT,
-        "writer": LAYER_FORMAT_VERSION,
+        "format": KEY_FORMAT,
+        "writer": TAR_WRITER_VERSION,
         "op": "layer-content",
         "entries": rows,
     }

@@ -31,8 +31,10 @@ from cache.errors import InvalidInput, LbuildError, StoreError, Unsupported
 from cache.store.blobs import BlobStore, BlobWriter
 from cache.types import MEDIA_TYPES, BlobInfo, Compression, Digest, Entry, EntryType, LayerInfo
 
-LAYER_FORMAT_VERSION = 1
-"""Version of the bytes this writer produces; bump it whenever layer bytes would change."""
+TAR_WRITER_VERSION = 1
+"""Version of the tar bytes ``write_layer`` makes of given entries (header layout, order, PAX
+use): bump it when the encoding changes.  What entries a step produces is versioned by
+``KEY_FORMAT`` in builder/plan/keys.py."""
 
 GZIP_DEFAULT_LEVEL = 3
 """gzip is written by ISA-L's igzip (levels 0-3): level 3 compresses source trees within a few
