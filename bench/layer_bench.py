@@ -12,7 +12,7 @@ read from that layer's blob (as ``COPY --from`` does) and reads its TOC back wit
 It prints the layer's diff_id, a digest of the TOC ``write_layer`` returned and the median
 CPU time (``time.process_time``: user + system of this process) of each operation.  Layer
 bytes are part of the cache's contract: the run fails (exit 1) when the diff_id is not
-``EXPECTED_DIFF_ID`` (the bytes of ``LAYER_FORMAT_VERSION`` 1), or not ``--expect``'s.
+``EXPECTED_DIFF_ID`` (the bytes of ``TAR_WRITER_VERSION`` 1), or not ``--expect``'s.
 
     python bench/layer_bench.py --runs 7
 """
@@ -44,7 +44,7 @@ SEED = 20240611
 SMALL_FILES = 2000
 BIG_FILE = 10 << 20
 EXPECTED_DIFF_ID = Digest("sha256:952562df85fce98585006efa2e06754fc822ca6e4245dfb38d05bedd4c1b39af")
-"""The diff_id of this benchmark's layer; update it only together with LAYER_FORMAT_VERSION."""
+"""The diff_id of this benchmark's layer; update it only together with TAR_WRITER_VERSION."""
 DIRS = ("src", "src/app", "src/app/core", "src/lib", "deps", "deps/pkg", "docs", "config")
 
 
