@@ -1,0 +1,190 @@
+"""The overlay snapshotter: a committed snapshot is one overlayfs lowerdir (needs root)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import uuid
+from pathlib import Path
+
+from cache.errors import InvalidInput, Unsupported
+from cache.layers.apply import remove_tree
+from cache.snapshots.base import Base, lock_fd
+from cache.snapshots.diff import (
+    Found,
+    entry_of,
+    finish,
+    is_opaque,
+    is_whiteout,
+    same_meta,
+    unchanged,
+)
+from cache.snapshots.mount import Mount, sys_mount, unmount
+from cache.types import Entry
+
+# Overlay features that would put information into xattrs our diff does not read.
+OVERLAY_OPTIONS = ("index=off", "metacopy=off", "redirect_dir=off")
+
+
+class OverlaySnapshotter(Base):
+    """Snapshots as overlayfs layers: a committed snapshot is one lowerdir (needs root)."""
+
+    overlay_layout = True
+
+    def _populate(self, d: Path, parent: str | None, kind: str) -> None:
+        if kind == "active":
+            (d / "fs").mkdir(mode=0o755)
+            (d / "work").mkdir(mode=0o700)
+
+    def mounts(self, key: str) -> list[Mount]:
+        d, kind, parent = self._active_info(key)
+        lowers = [str(p / "fs") for p in self._chain(parent)]
+        for p in lowers:
+            if ":" in p or "," in p:
+                raise Unsupported(
+                    f"snapshot path {p!r} contains ':' or ',' (overlayfs cannot use it)"
+                )
+        if kind == "view":
+            if len(lowers) == 1:
+                return [Mount("bind", lowers[0], "/", ("rbind", "ro"))]
+            return [
+                Mount(
+                    "overlay",
+                    "overlay",
+                    "/",
+                    ("ro", *OVERLAY_OPTIONS, "lowerdir=" + ":".join(lowers)),
+                )
+            ]
+        if not lowers:
+            return [Mount("bind", str(d / "fs"), "/", ("rbind", "rw"))]
+        return [
+            Mount(
+                "overlay",
+                "overlay",
+                "/",
+                (
+                    *OVERLAY_OPTIONS,
+                    "lowerdir=" + ":".join(lowers),
+                    f"upperdir={d / 'fs'}",
+                    f"workdir={d / 'work'}",
+                ),
+            )
+        ]
+
+    def diff(self, key: str) -> list[Entry]:
+        d, kind, parent = self._active_info(key)
+        if kind != "active":
+            raise InvalidInput(f"snapshot {key!r} is a view: it has no changes")
+        lowers = [p / "fs" for p in self._chain(parent)]
+        out: list[Found] = []
+        _OverlayDiff(d / "fs", lowers, out).walk("", hidden=False)
+        return finish(out)
+
+
+class _OverlayDiff:
+    """Reads an overlayfs upperdir against its lowerdirs (see the module's diff rules)."""
+
+    def __init__(self, upper: Path, lowers: list[Path], out: list[Found]) -> None:
+        self.upper = upper
+        self.lowers = lowers
+        self.out = out
+
+    def lower(self, rel: str) -> str | None:
+        """The real path of what the lowerdirs show at ``rel`` (None when nothing)."""
+        parts = rel.split("/")
+        for layer in self.lowers:
+            cur = str(layer)
+            hidden_below = False
+            for i, part in enumerate(parts):
+                cur = os.path.join(cur, part)
+                try:
+                    st = os.lstat(cur)
+                except FileNotFoundError:
+                    break
+                if is_whiteout(st):
+                    return None
+                if i == len(parts) - 1:
+                    return cur
+                if not stat.S_ISDIR(st.st_mode):
+                    return None
+                if is_opaque(cur):
+                    hidden_below = True
+            if hidden_below:
+                return None
+        return None
+
+    def walk(self, rel_dir: str, *, hidden: bool) -> bool:
+        """Emit the changes below ``rel_dir``; ``hidden``: lower layers are not visible here."""
+        found = False
+        base = os.path.join(self.upper, rel_dir) if rel_dir else str(self.upper)
+        for name in sorted(os.listdir(base)):
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            path = os.path.join(base, name)
+            st = os.lstat(path)
+            low = None if hidden else self.lower(rel)
+            if is_whiteout(st):
+                if low is not None:
+                    self.out.append(Found(Entry(path=rel, type="whiteout", mode=0), None))
+                    found = True
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                lst = os.lstat(low) if low is not None else None
+                replaced = lst is not None and (is_opaque(path) or not stat.S_ISDIR(lst.st_mode))
+                idx = len(self.out)
+                if replaced or lst is None:
+                    self.out.append(Found(entry_of(rel, path, st), st))
+                    if replaced:
+                        self.out.append(Found(Entry(path=rel, type="opaque", mode=0), None))
+                    self.walk(rel, hidden=True)
+                    found = True
+                    continue
+                assert low is not None
+                self.out.append(Found(entry_of(rel, path, st), st))
+                below = self.walk(rel, hidden=False)
+                if below or not same_meta(path, st, low, lst):
+                    found = True
+                else:
+                    del self.out[idx]
+                continue
+            if low is not None and unchanged(path, st, low, os.lstat(low)):
+                continue
+            self.out.append(Found(entry_of(rel, path, st), st))
+            found = True
+        return found
+
+
+
+def overlay_works(root: Path) -> bool:
+    """Whether an overlay mount with our options works under ``root`` (mounts and unmounts)."""
+    if os.geteuid() != 0:
+        return False  # lowerdirs written outside a user namespace need real whiteout devices
+    tmp = Path(root) / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    probe = tmp / f"probe-{uuid.uuid4().hex}"
+    probe.mkdir()
+    fd = lock_fd(probe / "lock", blocking=True)
+    try:
+        for sub in ("l1", "l2", "u", "w", "m"):
+            (probe / sub).mkdir()
+        os.mknod(probe / "l1" / "gone", stat.S_IFCHR, os.makedev(0, 0))
+        opts = ",".join(
+            (
+                *OVERLAY_OPTIONS,
+                f"lowerdir={probe}/l1:{probe}/l2",
+                f"upperdir={probe}/u",
+                f"workdir={probe}/w",
+            )
+        )
+        try:
+            sys_mount("overlay", str(probe / "m"), "overlay", 0, opts)
+        except OSError:
+            return False
+        unmount(probe / "m")
+        return True
+    except OSError:
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
+        remove_tree(probe)
+
