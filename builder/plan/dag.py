@@ -22,6 +22,7 @@ from builder.plan.context import BuildContext, ContextFile
 from builder.plan.copyspec import Item, Selected, chown_is_named, has_wildcard, merkle, parse_chmod
 from builder.plan.imageconfig import ImageState, apply_config, join_workdir
 from builder.plan.keys import step_key, with_format
+from builder.plan.sourcefilter import Keep
 from cache.errors import InvalidInput, LbuildError, NotFound, Unsupported
 from cache.types import BlobInfo, ContentRef, Digest, Entry, StepKey
 
@@ -193,9 +194,17 @@ def _stage_by_ref(dockerfile: df.Dockerfile, ref: str, before: int | None) -> in
 
 
 def _context_items(
-    ctx: BuildContext, top: ContextFile, hasher: Hasher, keep_mtime: bool, is_dir: bool
+    ctx: BuildContext,
+    top: ContextFile,
+    hasher: Hasher,
+    keep_mtime: bool,
+    is_dir: bool,
+    keep: Keep | None = None,
 ) -> tuple[Item, ...]:
-    """Items (with content digests) for one selected context source; host owner/mtime dropped."""
+    """Items (with content digests) for one selected context source; host owner/mtime dropped.
+
+    ``keep`` (``--exclude``/``--parents``) filters what lies below the source before anything
+    is hashed."""
 
     root = str(ctx.root)
 
@@ -225,6 +234,9 @@ def _context_items(
     if is_dir:
         prefix = top.rel.rstrip("/") + "/" if top.rel not in ("", ".") else ""
         found.extend((f, f.rel[len(prefix) :]) for f in ctx.walk(top.rel))
+        if keep is not None:
+            kept = keep([(rel, f.type == "dir") for f, rel in found])
+            found = [(f, rel) for f, rel in found if rel in kept]
     # hash every regular file in one batch (the stat index answers most; the rest may be
     # read on several threads), with the walk's own stat: this runs once per context file
     files: list[tuple[str, os.stat_result]] = []
@@ -258,18 +270,37 @@ def looks_like_archive(path: Path) -> bool:
 def select_context(
     ctx: BuildContext, instr: df.Copy, hasher: Hasher, keep_mtime: bool, file: str
 ) -> list[Selected]:
-    """Resolve a COPY/ADD's context sources (wildcards, dirs, symlinks) into hashed items."""
+    """Resolve a COPY/ADD's context sources (wildcards, dirs, symlinks) into hashed items.
+
+    ``--exclude`` and ``--parents`` filter below each source (builder.plan.sourcefilter)."""
+    from builder.plan.sourcefilter import (
+        exclude_rules,
+        include_rules,
+        keep_filter,
+        required_path,
+        split_parents,
+    )
+
     out: list[Selected] = []
     for src in instr.sources:
         if instr.is_add and ("://" in src or src.startswith("git@")):
             raise Unsupported(
                 f"ADD from a URL is not supported yet: {src}", file=file, line=instr.line
             )
-        for f in ctx.select(src, file=file, line=instr.line):
+        keep = exclude = None
+        if instr.exclude:
+            exclude = exclude_rules(instr.exclude, file, instr.line)
+        source = src
+        if instr.parents:
+            source, pattern = split_parents(src)
+            keep = keep_filter(include_rules(pattern, file, instr.line), exclude)
+        elif exclude is not None:
+            keep = keep_filter(None, exclude)
+        for f in ctx.select(source, file=file, line=instr.line):
             is_dir = f.type == "dir"
             name = posixpath.basename(f.rel.rstrip("/")) if f.rel not in ("", ".") else "."
             try:
-                items = _context_items(ctx, f, hasher, keep_mtime, is_dir)
+                items = _context_items(ctx, f, hasher, keep_mtime, is_dir, keep)
             except LbuildError as e:
                 if e.file is None:  # reading the context failed: say which instruction
                     e.file, e.line = file, instr.line
@@ -278,6 +309,12 @@ def select_context(
                 raise InvalidInput(
                     f"cannot read {e.filename or src}: {e.strerror}", file=file, line=instr.line
                 ) from None
+            if instr.parents and is_dir:
+                if len(items) == 1 and required_path(source, pattern):
+                    raise NotFound(
+                        f"{instr.keyword} source not found: {src}", file=file, line=instr.line
+                    )
+                name = "."  # the directory's contents are copied, under their own paths
             archive = instr.is_add and f.type == "file" and looks_like_archive(ctx.root / f.rel)
             out.append(Selected(name, is_dir, items, archive=archive))
     return out

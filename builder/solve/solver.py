@@ -279,7 +279,14 @@ class Solver:
                 src_view = View()
                 for d in step.from_image.diff_ids:
                     src_view.apply(self.toc(d), d)
-            selected = select_from_view(src_view, instr.sources, file, instr.line)
+            if instr.exclude or instr.parents:
+                from builder.plan.sourcefilter import select_from_view_filtered
+
+                selected = select_from_view_filtered(
+                    src_view, instr.sources, instr.exclude, instr.parents, file, instr.line
+                )
+            else:
+                selected = select_from_view(src_view, instr.sources, file, instr.line)
             keep_owner = True
             selected = [self._with_blob_sources(s, src_view) for s in selected]
         chown = None
