@@ -15,22 +15,44 @@ its own transaction (writes take the write lock up front and retry while another
 holds it); ``close()`` releases the connections.  A step record is written only after its
 blobs are committed to the content store, so a crash leaves a whole record or none.
 
-The dataclasses here import nothing heavy, so :mod:`cache.index.reader` can return them without
-loading SQLAlchemy; ``Index`` imports SQLAlchemy and the models when opened.
+The values (records, sites, tags, stat rows, prune plans) live in :mod:`cache.index.values` and
+are re-exported here; they import nothing heavy, so :mod:`cache.index.reader` can return them
+without loading SQLAlchemy.  The prune planning is :mod:`cache.index.gc`.  ``Index`` imports
+SQLAlchemy and the models when opened.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cache.errors import StoreError
 from cache.index.db import WRITE_OPTION, ensure_schema, make_engine, retry_locked, to_url
+from cache.index.gc import plan_prune, referenced
+from cache.index.values import (
+    BuildRecord,
+    PrunedStep,
+    PrunePlan,
+    Site,
+    StatEntry,
+    StepRecord,
+    TagRecord,
+)
 from cache.types import BlobInfo, Digest, StepKey
+
+__all__ = [
+    "BuildRecord",
+    "Index",
+    "PrunePlan",
+    "PrunedStep",
+    "Site",
+    "StatEntry",
+    "StepRecord",
+    "TagRecord",
+    "prefix_range",
+]
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -42,130 +64,6 @@ T = TypeVar("T")
 
 CHUNK = 500
 """Most values bound in one ``IN (...)`` list (SQLite caps bound parameters per statement)."""
-
-
-@dataclass(frozen=True)
-class Site:
-    """Where a step sits: Dockerfile path + context id, stage name or index, instruction index."""
-
-    dockerfile_id: str
-    stage: str
-    position: int
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """What the step with ``key`` produced, and when it was made and last used.
-
-    ``diff_id`` is None for a config-only step (then ``layer_size`` is 0 and ``toc_digest``
-    None).  ``config_delta`` and ``inputs`` are JSON text owned by the builder.  The site
-    fields say where the step was when it was first built; later uses at other sites are
-    remembered too (see ``Index.touch_steps``).
-    """
-
-    key: StepKey
-    diff_id: Digest | None
-    layer_size: int
-    toc_digest: Digest | None
-    config_delta: str
-    inputs: str
-    dockerfile_id: str
-    stage: str
-    position: int
-    created: float
-    last_used: float
-    hits: int = 0
-    build_seconds: float = 0.0
-
-    @property
-    def site(self) -> Site:
-        return Site(self.dockerfile_id, self.stage, self.position)
-
-    @property
-    def blobs(self) -> frozenset[Digest]:
-        """The content-store blobs this record names directly (layer and TOC)."""
-        return frozenset(d for d in (self.diff_id, self.toc_digest) if d is not None)
-
-
-@dataclass(frozen=True)
-class TagRecord:
-    """A named image: its manifest, free-form metadata, and every blob it needs kept."""
-
-    name: str
-    manifest_digest: Digest
-    meta_json: str
-    updated: float
-    blobs: tuple[Digest, ...] = ()
-
-
-@dataclass(frozen=True)
-class BuildRecord:
-    """One finished build; ``id`` is assigned by ``Index.add_build`` (0 before)."""
-
-    started: float
-    target: str
-    manifest_digest: Digest | None
-    seconds: float
-    steps_hit: int
-    steps_missed: int
-    id: int = 0
-
-
-@dataclass(frozen=True)
-class StatEntry:
-    """A stat-index row: a file's stat tuple when it was hashed, and its blake3 hex.
-
-    ``path`` is absolute and local to this machine; nothing here ever enters a step key.
-    """
-
-    path: str
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-    inode: int
-    mode: int
-    blake3: str
-
-    @classmethod
-    def from_stat(cls, path: str, st: os.stat_result, blake3: str) -> StatEntry:
-        return cls(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode, blake3)
-
-    def matches(self, st: os.stat_result) -> bool:
-        """Whether ``st`` is the stat tuple this row was recorded with (then ``blake3`` holds)."""
-        return (
-            self.size == st.st_size
-            and self.mtime_ns == st.st_mtime_ns
-            and self.ctime_ns == st.st_ctime_ns
-            and self.inode == st.st_ino
-            and self.mode == st.st_mode
-        )
-
-
-@dataclass(frozen=True)
-class PrunedStep:
-    """A step record a prune removes, and why: ``age`` (unused too long) or ``size`` (LRU)."""
-
-    key: StepKey
-    last_used: float
-    reason: Literal["age", "size"]
-
-
-@dataclass(frozen=True)
-class PrunePlan:
-    """What a prune removes: step records (least recently used first) and blobs.
-
-    ``blobs`` are the blobs of the content store that no kept record and no tag needs
-    (including ones no record ever named); ``kept_bytes`` is what the remaining blobs weigh.
-    """
-
-    steps: tuple[PrunedStep, ...]
-    blobs: tuple[Digest, ...]
-    freed_bytes: int
-    kept_bytes: int
-
-    @property
-    def step_keys(self) -> tuple[StepKey, ...]:
-        return tuple(s.key for s in self.steps)
 
 
 def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
@@ -620,7 +518,7 @@ class Index:
     def referenced_blobs(self) -> set[Digest]:
         """Every blob a step record or a tag needs: layers, TOCs, their compressed forms,
         tagged manifests and the blobs tags pin."""
-        return self._read("listing referenced blobs", _referenced)
+        return self._read("listing referenced blobs", referenced)
 
     def prune_plan(
         self,
@@ -639,7 +537,7 @@ class Index:
         """
         return self._read(
             "planning a prune",
-            lambda s: _plan(s, keep_bytes, keep_duration_s, now, blob_sizes),
+            lambda s: plan_prune(s, keep_bytes, keep_duration_s, now, blob_sizes),
         )
 
     def apply_prune(self, plan: PrunePlan) -> tuple[Digest, ...]:
@@ -656,7 +554,7 @@ class Index:
 
         def run(s: Session) -> tuple[Digest, ...]:
             self._delete_steps(s, sorted(plan.step_keys))
-            still = _referenced(s)
+            still = referenced(s)
             gone = tuple(d for d in plan.blobs if d not in still)
             for chunk in _chunks(gone):
                 s.execute(delete(CompressedRow).where(CompressedRow.digest.in_(chunk)))
@@ -756,109 +654,3 @@ def _stat_columns() -> Any:
 
 def _stat_from_row(r: Any) -> StatEntry:
     return StatEntry(r.path, r.size, r.mtime_ns, r.ctime_ns, r.inode, r.mode, r.blake3)
-
-
-def _record_blobs(
-    diff_id: str | None, toc_digest: str | None, compressed: Mapping[str, list[str]]
-) -> set[Digest]:
-    out: set[Digest] = set()
-    if diff_id is not None:
-        out.add(Digest(diff_id))
-        out.update(Digest(d) for d in compressed.get(diff_id, ()))
-    if toc_digest is not None:
-        out.add(Digest(toc_digest))
-    return out
-
-
-def _compressed_by_diff_id(s: Session) -> dict[str, list[str]]:
-    from sqlalchemy import select
-
-    from cache.index.models import CompressedRow
-
-    out: dict[str, list[str]] = {}
-    for diff_id, digest in s.execute(select(CompressedRow.diff_id, CompressedRow.digest)):
-        out.setdefault(diff_id, []).append(digest)
-    return out
-
-
-def _pinned(s: Session) -> set[Digest]:
-    from sqlalchemy import select
-
-    from cache.index.models import TagBlobRow, TagRow
-
-    out = {Digest(d) for d in s.scalars(select(TagRow.manifest_digest))}
-    out.update(Digest(d) for d in s.scalars(select(TagBlobRow.digest)))
-    return out
-
-
-def _referenced(s: Session) -> set[Digest]:
-    from sqlalchemy import select
-
-    from cache.index.models import StepRow
-
-    compressed = _compressed_by_diff_id(s)
-    out = _pinned(s)
-    for diff_id, toc in s.execute(select(StepRow.diff_id, StepRow.toc_digest)):
-        out |= _record_blobs(diff_id, toc, compressed)
-    return out
-
-
-def _plan(
-    s: Session,
-    keep_bytes: int | None,
-    keep_duration_s: float | None,
-    now: float,
-    blob_sizes: Mapping[Digest, int],
-) -> PrunePlan:
-    from sqlalchemy import select
-
-    from cache.index.models import StepRow
-
-    compressed = _compressed_by_diff_id(s)
-    pinned = _pinned(s)
-    rows = s.execute(
-        select(StepRow.key, StepRow.last_used, StepRow.diff_id, StepRow.toc_digest).order_by(
-            StepRow.last_used, StepRow.created, StepRow.key
-        )
-    ).all()
-
-    pruned: list[PrunedStep] = []
-    kept: list[tuple[StepKey, float, set[Digest]]] = []
-    cutoff = None if keep_duration_s is None else now - keep_duration_s
-    for key, last_used, diff_id, toc in rows:
-        if cutoff is not None and last_used < cutoff:
-            pruned.append(PrunedStep(StepKey(key), last_used, "age"))
-        else:
-            kept.append((StepKey(key), last_used, _record_blobs(diff_id, toc, compressed)))
-
-    refs: Counter[Digest] = Counter()
-    for _, _, blobs in kept:
-        refs.update(blobs)
-
-    def weight(digests: Iterable[Digest]) -> int:
-        return sum(blob_sizes.get(d, 0) for d in digests)
-
-    live_bytes = weight(pinned | set(refs))
-    if keep_bytes is not None:
-        evicted = 0
-        for key, last_used, blobs in kept:
-            if live_bytes <= keep_bytes:
-                break
-            evicted += 1
-            pruned.append(PrunedStep(key, last_used, "size"))
-            for d in blobs:
-                refs[d] -= 1
-                if refs[d] == 0:
-                    del refs[d]
-                    if d not in pinned:
-                        live_bytes -= blob_sizes.get(d, 0)
-        kept = kept[evicted:]
-
-    live = pinned | set(refs)
-    doomed = tuple(sorted(d for d in blob_sizes if d not in live))
-    return PrunePlan(
-        steps=tuple(pruned),
-        blobs=doomed,
-        freed_bytes=weight(doomed),
-        kept_bytes=weight(d for d in blob_sizes if d in live),
-    )
