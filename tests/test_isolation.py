@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
+import stat
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -307,3 +308,38 @@ def test_user_groups_env_cwd_hostname_and_mounts(
         "1",
     ]
     assert sorted(p.name for p in src.iterdir()) == ["in"]
+
+
+LOOP_CONTROL = (10, 237)
+"""A device the host can open (harmless: opening allocates nothing) that Docker's devices
+cgroup does not allow."""
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_device_nodes_it_makes_cannot_be_opened(rootfs: Path, runtime: str, tmp_path: Path) -> None:
+    # CAP_MKNOD is in Docker's set; what keeps a RUN from the host's devices is that only
+    # the devices of /dev can be opened (runc: the devices cgroup; built-in: nodev mounts).
+    probe = tmp_path / "probe"
+    os.mknod(probe, 0o600 | stat.S_IFCHR, os.makedev(*LOOP_CONTROL))
+    try:
+        os.close(os.open(probe, os.O_RDONLY))
+    except OSError as exc:
+        pytest.skip(f"this host cannot open /dev/loop-control itself: {exc}")
+    finally:
+        probe.unlink()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    major, minor = LOOP_CONTROL
+    script = "".join(
+        f"mknod {d}/lc c {major} {minor}; (exec 3<{d}/lc) 2>/dev/null && echo opened {d}; "
+        f"rm {d}/lc; "
+        for d in ("/tmp", "/dev", "/cache")
+    )
+    rc, out = sh(
+        rootfs,
+        runtime,
+        script + "head -c 4 /dev/zero | wc -c",
+        extra_mounts=(BindSpec(str(cache), "/cache", "bind"),),
+    )
+    assert rc == 0, out
+    assert out.split() == ["4"], out  # nothing opened; /dev's own devices work

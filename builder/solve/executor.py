@@ -818,14 +818,19 @@ def _setup_rootfs(payload: dict[str, Any]) -> _Stubs:
         Path(files, name).write_text(text)
         os.chmod(os.path.join(files, name), 0o644)  # readable by any USER, whatever our umask
     # The first mount is the root ("/"): it makes rootfs the mount point pivot_root needs.
-    mount_all([Mount(**m) for m in payload["mounts"]], rootfs)
+    mounts = [Mount(**m) for m in payload["mounts"]]
+    mount_all(mounts, rootfs)
+    # No device node can be opened but the ones bind-mounted into /dev (CAP_MKNOD is in the
+    # set, as in Docker, where the devices cgroup plays this part): nodev everywhere else.
+    for m in mounts:
+        ro = MS_RDONLY if "ro" in m.options else 0
+        where = os.path.join(rootfs, m.target.strip("/"))
+        sys_mount(None, where, None, MS_REMOUNT | MS_BIND | MS_NODEV | ro, None)
     stubs = _Stubs(rootfs)
     nsd = MS_NOSUID | MS_NODEV
     if not stubs.mount("proc", "/proc", "proc", nsd | MS_NOEXEC, None, is_dir=True):
         raise OSError(0, "/proc in the image is not a directory")
-    if not stubs.mount(
-        "tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=64k", is_dir=True
-    ):
+    if not stubs.mount("tmpfs", "/dev", "tmpfs", nsd | MS_NOEXEC, "mode=755,size=64k", is_dir=True):
         raise OSError(0, "/dev in the image is not a directory")
     _populate_dev(os.path.join(rootfs, "dev"))
     with contextlib.suppress(OSError):
@@ -904,9 +909,10 @@ def _extra_mount(stubs: _Stubs, bind: dict[str, Any]) -> None:
         ok = stubs.mount(src, target, None, MS_BIND | MS_REC, None, is_dir=os.path.isdir(src))
     if not ok:
         raise OSError(0, f"cannot mount on {target}: a parent or the target is not usable")
-    if bind["readonly"]:
+    if bind["type"] != "tmpfs":  # nodev (see _setup_rootfs), read-only when asked
         path = os.path.join(stubs.rootfs, target.strip("/"))
-        sys_mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+        ro = MS_RDONLY if bind["readonly"] else 0
+        sys_mount(None, path, None, MS_REMOUNT | MS_BIND | MS_NODEV | ro, None)
 
 
 def _init_main(payload: dict[str, Any], status: Any, alive_fd: int, stubs_fd: int) -> None:
