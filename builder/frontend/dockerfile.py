@@ -55,7 +55,7 @@ from builder.frontend.instructions import (
     resolved_to_json,
     to_json,
 )
-from builder.frontend.parse import load, parse
+from builder.frontend.parse import load, parse, parse_triggers
 from builder.frontend.resolve import (
     DEFAULT_PATH,
     global_args,
@@ -95,6 +95,7 @@ __all__ = [
     "instruction_to_json",
     "load",
     "parse",
+    "parse_triggers",
     "resolve_base",
     "resolve_platform",
     "resolve_stage",

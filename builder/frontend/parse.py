@@ -42,7 +42,7 @@ from builder.frontend.instructions import (
 from builder.frontend.runmount import parse_mount
 from cache.errors import InvalidInput, NotFound
 
-__all__ = ["load", "parse"]
+__all__ = ["load", "parse", "parse_triggers"]
 
 _STAGE_NAME = re.compile(r"^[a-z][a-z0-9-_.]*$")
 _HEREDOC_WORD = re.compile(r"^(\d*)<<(-?)([^<]*)$")
@@ -654,3 +654,41 @@ def load(path: str | Path) -> Dockerfile:
             f"cannot read Dockerfile {p}: not UTF-8 text (byte {err.start})"
         ) from None
     return parse(text, filename=str(p))
+
+
+def parse_triggers(
+    triggers: Sequence[str], filename: str, line: int
+) -> tuple[Instruction, ...]:
+    """The instructions of ONBUILD triggers, to run right after a FROM that inherits them.
+
+    As BuildKit's ``initOnBuildTriggers``: each trigger is parsed on its own (default escape,
+    no directives) and must be one instruction, neither FROM, MAINTAINER nor ONBUILD; every
+    trigger reports the FROM's line (``line``) as its place.
+    """
+    from dataclasses import replace
+
+    out: list[Instruction] = []
+    for trigger in triggers:
+        try:
+            stages = parse("FROM scratch\n" + trigger + "\n", filename=filename).stages
+        except InvalidInput as err:
+            raise InvalidInput(
+                f"ONBUILD trigger {trigger!r}: {err.message}", file=filename, line=line
+            ) from None
+        body = stages[0].instructions if len(stages) == 1 else ()
+        if len(stages) != 1 or len(body) != 1:
+            raise InvalidInput(
+                f"ONBUILD trigger {trigger!r}: a trigger must be one instruction "
+                "(not FROM, MAINTAINER or ONBUILD)",
+                file=filename,
+                line=line,
+            )
+        ins = body[0]
+        if isinstance(ins, Onbuild | Maintainer):
+            raise InvalidInput(
+                f"ONBUILD trigger {trigger!r}: {ins.keyword} isn't allowed as an ONBUILD trigger",
+                file=filename,
+                line=line,
+            )
+        out.append(replace(ins, line=line, end_line=line))
+    return tuple(out)

@@ -497,6 +497,19 @@ def make_plan(
                 sp.base_image = img
                 state = ImageState.from_config(img.config)
                 base.key = step_key({"op": "FROM", "image": img.manifest_digest})
+        # ONBUILD: the triggers the base recorded run first, as Docker runs them; they are
+        # consumed (the new image does not carry them on).
+        triggers = state.config.pop("OnBuild", None) or []
+        if triggers:
+            from dataclasses import replace
+
+            stage = replace(
+                stage,
+                instructions=(
+                    *df.parse_triggers(triggers, file, stage.base.line),
+                    *stage.instructions,
+                ),
+            )
         base.state = state.clone()
         base.inputs = {"op": "FROM", "base": base_ref}
         graph.add_node(base_id)
