@@ -116,8 +116,16 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--keep-bytes", help="keep at most this much (e.g. 5GB)")
     pr.add_argument("--keep-duration", help="drop records unused for longer (e.g. 7d, 36h)")
     pr.add_argument("--dry-run", action="store_true", help="only list what would go")
-    csub.add_parser(
-        "verify", parents=[home], help="re-hash every blob; drop corrupt ones and their records"
+    ve = csub.add_parser(
+        "verify",
+        parents=[home],
+        help="check the index (SQLite's integrity check), re-hash every blob; drop corrupt "
+        "blobs and their records",
+    )
+    ve.add_argument(
+        "--repair",
+        action="store_true",
+        help="set a damaged index aside and salvage what it still holds into a new one",
     )
     # watch and unpack are defined here, not in their modules: a build must not import them
     _watch_parser(sub)
@@ -288,6 +296,11 @@ def cmd_cache(ns: argparse.Namespace) -> int:
     from cache.session import Session
 
     exclusive = ns.cache_command in ("prune", "verify")
+    repaired: list[str] = []
+    if ns.cache_command == "verify":  # the index first: a damaged one cannot even be opened
+        from cache.index.repair import verify_index
+
+        repaired = verify_index(ns.home, repair_it=ns.repair)
     with Session.open(ns.home, exclusive=exclusive) as session:
         if ns.cache_command == "ls":
             for r in commands.cache_ls(session):
@@ -317,7 +330,7 @@ def cmd_cache(ns: argparse.Namespace) -> int:
             verb = "would free" if ns.dry_run else "freed"
             print(f"{verb} {commands.human(freed)}")
         elif ns.cache_command == "verify":
-            findings = commands.cache_verify(session)
+            findings = repaired + commands.cache_verify(session)
             for f in findings:
                 print(f)
             print(
@@ -411,12 +424,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except OSError as e:  # the machine said no: disk full, permissions on the cache home, ...
-        where = f" {e.filename}" if e.filename else ""
-        print(f"lbuild: error:{where}: {e.strerror or e}", file=sys.stderr)
+        where = f" {e.filename}:" if e.filename else ""
+        print(f"lbuild: error:{where} {e.strerror or e}", file=sys.stderr)
         return EXIT_BUILD_FAILED
     except Exception as e:  # a bug: one line, the traceback only on request
         if os.environ.get("LBUILD_DEBUG"):
             raise
+        if type(e).__module__ == "sqlite3":  # the stdlib read path met a damaged index
+            from cache.index.repair import REPAIR_HINT, is_damage
+
+            if is_damage(e):
+                print(
+                    f"lbuild: error: the cache index is damaged: {e} (hint: {REPAIR_HINT})",
+                    file=sys.stderr,
+                )
+                return EXIT_BUILD_FAILED
         print(
             f"lbuild: internal error: {type(e).__name__}: {e} (set LBUILD_DEBUG=1 for a traceback)",
             file=sys.stderr,

@@ -256,7 +256,10 @@ def retry_locked(fn: Callable[[], T], *, what: str, timeout_s: float = BUSY_TIME
             time.sleep(delay)
             delay = min(delay * 2, 0.25)
         except SQLAlchemyError as e:
-            raise StoreError(f"cache index: {what}: {_short(e)}") from e
+            from cache.index.repair import REPAIR_HINT, is_damage
+
+            hint = REPAIR_HINT if is_damage(e) else None
+            raise StoreError(f"cache index: {what}: {_short(e)}", hint=hint) from e
 
 
 def _short(e: BaseException) -> str:
