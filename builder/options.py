@@ -44,6 +44,7 @@ class BuildOptions:
     compression: Compression = "gzip"
     keep_mtime: bool = False
     epoch: int | None = None  # SOURCE_DATE_EPOCH; None reads the environment
+    rewrite_timestamp: bool = True  # with SOURCE_DATE_EPOCH, clamp the times of RUN's files
     secrets: Mapping[str, Path] = field(default_factory=dict)
     snapshotter: str | None = None  # overlay | copy | None (automatic)
     allow: tuple[str, ...] = ()  # entitlements (--allow): network.host
@@ -101,6 +102,16 @@ def source_date_epoch(value: int | None) -> int:
         return int(raw)
     except ValueError:
         raise InvalidInput(f"SOURCE_DATE_EPOCH must be an integer, got {raw!r}") from None
+
+
+def run_clamp(opts: BuildOptions) -> int | None:
+    """The time RUN output is clamped to: SOURCE_DATE_EPOCH when it is set (``--source-date-epoch``,
+    ``--build-arg SOURCE_DATE_EPOCH`` or the environment) unless ``--no-rewrite-timestamp``."""
+    if not opts.rewrite_timestamp:
+        return None
+    if opts.epoch is not None or os.environ.get("SOURCE_DATE_EPOCH"):
+        return source_date_epoch(opts.epoch)
+    return None
 
 
 def parse_output(spec: str) -> Output:
