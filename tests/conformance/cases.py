@@ -520,3 +520,86 @@ CASES += [
     Case("config-cmd-then-entrypoint", "FROM base\nCMD [\"x\"]\nENTRYPOINT [\"/bin/echo\"]\n",
          "ENTRYPOINT after CMD in the same stage keeps the CMD"),
 ]
+
+
+def with_xattr(name: str, value: bytes) -> Callable[[Path], None]:
+    def make(p: Path) -> None:
+        p.write_text("x\n")
+        os.setxattr(p, name, value)
+    return make
+
+
+BK_FSUTIL_DIRS = ("tonistiigi/fsutil copy/copy.go: Copy() copies the source root with "
+                  "overwriteTargetMetadata=false (an existing destination keeps its metadata); "
+                  "subdirectories with true (copyDirectoryOnly chmods an existing one, "
+                  "copyFileInfo chowns it to the source's owner)")
+
+CASES += [
+    # --- more COPY into existing directories ---------------------------------------------------
+    Case("copy-dir-contents-into-home-app", "FROM base\nCOPY d/ /home/app/\n",
+         "a directory's contents copied into /home/app: the destination root keeps 0750 app:app",
+         files={"d/x": "x\n", "d/y/z": "z\n"}, buildkit=BK_FSUTIL_DIRS),
+    Case("copy-dir-overwrites-subdir", "FROM base\nCOPY d/ /home/\n",
+         "an existing subdirectory (/home/app) takes the copied directory's mode and owner",
+         files={"d/app/x": "x\n"}, setup=lambda ctx: os.chmod(ctx / "d" / "app", 0o700),
+         buildkit=BK_FSUTIL_DIRS),
+    Case("copy-relative-dot-dest", "FROM base\nWORKDIR /home/app\nCOPY a.txt .\n",
+         "COPY to . under WORKDIR /home/app: the dir keeps 0750 app:app", files=A),
+    Case("copy-from-stage-into-existing",
+         "FROM base AS b\nRUN mkdir -p /o/lib && echo n > /o/lib/n && chmod 0750 /o/lib\n"
+         "FROM base\nCOPY --from=b /o/ /opt/\n",
+         "a stage's tree merged into /opt: /opt/lib takes the source's 0750 root:root",
+         buildkit=BK_FSUTIL_DIRS),
+    Case("copy-chown-user-added-by-run",
+         "FROM base\nRUN echo 'new:x:2000:2100::/:/bin/sh' >> /etc/passwd && "
+         "echo 'newg:x:2100:' >> /etc/group\nCOPY --chown=new:newg a.txt /srv/\n",
+         "--chown names resolve through the /etc/passwd and /etc/group a RUN wrote", files=A),
+    Case("copy-under-user-is-root", "FROM base\nUSER app\nCOPY a.txt /tmp/u.txt\n",
+         "USER does not change COPY's owner (root:root without --chown)", files=A),
+    Case("copy-chmod-dir", "FROM base\nCOPY --chmod=0750 d/ /opt/cm/\n",
+         "--chmod on a copied tree applies to its files and subdirectories; the destination "
+         "dir the COPY creates is 0755",
+         files={"d/f": "f\n", "d/s/g": "g\n"},
+         buildkit="tonistiigi/fsutil copy/copy.go: prepareTargetDir creates a missing "
+                  "destination with MkdirAll(target, 0755, ...), then the source root is copied "
+                  "with overwriteTargetMetadata=false, so copyFileInfo (which applies --chmod) "
+                  "skips it",
+         xfail="issue 9 item 1 (COPY --chmod and destination dirs): lbuild gives the "
+               "destination dir /opt/cm the --chmod mode 0750"),
+    Case("copy-xattrs", "FROM base\nCOPY xa.txt /opt/\n",
+         "a context file's user.* xattr is copied",
+         files={"xa.txt": with_xattr("user.lbuild", b"conformance")}),
+    Case("copy-exclude",
+         "# syntax=docker/dockerfile:1.7-labs\nFROM base\nCOPY --exclude=*.log --exclude=sub/skip . /app/\n",
+         "COPY --exclude (Dockerfile 1.7): excluded paths are not copied",
+         files={"keep.txt": "k\n", "x.log": "l\n", "sub/keep2": "k\n", "sub/skip": "s\n"},
+         buildah_dockerfile="FROM base\nCOPY keep.txt /app/\nCOPY sub/keep2 /app/sub/\n",
+         buildkit="buildah 1.28 has no --exclude: the same tree written as plain COPYs; "
+                  "BuildKit passes the patterns to fsutil's copier (copy.go exclude())"),
+    Case("copy-parents",
+         "# syntax=docker/dockerfile:1.7-labs\nFROM base\nCOPY --parents a/b/c.txt x/y.txt /dst/\n",
+         "COPY --parents keeps the sources' directories under the destination",
+         files={"a/b/c.txt": "c\n", "x/y.txt": "y\n"},
+         buildah_dockerfile="FROM base\nCOPY a/b/c.txt /dst/a/b/\nCOPY x/y.txt /dst/x/\n",
+         buildkit="buildah 1.28 has no --parents: the same tree written as plain COPYs"),
+    Case("copy-absolute-source", "FROM base\nCOPY /a.txt /abs.txt\nCOPY ../a.txt /dotdot.txt\n",
+         "absolute and ../ sources are cleaned against the context root (issue 9 item 6)",
+         files=A, buildah_dockerfile="FROM base\nCOPY a.txt /abs.txt\nCOPY a.txt /dotdot.txt\n",
+         buildkit="the equivalent Dockerfile for buildah; BuildKit cleans a source against the "
+                  "context root (dockerfile2llb/convert.go dispatchCopy: "
+                  "path.Join(\"/\", src))"),
+    Case("glob-escaped-star", "FROM base\nCOPY a\\*b /g/\n",
+         "a backslash-escaped * in a source",
+         files={"a*b": "star\n", "aXb": "x\n"}),
+
+    # --- more RUN and USER ---------------------------------------------------------------------
+    Case("run-opaque-over-l2", "FROM base\nRUN rm -rf /srv/shared && mkdir -m 2770 /srv/shared\n",
+         "an opaque dir replacing one whose children come from the base's second layer"),
+    Case("run-copy-then-run-same-dir",
+         "FROM base\nCOPY a.txt /home/app/\nUSER app\nRUN touch /home/app/after-copy\n",
+         "after COPY into /home/app, RUN as app can still write there", files=A),
+    Case("arg-targetarch", "FROM base\nARG TARGETARCH\nARG TARGETOS\nRUN echo $TARGETOS/$TARGETARCH > /plat\n",
+         "the automatic platform ARGs"),
+    Case("workdir-env", "FROM base\nENV W=/wd\nWORKDIR $W/sub\nRUN pwd > here\n",
+         "WORKDIR expands ENV"),
+]
