@@ -70,11 +70,12 @@ def cmd_pull(ns: argparse.Namespace) -> int:
         if rec is not None and platform is None:
             known = json.loads(rec.meta_json or "{}").get("index") or rec.manifest_digest
         if known is not None and remote_digest(ref) == known:
-            digest, status = rec.manifest_digest if rec else "", "up to date"
+            # the tag did not move: only blobs missing from the store (pruned) are fetched
+            pulled = pull_into(session, ref.with_digest(known), transfer=view.transfer)
         else:
             pulled = pull_into(session, ref, transfer=view.transfer, platform=platform)
-            digest = pulled.manifest_digest
-            status = f"{len(pulled.fetched)} blobs fetched"
+        digest = pulled.manifest_digest
+        status = f"{len(pulled.fetched)} blobs fetched" if pulled.fetched else "up to date"
     if view.json:
         view.emit({"event": "pulled", "ref": str(ref), "digest": digest, "status": status})
     else:

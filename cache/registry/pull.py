@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cache.errors import InvalidInput, NotFound, Unsupported
+from cache.errors import DigestMismatch, InvalidInput, NotFound, Unsupported
 from cache.registry.client import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -173,8 +173,11 @@ def fetch_blob(repo: Repository, store: BlobStore, d: Descriptor,
         return False
     for _ in range(3):
         try:
-            with store.ingest(Digest(d.digest)) as w:
-                repo.fetch_blob(d.digest, d.size, w, progress)
+            try:
+                with store.ingest(Digest(d.digest)) as w:  # the ingest verifies the sha256
+                    repo.fetch_blob(d.digest, d.size, w, progress, verify=False)
+            except DigestMismatch as e:
+                raise DigestMismatch(f"pull {repo.ref}: blob", e.expected, e.actual) from None
             return True
         except Restart:
             continue  # the registry ignored Range: the ingest is discarded, start over
