@@ -293,12 +293,16 @@ def _run_step(opts: BuildOptions, session: Session) -> Callable[[Solver, Step], 
 
 
 def check_entitlements(plan: Plan, opts: BuildOptions) -> None:
-    """A RUN --network=host without ``--allow network.host`` fails the build before any step
-    runs (exit 2), cached or not, as BuildKit refuses it."""
+    """A RUN --network=host without ``--allow network.host`` (or a RUN --security=insecure)
+    fails the build before any step runs (exit 2), cached or not, as BuildKit refuses it."""
     host = [
         s.instr
         for s in plan.steps.values()
-        if s.kind == "run" and (getattr(s.instr, "network", None) or "").lower() == "host"
+        if s.kind == "run"
+        and (
+            (getattr(s.instr, "network", None) or "").lower() == "host"
+            or (getattr(s.instr, "security", None) or "").lower() == "insecure"
+        )
     ]
     if host:
         from builder.solve.run import check_entitlements as check

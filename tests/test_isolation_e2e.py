@@ -43,6 +43,16 @@ def test_network_host_needs_the_entitlement(bbhome: Path, tmp_path: Path) -> Non
     assert netns == [os.readlink("/proc/self/ns/net").encode() + b"\n"]
 
 
+def test_security_insecure_is_not_supported(bbhome: Path, tmp_path: Path) -> None:
+    # It would mean every capability and no seccomp: refused (exit 2), never run sandboxed
+    # as if the flag were not there.
+    df = "FROM busybox:test\nRUN --security=insecure true\n"
+    b = build(tmp_path / "ctx", bbhome, df, "--allow", "network.host", check=False)
+    assert b.proc.returncode == 2, b.proc.stderr
+    last = b.proc.stderr.strip().splitlines()[-1]
+    assert "Dockerfile:2:" in last and "--security=insecure is not supported yet" in last
+
+
 def start_build(ctx: Path, home: Path, runtime: str) -> subprocess.Popen[str]:
     env = dict(os.environ, LBUILD_HOME=str(home), LBUILD_RUNTIME=runtime)
     env.pop("SOURCE_DATE_EPOCH", None)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from builder.frontend import dockerfile as df
 from builder.frontend.runmount import parse_mount
 from builder.plan.copyspec import db_entry
-from cache.errors import InvalidInput, NotFound, StepFailed
+from cache.errors import InvalidInput, NotFound, StepFailed, Unsupported
 from cache.types import Entry, LayerInfo
 
 if TYPE_CHECKING:
@@ -51,9 +51,14 @@ def check_entitlements(
     instrs: Iterable[df.Instruction], allow: frozenset[str] | set[str], file: str
 ) -> None:
     """Refuse (exit 2) a RUN that needs an entitlement the build was not given: as BuildKit,
-    ``RUN --network=host`` needs ``--allow network.host``.  Checked before anything runs, so
-    a cached step does not slip through."""
+    ``RUN --network=host`` needs ``--allow network.host``; ``RUN --security=insecure`` (all
+    capabilities, no seccomp) is not supported.  Checked before anything runs, so a cached
+    step does not slip through."""
     for instr in instrs:
+        if isinstance(instr, df.Run) and (instr.security or "").lower() == "insecure":
+            raise Unsupported(
+                "RUN --security=insecure is not supported yet", file=file, line=instr.line
+            )
         host = isinstance(instr, df.Run) and (instr.network or "").lower() == "host"
         if host and ENTITLEMENT_NETWORK_HOST not in allow:
             raise InvalidInput(
