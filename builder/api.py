@@ -180,7 +180,7 @@ def _build(
     t0: float,
 ) -> BuildResult:
     from builder import noop
-    from builder.export.oci import export_docker_archive, export_oci_layout
+    from builder.export.oci import export_docker_archive, export_oci_archive, export_oci_layout
     from builder.solve.solver import Solver
 
     with Session.open(opts.home, deferred=deferred, recorder=recorder) as session:
@@ -215,7 +215,8 @@ def _build(
         for out in opts.outputs:
             if out.type == "oci":
                 tag = split_tag(opts.tags[0])[1] if opts.tags else "latest"
-                export_oci_layout(session.store, image, out.dest, tag)
+                export = export_oci_archive if out.tar else export_oci_layout
+                export(session.store, image, out.dest, tag)
             elif out.type == "docker":
                 export_docker_archive(
                     session.store, image, out.dest, [full_tag(t) for t in opts.tags]

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from builder.options import BuildOptions
     from builder.plan.dag import Plan, Step
     from cache.session import Session
+    from cache.types import Digest
 
 
 @dataclass(frozen=True)
@@ -276,15 +277,45 @@ def cache_prune(
     for d in gone:
         freed += sizes.get(d, 0)
         session.store.remove(d)
+    from cache.snapshots.verify import prune_snapshots
+
+    # Layer directories of RUN snapshots whose layer blob went, or that no chain names.
+    lines += prune_snapshots(session.home / "snapshots", session.store.has)
     return lines, freed
 
 
 def cache_verify(session: Session) -> list[str]:
-    """Re-hash every blob; drop corrupt blobs and the records that name them. Returns findings."""
+    """Re-hash every blob; drop corrupt blobs and the records that name them; check the
+    committed RUN snapshots against their layers' tables of contents (repairing what
+    differs, cache.snapshots.verify). Returns findings."""
     findings: list[str] = []
     bad = [d for d in session.store.digests() if not session.store.verify(d)]
-    if not bad:
-        return findings
+    if bad:
+        findings += _drop_corrupt(session, bad)
+    findings += _verify_snapshots(session)
+    return findings
+
+
+def _verify_snapshots(session: Session) -> list[str]:
+    from cache.errors import LbuildError
+    from cache.layers.tar import read_toc
+    from cache.snapshots.verify import verify_snapshots
+    from cache.types import Entry
+
+    def toc_of(d: Digest) -> tuple[Entry, ...] | None:
+        if not session.store.has(d):
+            return None
+        try:
+            with session.store.open(d) as f:
+                return read_toc(f)
+        except LbuildError:
+            return None
+
+    return verify_snapshots(session.home / "snapshots", toc_of, session.store.open)
+
+
+def _drop_corrupt(session: Session, bad: list[Digest]) -> list[str]:
+    findings: list[str] = []
     bad_set = set(bad)
     dead = [
         r.key

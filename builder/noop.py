@@ -339,7 +339,7 @@ def _export(opts: BuildOptions, home: Path, memo: dict[str, Any]) -> None:
             todo.append(out)
     if not todo:
         return
-    from builder.export.oci import export_docker_archive, export_oci_layout
+    from builder.export.oci import export_docker_archive, export_oci_archive, export_oci_layout
     from cache.store.blobs import BlobStore
 
     store = BlobStore(home)
@@ -347,7 +347,8 @@ def _export(opts: BuildOptions, home: Path, memo: dict[str, Any]) -> None:
     for out in todo:
         if out.type == "oci":
             tag = split_tag(opts.tags[0])[1] if opts.tags else "latest"
-            export_oci_layout(store, image, out.dest, tag)
+            export = export_oci_archive if out.tar else export_oci_layout
+            export(store, image, out.dest, tag)
         else:
             export_docker_archive(store, image, out.dest, [full_tag(t) for t in opts.tags])
 

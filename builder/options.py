@@ -24,6 +24,7 @@ class Output:
     type: str
     dest: Path
     names: tuple[str, ...] = ()
+    tar: bool = False  # type=oci: one tar file instead of a layout directory
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,14 @@ def parse_output(spec: str) -> Output:
             names += [n.strip() for n in v.split(",") if n.strip()]
         fields[k.strip()] = v.strip()
     typ = fields.get("type", "")
+    known = _OUTPUT_ATTRS.get(typ)
+    if known is not None:
+        for key in fields:
+            if key not in known:
+                raise Unsupported(
+                    f"--output {spec!r}: attribute {key}= is not supported for type={typ} "
+                    f"(lbuild takes {', '.join(sorted(known))})"
+                )
     if typ == "registry":
         if not names:
             raise InvalidInput(f"invalid --output {spec!r}: name=REF is required")
@@ -138,9 +147,28 @@ def parse_output(spec: str) -> Output:
         raise Unsupported(f"--output type={typ} is not supported yet (use type=oci or type=docker)")
     if typ not in ("oci", "docker"):
         raise InvalidInput(f"invalid --output {spec!r}: type must be oci or docker")
-    if not fields.get("dest"):
+    dest = fields.get("dest")
+    if not dest:
         raise InvalidInput(f"invalid --output {spec!r}: dest=PATH is required")
-    return Output(typ, Path(fields["dest"]))
+    if dest == "-":
+        raise Unsupported(f"--output {spec!r}: dest=- (standard output) is not supported yet")
+    tar = typ == "docker"
+    if typ == "oci":
+        # buildx: tar=true (its default) writes a tarball, tar=false a layout directory.
+        # lbuild's default is the directory, unless dest ends in .tar (docs/usage.md).
+        raw_tar = fields.get("tar", "").lower()
+        if raw_tar not in ("", "true", "false"):
+            raise InvalidInput(f"invalid --output {spec!r}: tar= must be true or false")
+        tar = raw_tar == "true" or (raw_tar == "" and dest.endswith(".tar"))
+    return Output(typ, Path(dest), tar=tar)
+
+
+_OUTPUT_ATTRS: dict[str, frozenset[str]] = {
+    "oci": frozenset({"type", "dest", "tar"}),
+    "docker": frozenset({"type", "dest"}),
+    "registry": frozenset({"type", "name", "push"}),
+}
+"""The --output attributes lbuild implements, by type; any other is refused (exit 2)."""
 
 
 def parse_kv(items: Sequence[str], what: str, *, from_env: bool = True) -> dict[str, str]:

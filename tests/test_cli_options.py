@@ -81,3 +81,51 @@ def test_from_platform_the_host_cannot_run_is_exit_2(tmp_path: Path, home: Path)
         f"lbuild: error: {tmp_path}/Dockerfile:3: FROM --platform={other}: building for a "
         f"platform other than this host's (linux/{host_platform()[1]}) is not supported yet"
     )
+
+
+@pytest.mark.parametrize(
+    "spec, tar",
+    [
+        ("type=oci,dest=out.tar", True),
+        ("type=oci,dest=out", False),
+        ("type=oci,dest=out,tar=true", True),
+        ("type=oci,dest=out.tar,tar=false", False),
+    ],
+)
+def test_oci_output_tar_rule(spec: str, tar: bool) -> None:
+    from builder.options import parse_output
+
+    assert parse_output(spec).tar is tar
+
+
+@pytest.mark.parametrize(
+    "spec, attribute",
+    [
+        ("type=oci,dest=o,push=true", "push"),
+        ("type=oci,dest=o,name=example/x", "name"),
+        ("type=docker,dest=o.tar,compression=zstd", "compression"),
+        ("type=registry,name=localhost:5000/x,oci-mediatypes=true", "oci-mediatypes"),
+    ],
+)
+def test_unknown_output_attributes_are_refused(spec: str, attribute: str) -> None:
+    from builder.options import parse_output
+
+    with pytest.raises(Unsupported, match=f"attribute {attribute}= is not supported"):
+        parse_output(spec)
+
+
+@pytest.mark.slow
+def test_oci_tar_output_is_a_valid_oci_archive(tmp_path: Path, home: Path) -> None:
+    import json
+
+    from util import lbuild, tool
+
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nCOPY a.txt /\n")
+    out = tmp_path / "img.tar"
+    p = lbuild("build", "-o", f"type=oci,dest={out}", tmp_path, home=home)
+    assert out.is_file()
+    digest = next(w for w in (p.stdout + p.stderr).split() if w.startswith("sha256:"))
+    assert json.loads(tool("skopeo", "inspect", f"oci-archive:{out}").stdout)["Digest"] == digest
+    p = lbuild("build", "-o", f"type=oci,dest={tmp_path / 'dir.tar'},tar=false", tmp_path, home=home)
+    assert (tmp_path / "dir.tar" / "index.json").is_file()

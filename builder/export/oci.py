@@ -321,6 +321,78 @@ def export_docker_archive(
         raise
 
 
+def export_oci_archive(store: BlobStore, image: Image, dest: Path, tag: str = "latest") -> None:
+    """Write ``image`` as an OCI image layout in one tar file (buildx's ``type=oci,tar=true``).
+
+    The tar holds ``oci-layout``, ``index.json`` (one manifest, named ``tag``) and
+    ``blobs/sha256/*``, with fixed times and owners; it replaces ``dest`` whole (a tar is
+    never merged with an earlier one).  Written beside ``dest`` and renamed into place.
+    """
+    import tarfile
+
+    _check_tag(tag)
+    dest = Path(dest)
+    if dest.is_dir():
+        raise InvalidInput(
+            f"--output type=oci,tar=true: destination {dest} is a directory (name a file, "
+            "or give tar=false for a layout directory)"
+        )
+    blobs = _image_blobs(store, image)
+    desc = _descriptor(
+        OCI_MANIFEST,
+        image.manifest_digest,
+        len(image.manifest),
+        annotations={REF_NAME: tag},
+        platform=_platform_of(image),
+    )
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [desc]}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    tmp = Path(tmp_name)
+
+    def info(name: str, size: int = 0, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.type, ti.mtime = size, kind, 0
+        ti.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+        return ti
+
+    try:
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
+            marker = canonical_json({"imageLayoutVersion": LAYOUT_VERSION})
+            tar.addfile(info("oci-layout", len(marker)), io.BytesIO(marker))
+            data = canonical_json(index)
+            tar.addfile(info("index.json", len(data)), io.BytesIO(data))
+            tar.addfile(info("blobs", kind=tarfile.DIRTYPE))
+            tar.addfile(info("blobs/sha256", kind=tarfile.DIRTYPE))
+            for d in sorted(set(blobs)):
+                with store.open(d) as f:
+                    tar.addfile(info(f"blobs/sha256/{digest_hex(d)}", store.size(d)), f)
+            tar.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class _HashingReader:
+    """A reader that hashes (sha256) what is read through it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._h = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        b = self._f.read(n)
+        self._h.update(b)
+        return b
+
+    def digest(self) -> Digest:
+        return sha256_digest(self._h.hexdigest())
+
+
 def _docker_tag(tag: str) -> str:
     if not tag or any(c.isspace() for c in tag) or tag.startswith(("/", ":")):
         raise InvalidInput(f"invalid repository tag {tag!r}")

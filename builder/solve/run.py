@@ -253,7 +253,9 @@ def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:
             state.user, solver.read_file(view), file, instr.line
         )
         diff_ids = solver.stage_diff_ids(step.stage, step.pos)
-        parent = ensure_chain(snap, diff_ids, solver.store.open) if diff_ids else None
+        parent = (
+            ensure_chain(snap, diff_ids, solver.store.open, solver.toc) if diff_ids else None
+        )
         key = f"run-{uuid.uuid4().hex}"
         # Only a read-write bind mount needs scratch space (a throwaway copy of its source).
         scratch = env.home / "tmp" / f"run-{uuid.uuid4().hex}"

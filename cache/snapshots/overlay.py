@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
 import stat
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from cache.errors import InvalidInput, Unsupported
-from cache.layers.apply import remove_tree
+from cache.layers.apply import apply_layer, remove_tree
 from cache.snapshots.base import Base, lock_fd
 from cache.snapshots.diff import (
     Found,
@@ -20,16 +25,96 @@ from cache.snapshots.diff import (
     unchanged,
 )
 from cache.snapshots.mount import Mount, sys_mount, unmount
-from cache.types import Entry
+from cache.types import Digest, Entry
 
 # Overlay features that would put information into xattrs our diff does not read.
 OVERLAY_OPTIONS = ("index=off", "metacopy=off", "redirect_dir=off")
 
 
 class OverlaySnapshotter(Base):
-    """Snapshots as overlayfs layers: a committed snapshot is one lowerdir (needs root)."""
+    """Snapshots as overlayfs layers: a committed snapshot is one lowerdir (needs root).
+
+    Layers of images are unpacked once each, by content, into ``root/layers/<name>/fs``
+    (``ensure_layer``): ``name`` covers the layer's diff_id and the metadata its directory
+    takes from below (the parent directories the layer does not carry, see
+    ``cache.layers.apply.layer_parents``), so every chain holding the same layer on the same
+    parent directories shares one directory, and an edit below a RUN unpacks only the layers
+    whose content changed.  The committed snapshot of a chain (named by its chain id) is
+    then a *stack*: a ``parent`` file and a ``layer`` file naming the layer directory
+    (``commit_stack``); ``meta.json`` next to each layer's ``fs`` records what it holds, for
+    ``cache verify`` and the GC (``cache.snapshots.verify``).
+    """
 
     overlay_layout = True
+
+    @property
+    def layers_dir(self) -> Path:
+        return self.root / "layers"
+
+    def fs_of(self, committed: Path) -> Path:
+        """The lowerdir of committed snapshot directory ``committed``."""
+        try:
+            layer = (committed / "layer").read_text()
+        except FileNotFoundError:
+            return committed / "fs"
+        return self.layers_dir / layer / "fs"
+
+    def ensure_layer(
+        self,
+        diff_id: Digest,
+        parents: Mapping[str, Entry | None],
+        open_layer: Callable[[Digest], BinaryIO],
+    ) -> str:
+        """The name of the layer directory holding ``diff_id`` on ``parents``; unpacked (and
+        checked against its diff_id) when missing."""
+        name = layer_dir_name(diff_id, parents)
+        final = self.layers_dir / name
+        if (final / "fs").is_dir():
+            return name
+        self.layers_dir.mkdir(exist_ok=True)
+        with self.name_lock("layer-" + name):
+            if (final / "fs").is_dir():
+                return name
+            work = self._tmp / f"layer-{uuid.uuid4().hex}"
+            work.mkdir()
+            fd = lock_fd(work / "lock", blocking=True)
+            try:
+                with open_layer(diff_id) as stream:
+                    apply_layer(
+                        stream,
+                        work / "fs",
+                        expected=diff_id,
+                        name=f"layer {diff_id}",
+                        overlay=True,
+                        parents=parents,
+                    )
+                (work / "meta.json").write_text(layer_meta_json(diff_id, parents))
+                (work / "lock").unlink()
+                os.rename(work, final)
+            except BaseException:
+                remove_tree(work)
+                raise
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        return name
+
+    def commit_stack(self, name: str, parent: str | None, layer: str) -> None:
+        """Commit snapshot ``name``: layer directory ``layer`` on committed ``parent``."""
+        final = self._cdir(name)
+        if final.exists():
+            return
+        work = self._tmp / f"stack-{uuid.uuid4().hex}"
+        work.mkdir()
+        try:
+            if parent is not None:
+                (work / "parent").write_text(parent)
+            (work / "layer").write_text(layer)
+            os.rename(work, final)
+        except OSError as exc:
+            remove_tree(work)
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
 
     def _populate(self, d: Path, parent: str | None, kind: str) -> None:
         if kind == "active":
@@ -38,7 +123,7 @@ class OverlaySnapshotter(Base):
 
     def mounts(self, key: str) -> list[Mount]:
         d, kind, parent = self._active_info(key)
-        lowers = [str(p / "fs") for p in self._chain(parent)]
+        lowers = [str(self.fs_of(p)) for p in self._chain(parent)]
         for p in lowers:
             if ":" in p or "," in p:
                 raise Unsupported(
@@ -75,7 +160,7 @@ class OverlaySnapshotter(Base):
         d, kind, parent = self._active_info(key)
         if kind != "active":
             raise InvalidInput(f"snapshot {key!r} is a view: it has no changes")
-        lowers = [p / "fs" for p in self._chain(parent)]
+        lowers = [self.fs_of(p) for p in self._chain(parent)]
         out: list[Found] = []
         _OverlayDiff(d / "fs", lowers, out).walk("", hidden=False)
         return finish(out)
@@ -188,3 +273,42 @@ def overlay_works(root: Path) -> bool:
             os.close(fd)
         remove_tree(probe)
 
+
+
+def _entry_meta(e: Entry | None) -> list[object] | None:
+    if e is None:
+        return None
+    return [e.mode, e.uid, e.gid, e.mtime, [[k, v.hex()] for k, v in sorted(e.xattrs)]]
+
+
+def layer_meta_json(diff_id: Digest, parents: Mapping[str, Entry | None]) -> str:
+    """What a layer directory holds: its diff_id and the parent directories it took from below."""
+    doc = {"diff_id": diff_id, "parents": {p: _entry_meta(e) for p, e in sorted(parents.items())}}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def layer_dir_name(diff_id: Digest, parents: Mapping[str, Entry | None]) -> str:
+    """A layer directory's name: sha256 over what decides its content."""
+    return hashlib.sha256(layer_meta_json(diff_id, parents).encode()).hexdigest()
+
+
+def parents_from_meta(doc: Mapping[str, object]) -> dict[str, Entry | None]:
+    """The ``parents`` of a layer directory's meta.json, as ``apply_layer`` takes them."""
+    out: dict[str, Entry | None] = {}
+    raw = doc.get("parents")
+    assert isinstance(raw, dict)
+    for p, m in raw.items():
+        if m is None:
+            out[p] = None
+            continue
+        mode, uid, gid, mtime, xattrs = m
+        out[p] = Entry(
+            path=p,
+            type="dir",
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            mtime=mtime,
+            xattrs=tuple((k, bytes.fromhex(v)) for k, v in xattrs),
+        )
+    return out
