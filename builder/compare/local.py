@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from builder.compare.source import Image, Layer
 
 if TYPE_CHECKING:
+    from cache.index.reader import FastIndex
     from cache.session import Session
+    from cache.store.blobs import BlobStore
 
 __all__ = ["LocalStore"]
 
@@ -32,6 +34,8 @@ class LocalStore:
         self._home = home
         self._stack = contextlib.ExitStack()
         self._session: Session | None = None
+        self._fast: tuple[FastIndex, BlobStore] | None = None
+        self._tried_fast = False
 
     def __enter__(self) -> LocalStore:
         return self
@@ -44,6 +48,30 @@ class LocalStore:
     def close(self) -> None:
         self._stack.close()
         self._session = None
+        self._fast = None
+        self._tried_fast = False
+
+    def fast(self) -> tuple[FastIndex, BlobStore] | None:
+        """The stdlib read path (no SQLAlchemy) under the home's shared lock, when the home
+        has an index of the current schema; None otherwise (``session()`` then)."""
+        if not self._tried_fast:
+            self._tried_fast = True
+            from cache.home import Home, home_dir, lock_home
+            from cache.index.reader import FastIndex
+            from cache.store.blobs import BlobStore
+
+            home = home_dir(self._home)
+            if Home(home).db.is_file():
+                self._stack.enter_context(lock_home(home, exclusive=False))
+                index = FastIndex.open(Home(home).db)
+                if index is not None:
+                    self._stack.callback(index.close)
+                    self._fast = (index, BlobStore(home))
+        return self._fast
+
+    def store(self) -> BlobStore:
+        fast = self.fast()
+        return fast[1] if fast is not None else self.session().store
 
     def session(self) -> Session:
         if self._session is None:
@@ -61,7 +89,8 @@ class LocalStore:
             name = full_tag(ref)
         except InvalidInput:
             return None
-        found = self.session().index.get_tag(name)
+        fast = self.fast()
+        found = (fast[0] if fast is not None else self.session().index).get_tag(name)
         return None if found is None else str(found.manifest_digest)
 
     def __call__(self, ref: str) -> Image | None:
@@ -81,7 +110,7 @@ class LocalStore:
     def _image(self, ref: str, digest: str) -> Image:
         from cache.types import Digest
 
-        store = self.session().store
+        store = self.store()
         manifest = json.loads(store.read(Digest(digest)))
         config_digest = Digest(manifest["config"]["digest"])
         config = json.loads(store.read(config_digest))
@@ -122,7 +151,7 @@ class LocalStore:
         digest = self.manifest_digest(ref)
         if digest is None:
             return False
-        store = self.session().store
+        store = self.store()
         ext = image_from_store(store, ref, Digest(digest))
         manifest_bytes = store.read(Digest(digest))
         manifest: dict[str, Any] = json.loads(manifest_bytes)

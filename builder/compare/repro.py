@@ -218,7 +218,7 @@ def chain_steps(context: Path, dockerfile: Path | None, target: str | None) -> l
         chain.append(stage)
         base = df.stage(stage.base.image)
         stage = base if base is not None and base.index < stage.index else None
-    shown = os.path.relpath(path) if not str(path).startswith("..") else str(path)
+    shown = str(path)  # as the user named it
     out = []
     for st in reversed(chain):
         for instr in st.instructions:
