@@ -24,7 +24,7 @@ from builder.options import (
     split_tag,
 )
 from builder.solve.stepcache import IndexCache, compressed_blob
-from cache.errors import NotFound
+from cache.errors import CorruptBlob, NotFound
 from cache.session import Session
 from cache.types import Compression, Digest
 
@@ -162,7 +162,15 @@ def build(
 
             for name in opts.registry_names():
                 parse_reference(name)
-        return _build(opts, rep, probe, memo, tocs, deferred, recorder, epoch, t0)
+        try:
+            return _build(opts, rep, probe, memo, tocs, deferred, recorder, epoch, t0)
+        except CorruptBlob as e:
+            # The blob was removed as it failed its check on the way out: whatever needs it
+            # is a miss now, so one more build makes it again (issue 11 item 7).
+            print(f"lbuild: warning: {e.message}; building what needs it again", file=sys.stderr)
+            if recorder is not None:
+                recorder.abandon()
+            return _build(opts, rep, probe, memo, tocs, deferred, None, epoch, t0)
     finally:
         if recorder is not None:
             recorder.abandon()  # a no-op when the session used (and closed) it

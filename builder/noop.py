@@ -250,12 +250,17 @@ def try_fast(opts: BuildOptions, reporter: Reporter) -> tuple[BuildResult | None
         memo = json.loads(raw)
     except ValueError:
         return None, pr
+    if not isinstance(memo, dict):
+        return None, pr
     dag = memo.get("dag")
     if isinstance(dag, dict):  # the plan's DAG does not depend on the context's files
         pr = replace(pr, dag=dag)
-    if pr.fingerprint.digest != memo["fingerprint"]:
+    if pr.fingerprint.digest != memo.get("fingerprint"):
         return None, pr
-    return _replay(opts, reporter, home, memo, t0), pr
+    try:
+        return _replay(opts, reporter, home, memo, t0), pr
+    except Exception:  # anything inconsistent (memo, index, a blob): the normal path decides
+        return None, pr
 
 
 def _replay(
@@ -358,9 +363,9 @@ def stored_image(store: Any, manifest_digest: str) -> Any:
     from builder.export.oci import Image
     from cache.types import BlobInfo, Digest
 
-    manifest = store.read(Digest(manifest_digest))
+    manifest = _verified(store, Digest(manifest_digest))
     m = json.loads(manifest)
-    config = store.read(Digest(m["config"]["digest"]))
+    config = _verified(store, Digest(m["config"]["digest"]))
     layers = tuple(
         BlobInfo(Digest(x["digest"]), int(x["size"]), x["mediaType"]) for x in m["layers"]
     )
@@ -368,6 +373,17 @@ def stored_image(store: Any, manifest_digest: str) -> Any:
     return Image(
         Digest(manifest_digest), manifest, Digest(m["config"]["digest"]), config, layers, diff_ids
     )
+
+
+def _verified(store: Any, d: Any) -> bytes:
+    """A small blob's bytes, checked against its name (``CorruptBlob``, blob removed)."""
+    import hashlib
+
+    from cache.types import sha256_digest
+
+    data: bytes = store.read(d)
+    store.vouch(d, sha256_digest(hashlib.sha256(data).hexdigest()))
+    return data
 
 
 def _layout_has(dest: Path, manifest: str, tag: str) -> bool:

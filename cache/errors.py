@@ -71,6 +71,17 @@ class DigestMismatch(LbuildError):
         self.actual = actual
 
 
+class CorruptBlob(DigestMismatch):
+    """A blob in the content store no longer matches its name (found as it left the store).
+
+    Whoever raises it has removed the blob, so the records that need it are misses: a build
+    that meets it builds again (once), never outputs it."""
+
+    def __init__(self, digest: str, actual: str) -> None:
+        super().__init__(f"blob {digest} in the content store is corrupt", digest, actual)
+        self.digest = digest
+
+
 class StepFailed(LbuildError):
     """A build step ran and failed (for example a RUN command exited nonzero)."""
 

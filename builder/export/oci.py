@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from builder.plan.keys import canonical as canonical_json
 from cache.errors import DigestMismatch, InvalidInput, NotFound, Unsupported
@@ -238,6 +238,7 @@ def _place_blob(store: BlobStore, d: Digest, blobs_dir: Path) -> None:
     target = blobs_dir / digest_hex(d)
     if target.is_file() and target.stat().st_size == store.size(d):
         return
+    store.check_out(d)  # a blob that no longer matches its name never leaves the store
     src = store.path(d)
     tmp = blobs_dir / f".{digest_hex(d)}.{uuid.uuid4().hex}.tmp"
     try:
@@ -308,7 +309,9 @@ def export_docker_archive(
                 written.add(d)
                 tar.addfile(info(digest_hex(d), kind=tarfile.DIRTYPE))
                 with store.open(d) as f:
-                    tar.addfile(info(name, store.size(d)), f)
+                    hashed = _HashingReader(f)
+                    tar.addfile(info(name, store.size(d)), hashed)
+                    store.vouch(d, hashed.digest())  # verified as it streamed out
             tar.addfile(info(config_name, len(image.config)), io.BytesIO(image.config))
             data = canonical_json(manifest)
             tar.addfile(info("manifest.json", len(data)), io.BytesIO(data))

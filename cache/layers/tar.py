@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import io
 import os
 import stat
@@ -29,7 +30,16 @@ from blake3 import blake3
 
 from cache.errors import InvalidInput, LbuildError, StoreError, Unsupported
 from cache.store.blobs import BlobStore, BlobWriter
-from cache.types import MEDIA_TYPES, BlobInfo, Compression, Digest, Entry, EntryType, LayerInfo
+from cache.types import (
+    MEDIA_TYPES,
+    BlobInfo,
+    Compression,
+    Digest,
+    Entry,
+    EntryType,
+    LayerInfo,
+    sha256_digest,
+)
 
 TAR_WRITER_VERSION = 1
 """Version of the tar bytes ``write_layer`` makes of given entries (header layout, order, PAX
@@ -955,8 +965,13 @@ def compress_layer(
             store.ingest() as w,
             igzip.GzipFile(filename="", mode="wb", compresslevel=lvl, fileobj=w, mtime=0) as gz,  # type: ignore[no-untyped-call]
         ):
+            h = None if store.is_checked(diff_id) else hashlib.sha256()
             while chunk := src.read(_CHUNK):
+                if h is not None:
+                    h.update(chunk)
                 gz.write(chunk)  # type: ignore[no-untyped-call]
+            if h is not None:  # never compress a corrupt tar
+                store.vouch(diff_id, sha256_digest(h.hexdigest()))
     elif codec == "zstd":
         import zstandard
 
@@ -970,8 +985,13 @@ def compress_layer(
             store.ingest() as w,
             cctx.stream_writer(cast(IO[bytes], w), size=size, closefd=False) as zw,
         ):
+            h = None if store.is_checked(diff_id) else hashlib.sha256()
             while chunk := src.read(_CHUNK):
+                if h is not None:
+                    h.update(chunk)
                 zw.write(chunk)
+            if h is not None:  # never compress a corrupt tar
+                store.vouch(diff_id, sha256_digest(h.hexdigest()))
     else:
         raise Unsupported(f"unsupported compression {codec!r}")
     return BlobInfo(digest=w.digest, size=w.size, media_type=MEDIA_TYPES[codec])

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from cache.errors import DigestMismatch, InvalidInput, NotFound, StoreError
+from cache.errors import CorruptBlob, DigestMismatch, InvalidInput, NotFound, StoreError
 from cache.types import Digest, digest_hex, sha256_digest
 
 _INGEST_PREFIX = "ingest-"
@@ -83,6 +83,8 @@ class BlobStore:
         self._tmp = self.root / "tmp"
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
+        self._checked: set[Digest] = set()
+        """Blobs whose bytes this process hashed (it wrote them, or ``check_out`` read them)."""
 
     def path(self, d: Digest) -> Path:
         """Where blob ``d`` lives (whether or not it is present)."""
@@ -127,6 +129,7 @@ class BlobStore:
                 os.chmod(tmp, 0o444)
                 os.replace(tmp, final)
                 _fsync_dir(self._blobs)
+                self._checked.add(actual)  # hashed on the way in, by this process
             writer._digest = actual
         except BaseException:
             f.close()
@@ -173,8 +176,33 @@ class BlobStore:
                 h.update(chunk)
         return sha256_digest(h.hexdigest()) == d
 
+    def is_checked(self, d: Digest) -> bool:
+        """Whether this process already hashed blob ``d`` (wrote it, or checked it out)."""
+        return d in self._checked
+
+    def check_out(self, d: Digest) -> None:
+        """Verify blob ``d`` before it leaves the store (export, unpack): re-hash it unless
+        this process already hashed it.  A blob that no longer matches its name is removed
+        and ``CorruptBlob`` raised, so what needs it is rebuilt instead of output."""
+        if d in self._checked:
+            return
+        h = hashlib.sha256()
+        with self.open(d) as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        self.vouch(d, sha256_digest(h.hexdigest()))
+
+    def vouch(self, d: Digest, actual: Digest) -> None:
+        """Record what blob ``d`` hashed to while it was streamed out (``CorruptBlob`` and
+        the blob removed when that is not ``d``)."""
+        if actual != d:
+            self.remove(d)
+            raise CorruptBlob(d, actual)
+        self._checked.add(d)
+
     def remove(self, d: Digest) -> None:
         """Delete blob ``d``; removing a blob that is not there is not an error."""
+        self._checked.discard(d)
         self.path(d).unlink(missing_ok=True)
 
     def digests(self) -> Iterator[Digest]:
