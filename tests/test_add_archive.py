@@ -137,3 +137,13 @@ def test_add_archives_end_to_end(tmp_path: Path, home: Path) -> None:
     p = lbuild("build", ctx, home=home, check=False)
     assert p.returncode == 2
     assert "Dockerfile:2: ADD thru.tar: archive entry 'f/x' goes through 'f'" in p.stderr
+
+
+def test_add_checksum_on_a_local_source_is_refused(tmp_path: Path, home: Path) -> None:
+    # BuildKit (dockerfile2llb dispatchCopy): --checksum needs one HTTP(S) or Git source; it
+    # was silently ignored for local files.
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "Dockerfile").write_text("FROM scratch\nADD --checksum=sha256:00 a.txt /\n")
+    p = lbuild("build", tmp_path, home=home, check=False)
+    assert p.returncode == 2
+    assert p.stderr.strip().endswith("Dockerfile:2: checksum requires HTTP(S) or Git sources")

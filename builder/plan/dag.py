@@ -287,6 +287,15 @@ def select_context(
             raise Unsupported(
                 f"ADD from a URL is not supported yet: {src}", file=file, line=instr.line
             )
+    if instr.checksum is not None:  # BuildKit's dispatchCopy: only for one URL or Git source
+        raise InvalidInput(
+            "checksum requires HTTP(S) or Git sources"
+            if len(instr.sources) == 1
+            else "checksum can't be specified for multiple sources",
+            file=file,
+            line=instr.line,
+        )
+    for src in instr.sources:
         keep = exclude = None
         if instr.exclude:
             exclude = exclude_rules(instr.exclude, file, instr.line)
