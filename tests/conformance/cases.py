@@ -284,23 +284,17 @@ CASES += [
          patch={"w": {"kind": "dir", "mode": 0o755, "uid": 1234, "gid": 1234},
                 "w/x": {"kind": "dir", "mode": 0o755, "uid": 1234, "gid": 1234}}),
     Case("workdir-existing-keeps", "FROM base\nUSER app\nWORKDIR /home/app\nRUN touch f\n",
-         "WORKDIR on an existing dir keeps its 0750 app:app",
-         xfail="issue 9 item 1: lbuild's RUN view has /home/app 0755 root:root (the base's "
-               "layer 2 lacks its entry; the metadata of layer 1 is lost): Permission denied"),
+         "WORKDIR on an existing dir keeps its 0750 app:app"),
     Case("workdir-relative", "FROM base\nWORKDIR a\nWORKDIR b\nRUN touch here\n",
          "relative WORKDIRs chain from / (config WorkingDir /a/b)"),
     Case("user-run-tmp", "FROM base\nCOPY a.txt /tmp/\nUSER nobody\nRUN touch /tmp/x\n",
          "after COPY into /tmp, USER nobody can still write /tmp (1777) in RUN", files=A),
     Case("user-run-home", "FROM base\nUSER app\nRUN touch /home/app/mine && mkdir /home/app/d\n",
-         "RUN as app writes its 0750 home; files owned 1000:1000",
-         xfail="issue 9 item 1: lbuild's RUN view has /home/app 0755 root:root (the base's "
-               "layer 2 lacks its entry; the metadata of layer 1 is lost): Permission denied"),
+         "RUN as app writes its 0750 home; files owned 1000:1000"),
     Case("user-uid-gid-run", "FROM base\nUSER 1001:50\nRUN touch /tmp/y && mkdir /tmp/dd\n",
          "RUN as 1001:50 creates files 1001:50"),
     Case("user-run-setgid-dir", "FROM base\nRUN touch /srv/shared/n && mkdir /srv/shared/sd\n",
-         "files created in a setgid dir by RUN inherit its group (1002) and subdirs the setgid bit",
-         xfail="issue 9 item 1: lbuild's RUN view and layer have /srv 0755 root:0 and "
-               "/srv/shared 0755 root:root (layer 2 lacks their entries)"),
+         "files created in a setgid dir by RUN inherit its group (1002) and subdirs the setgid bit"),
 
     # --- RUN: whiteouts, opaque dirs, type changes, hardlinks, special files -------------------
     Case("run-rm-file", "FROM base\nRUN rm /etc/motd\n", "a deleted file (whiteout)"),
@@ -339,9 +333,7 @@ CASES += [
          "mode-only changes of a file and of /root"),
     Case("run-rename-dir", "FROM base\nRUN mv /opt/old /opt/new\n", "a renamed directory"),
     Case("run-rm-l2-file", "FROM base\nRUN rm /srv/shared/from-l2.txt\n",
-         "deleting a file of the base's second layer under a setgid dir",
-         xfail="issue 9 item 1: lbuild's layer carries /srv and /srv/shared as 0755 root:root "
-               "(their metadata from layer 1 is lost)"),
+         "deleting a file of the base's second layer under a setgid dir"),
     Case("run-long-names",
          "FROM base\nRUN d=/opt/" + "d" * 120 + " && mkdir -p $d/" + "e" * 120 + " && "
          "echo x > $d/" + "e" * 120 + "/" + "f" * 150 + " && ln -s $d /opt/longlink\n",
