@@ -58,7 +58,7 @@ def lbuild(*args: str | Path, env: dict[str, str] | None = None, ok: tuple[int, 
                        capture_output=True, text=True)
     dt = time.perf_counter() - t0
     CPU.setdefault(label, []).append(_children_cpu() - c0)
-    if p.returncode not in ok:
+    if p.returncode not in ok or (args[0] == "repro-check" and "reproducible:" not in p.stdout):
         raise SystemExit(f"lbuild {' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
     return dt
 

@@ -57,7 +57,10 @@ def test_leaky_steps_are_each_named(busybox_home: Path, tmp_path: Path) -> None:
     assert lines[10] == {"host": {"content": lines[10]["host"]["content"], "size": [7, 8]}}
     assert "content" in lines[11]["tz"] and lines[11]["tz"]["size"][1] == len("America/Adak\n")
     assert lines[12] == {"umask.txt": {"mode": ["0644", "0664"]}}  # checked out under 0002
-    assert cmp["config"] == []  # created/history times come from SOURCE_DATE_EPOCH
+    # created/history times come from SOURCE_DATE_EPOCH; the TZ that ENV (line 13) saw differs
+    (env,) = cmp["config"]
+    assert env["field"].startswith("config.Env[") and env["b"] == "BUILT_TZ=America/Adak"
+    assert env["step"]["line"] == 13
     runs = out["runs"]
     assert runs[0]["variations"] == {}
     assert set(runs[1]["variations"]) == {"path", "umask", "mtime", "order", "tz", "locale",

@@ -126,6 +126,12 @@ def repro_json(report: ReproReport) -> str:
                 "line": site.line if site else None,
                 "instruction": site.text if site else None,
             }
+        for field_entry, f in zip(entry["config"], d.config, strict=True):
+            cs = report.site_of_config(f) if f.field.startswith("config.") else None
+            if f.field.startswith("history["):
+                cs = report.site_of_history(d, int(f.field[8 : f.field.index("]")]))
+            if cs is not None:
+                field_entry["step"] = {"file": cs.file, "line": cs.line, "instruction": cs.text}
         for layer in entry["layers"]:
             site = report.site_of_layer(d, layer["index"])
             layer["step"] = (

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import stat
 import subprocess
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder.compare.diff import DiffOptions, DiffResult, diff_images
+from builder.compare.diff import DiffOptions, DiffResult, FieldDiff, diff_images
 from builder.compare.source import Image, LocalResolver, open_image
 from cache.errors import InvalidInput, StepFailed
 
@@ -190,10 +191,50 @@ class ReproReport:
                 site = self.site_of_history(d, j)
                 pos = self.steps.index(site) if site in self.steps else 10**6 + j
                 candidates.append((pos, f"history[{j}]", site))
+        for f in d.config:
+            if f.field.startswith("config.") and not f.derived:
+                site = self.site_of_config(f)
+                pos = self.steps.index(site) if site in self.steps else 2 * 10**6
+                candidates.append((pos, f.field, site))
         if not candidates:
             return None
         _, what, site = min(candidates, key=lambda c: c[0])
         return what, site
+
+    def site_of_config(self, f: FieldDiff) -> StepSite | None:
+        """The last instruction of the chain that sets a differing ``config.*`` field (for Env
+        and Labels, one that names the variable or label)."""
+        part = f.field[len("config.") :]
+        name = re.split(r"[.\[]", part, maxsplit=1)[0]
+        words = _CONFIG_WORDS.get(name)
+        if words is None:
+            return None
+        key: str | None = None
+        if name == "Env":
+            value = f.a if f.a_present else f.b
+            key = value.split("=", 1)[0] if isinstance(value, str) else None
+        elif name == "Labels" and part.startswith("Labels."):
+            key = part[len("Labels.") :]
+        for site in reversed(self.steps):
+            word = site.text.split(None, 1)[0].upper() if site.text.strip() else ""
+            if word in words and (key is None or key in site.text):
+                return site
+        return None
+
+
+_CONFIG_WORDS = {
+    "Env": ("ENV",),
+    "Labels": ("LABEL",),
+    "WorkingDir": ("WORKDIR",),
+    "User": ("USER",),
+    "Cmd": ("CMD",),
+    "Entrypoint": ("ENTRYPOINT",),
+    "ExposedPorts": ("EXPOSE",),
+    "Volumes": ("VOLUME",),
+    "StopSignal": ("STOPSIGNAL",),
+    "Healthcheck": ("HEALTHCHECK",),
+    "Shell": ("SHELL",),
+}
 
 
 # ---------------------------------------------------------------------------------------------
