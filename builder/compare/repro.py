@@ -319,12 +319,13 @@ def _copy_context(
             d.mkdir(exist_ok=True)
         elif s.is_symlink():
             os.symlink(os.readlink(s), d)
-        else:
+        elif s.is_file():
             shutil.copyfile(s, d, follow_symlinks=False)
+        # sockets, fifos and devices are not copied (a build context cannot send them)
     # modes once every entry exists (a 0555 directory could not have been filled)
     for rel, is_dir in [*entries, (".", True)]:
         s = src / rel
-        if s.is_symlink():
+        if s.is_symlink() or not (dest / rel).exists():
             continue
         mode = stat.S_IMODE(s.lstat().st_mode)
         if umask is not None:
