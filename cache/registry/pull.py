@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 Platform = tuple[str, str, str]
 T = TypeVar("T")
-DEFAULT_JOBS = 4
+DEFAULT_JOBS = 6
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from cache.registry.transport import Transport
 if TYPE_CHECKING:
     from cache.store.blobs import BlobStore
 
-DEFAULT_JOBS = 4
+DEFAULT_JOBS = 6
 
 
 @dataclass(frozen=True)
