@@ -305,10 +305,21 @@ def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:
                     if instr.exec_form
                     else (instr.command[0] if instr.command else "")
                 )
+                from builder.solve.rootless import failure_hint
+
                 raise StepFailed(
-                    f"RUN {shown} failed: exit code {code}", file=file, line=instr.line
+                    f"RUN {shown} failed: exit code {code}",
+                    hint=failure_hint(),
+                    file=file,
+                    line=instr.line,
                 )
             entries = snap.diff(key)
+            if os.geteuid() != 0:  # rootless: the ids a root build would record (issue 9)
+                from builder.solve.rootless import current_map, map_entries
+
+                maps = current_map()
+                assert maps is not None
+                entries = map_entries(entries, *maps, view.get, file=file, line=instr.line)
             entries = [e for e in entries if not _under(e.path, targets)]
             if env.clamp_mtime is not None:
                 entries = [replace(e, mtime=min(e.mtime, env.clamp_mtime)) for e in entries]
