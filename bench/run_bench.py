@@ -1,0 +1,290 @@
+"""Issue 16's benchmark: a one-file edit below a RUN, and cold builds into the store.
+
+The app context is the cache benchmark's (bench/scenario.py: about 2,000 small files, four
+10 MiB files), on a base image that has a shell (the busybox image of fixtures/busybox),
+with a final stage whose RUN comes after its COPY steps -- the shape of most real
+Dockerfiles (``RUN_DOCKERFILE``).  Peers: buildah (``cache_bench.Buildah``: private overlay
+storage, ``--layers``), and the classic Docker builder when ``dockerd`` is installed (started
+here on a private socket and data root, ``--iptables=false --bridge=none``, as
+../shared/PEERS.md says; stopped by its pid).  Builders alternate in every round (A B C A B C).
+
+Scenarios (median of ``--runs``):
+- ``edit below RUN``: one line appended to one file under ``COPY --link src/``, then a build
+  with the OCI export (lbuild ``-o type=oci``; buildah ``bud`` + ``push``); docker builds
+  into its store (it has no OCI export);
+- ``edit below RUN, into the store``: the same edit, lbuild ``-t`` with no output, beside
+  buildah ``bud`` alone and docker;
+- ``cold into the store``: empty lbuild home (the base imported untimed), fresh buildah
+  storage (base loaded untimed), docker with the app image and its build cache removed;
+- ``cold with OCI export``: lbuild ``-o type=oci`` beside buildah ``bud`` + ``push``.
+
+For the edit it also prints where lbuild's time goes: each step's own time from
+``--progress plain`` (the RUN's includes preparing its snapshot) and the layer directories
+the edit extracted (``snapshots/overlay/layers``).
+
+    python bench/run_bench.py [--runs 5] [--no-buildah] [--no-docker] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cache_bench import BenchError, Buildah, Measure, drop_caches, lbuild_env, run, run_rss
+from scenario import buildah_variant, edit_small_file, generate
+
+REPO = Path(__file__).resolve().parent.parent
+
+RUN_DOCKERFILE = """\
+FROM base AS deps
+WORKDIR /opt/deps
+COPY deps/ ./
+
+FROM base
+ENV APP_HOME=/app LANG=C.UTF-8
+WORKDIR /app
+COPY --link assets/ /app/assets/
+COPY --link data/ /app/data/
+COPY --from=deps /opt/deps /app/vendor
+COPY --link src/ /app/src/
+COPY config/ /app/config/
+RUN find /app -type f | wc -l > /app/file-count && chmod 0755 /app/src/main.py
+CMD ["/app/src/main.py"]
+"""
+
+
+def lbuild(ctx: Path, home: Path, base: Path, *args: str) -> Measure:
+    cmd = [
+        sys.executable, "-m", "builder", "build", str(ctx), "--home", str(home),
+        "--build-context", f"base=oci-layout://{base}", "--progress", "plain", *args,
+    ]  # fmt: skip
+    return run_rss(cmd, env=lbuild_env(REPO), cwd=REPO)
+
+
+def step_times(text: str) -> list[tuple[str, float]]:
+    """(step, seconds) of every step that ran (not cached) in a plain progress log."""
+    out = []
+    for m in re.finditer(r"^\[([^\]]+)\] (.*?) DONE ([0-9.]+)s$", text, re.M):
+        out.append((f"[{m.group(1)}] {m.group(2)[:60]}", float(m.group(3))))
+    return out
+
+
+class Docker:
+    """The classic builder of Debian's docker.io, on a private socket and data root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True)
+        self.sock = root / "docker.sock"
+        self.env = dict(os.environ, DOCKER_HOST=f"unix://{self.sock}", DOCKER_BUILDKIT="0")
+        log = open(root / "dockerd.log", "wb")  # noqa: SIM115 (lives as long as the daemon)
+        self.proc = subprocess.Popen(
+            [
+                "dockerd", "--iptables=false", "--bridge=none", "--storage-driver=overlay2",
+                "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
+                "--pidfile", str(root / "docker.pid"), "-H", f"unix://{self.sock}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for _ in range(300):
+            if subprocess.run(["docker", "info"], env=self.env, capture_output=True).returncode == 0:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        raise BenchError(f"dockerd did not start: see {root / 'dockerd.log'}")
+
+    def load_base(self, layout: Path) -> None:
+        tar = self.root / "base.tar"
+        run(["skopeo", "copy", "--quiet", f"oci:{layout}:latest",
+             f"docker-archive:{tar}:localhost/base:latest"])  # fmt: skip
+        run(["docker", "load", "-i", str(tar)], env=self.env)
+        tar.unlink()
+
+    def build(self, ctx: Path, dockerfile: Path) -> Measure:
+        return run_rss(
+            ["docker", "build", "-q", "-f", str(dockerfile), "-t", "app:bench", str(ctx)],
+            env=self.env,
+        )
+
+    def clear(self) -> None:
+        subprocess.run(["docker", "rmi", "-f", "app:bench"], env=self.env, capture_output=True)
+        subprocess.run(["docker", "image", "prune", "-f"], env=self.env, capture_output=True)
+        subprocess.run(["docker", "builder", "prune", "-af"], env=self.env, capture_output=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        mounts = [
+            ln.split()[1]
+            for ln in Path("/proc/mounts").read_text().splitlines()
+            if ln.split()[1].startswith(str(self.root))
+        ]
+        for m in sorted(mounts, reverse=True):
+            subprocess.run(["umount", "-l", m], check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--no-buildah", action="store_true")
+    ap.add_argument("--no-docker", action="store_true")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--workdir", type=Path)
+    a = ap.parse_args(argv)
+
+    work = a.workdir or Path(tempfile.mkdtemp(prefix="lbuild-runbench-"))
+    s = generate(work / "scn")
+    (s.context / "Dockerfile").write_text(RUN_DOCKERFILE)
+    (s.context / "buildah.Dockerfile").write_text(
+        buildah_variant(RUN_DOCKERFILE, "localhost/base:latest")
+    )
+    # The base: the busybox image, built once by lbuild into an OCI layout.
+    bb_ctx = work / "busybox"
+    subprocess.run(["sh", str(REPO / "fixtures/busybox/prepare-context.sh"), str(bb_ctx)],
+                   check=True)  # fmt: skip
+    base = work / "base-layout"
+    run([sys.executable, "-m", "builder", "build", str(bb_ctx), "--home", str(work / "bbhome"),
+         "--output", f"type=oci,dest={base}"], env=lbuild_env(REPO), cwd=REPO)  # fmt: skip
+
+    buildah = None if a.no_buildah or not shutil.which("buildah") else Buildah(work / "buildah")
+    docker = None
+    if not a.no_docker and shutil.which("dockerd"):
+        try:
+            docker = Docker(work / "docker")
+        except BenchError as e:
+            print(f"warning: no docker peer: {e}", file=sys.stderr)
+    if buildah is not None:
+        buildah.load_base(base)
+    if docker is not None:
+        docker.load_base(base)
+    results: dict[str, dict[str, list[float]]] = {}
+    profile: list[list[tuple[str, float]]] = []
+    extracted: list[int] = []
+
+    def add(scn: str, who: str, m: Measure) -> None:
+        results.setdefault(scn, {}).setdefault(who, []).append(m.seconds)
+        results[scn].setdefault(who + " rss", []).append(m.rss_mb)
+
+    home = work / "home"
+    prime = work / "prime"  # imports the base image into a fresh home (untimed)
+    prime.mkdir()
+    (prime / "Dockerfile").write_text("FROM base\nENV PRIMED=1\n")
+    state: dict[str, bool] = {}
+    try:
+        # warm every builder once (not timed)
+        lbuild(s.context, home, base, "-o", f"type=oci,dest={work / 'out-l'}")
+        if buildah is not None:
+            buildah.build(s.context, s.context / "buildah.Dockerfile", work / "out-b")
+        if docker is not None:
+            docker.build(s.context, s.context / "buildah.Dockerfile")
+        layers = home / "snapshots/overlay/layers"
+        for i in range(a.runs):
+            edit_small_file(s, f"e{i}-{time.time_ns()}")
+            before = len(list(layers.iterdir())) if layers.is_dir() else 0
+            shutil.rmtree(work / "out-l", ignore_errors=True)
+            m = lbuild(s.context, home, base, "-o", f"type=oci,dest={work / 'out-l'}")
+            add("edit below RUN (OCI export)", "lbuild", m)
+            profile.append(step_times(m.note))
+            extracted.append((len(list(layers.iterdir())) if layers.is_dir() else 0) - before)
+            if buildah is not None:
+                shutil.rmtree(work / "out-b", ignore_errors=True)
+                add("edit below RUN (OCI export)", "buildah",
+                    buildah.build(s.context, s.context / "buildah.Dockerfile", work / "out-b"))
+            if docker is not None:
+                add("edit below RUN (OCI export)", "docker (store)",
+                    docker.build(s.context, s.context / "buildah.Dockerfile"))
+            edit_small_file(s, f"s{i}-{time.time_ns()}")
+            add("edit below RUN, into the store", "lbuild",
+                lbuild(s.context, home, base, "-t", "app:bench"))
+            if docker is not None:
+                add("edit below RUN, into the store", "docker",
+                    docker.build(s.context, s.context / "buildah.Dockerfile"))
+        for i in range(a.runs):
+            cold = work / f"cold-{i}"
+            # the base image imported untimed: what buildah and docker get too
+            lbuild(prime, cold, base, "-t", "primed")
+            drop_caches(state)
+            add("cold into the store", "lbuild", lbuild(s.context, cold, base, "-t", "app:bench"))
+            shutil.rmtree(cold, ignore_errors=True)
+            cold = work / f"cold-oci-{i}"
+            lbuild(prime, cold, base, "-t", "primed")
+            drop_caches(state)
+            add("cold with OCI export", "lbuild",
+                lbuild(s.context, cold, base, "-o", f"type=oci,dest={work / f'oci-{i}'}"))
+            shutil.rmtree(cold, ignore_errors=True)
+            shutil.rmtree(work / f"oci-{i}", ignore_errors=True)
+            if buildah is not None:
+                buildah.destroy()
+                buildah = Buildah(work / "buildah")
+                buildah.load_base(base)
+                drop_caches(state)
+                m = buildah.build(s.context, s.context / "buildah.Dockerfile", work / "out-b")
+                add("cold with OCI export", "buildah", m)
+                add("cold into the store", "buildah (bud)", Measure(m.seconds - m.export, 0.0))
+                shutil.rmtree(work / "out-b", ignore_errors=True)
+            if docker is not None:
+                docker.clear()
+                drop_caches(state)
+                add("cold into the store", "docker",
+                    docker.build(s.context, s.context / "buildah.Dockerfile"))
+    finally:
+        if buildah is not None:
+            buildah.destroy()
+        if docker is not None:
+            docker.stop()
+
+    print(f"# run_bench: {a.runs} runs, {s.small_files} small files, "
+          f"{s.context_bytes / (1 << 20):.0f} MiB context, load {os.getloadavg()[0]:.2f}")  # fmt: skip
+    for scn, by in results.items():
+        ref = med(by.get("lbuild", []))
+        print(f"\n## {scn}")
+        for who, xs in by.items():
+            if who.endswith(" rss"):
+                continue
+            ratio = med(xs) / ref if ref else float("nan")
+            rss = med(by.get(who + " rss", []))
+            print(f"- {who}: median {med(xs):.3f} s (runs {', '.join(f'{x:.2f}' for x in xs)})"
+                  f"{f', {ratio:.1f}x lbuild' if who != 'lbuild' else ''}"
+                  f"{f', peak RSS {rss:.0f} MB' if rss else ''}")  # fmt: skip
+    print("\n## where an edit's time goes (lbuild, the run with the median wall time)")
+    walls = results["edit below RUN (OCI export)"]["lbuild"]
+    mid = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]
+    for step, secs in profile[mid]:
+        print(f"- {step}: {secs:.3f} s")
+    print(f"- layer directories extracted per edit: {extracted}")
+    if a.json:
+        a.json.write_text(json.dumps({"results": results, "profile": profile,
+                                      "extracted": extracted}, indent=1))  # fmt: skip
+    if not a.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
