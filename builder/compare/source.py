@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from builder.compare.tarscan import Member, scan
 from cache.errors import InvalidInput, NotFound, Unsupported
 
 __all__ = [
@@ -442,37 +443,6 @@ def _section_opener(path: Path, offset: int, size: int) -> Callable[[], BinaryIO
 # Layer members
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
-    """One tar member of a layer as a comparison sees it (``order``: its position in the tar).
-
-    ``path`` is normalised (no leading ``/`` or ``./``, no trailing ``/``; whiteouts keep their
-    ``.wh.`` names).  ``pax`` holds the PAX records that no other field expresses (atime,
-    ctime, comments, vendor records), sorted.
-    """
-
-    path: str
-    order: int
-    typeflag: str
-    mode: int
-    uid: int
-    gid: int
-    uname: str
-    gname: str
-    size: int
-    mtime: float
-    link: str
-    devmajor: int
-    devminor: int
-    xattrs: tuple[tuple[str, str], ...]
-    pax: tuple[tuple[str, str], ...]
-    digest: str
-
-
-_PAX_EXPRESSED = frozenset({"path", "linkpath", "size", "uid", "gid", "uname", "gname", "mtime"})
-_XATTR_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")
-
-
 def _plain(stack: contextlib.ExitStack, raw: BinaryIO) -> BinaryIO:
     """The uncompressed stream of a layer blob, recognised by its first bytes."""
     buffered = io.BufferedReader(cast(Any, raw), _CHUNK) if not hasattr(raw, "peek") else raw
@@ -494,8 +464,6 @@ def _plain(stack: contextlib.ExitStack, raw: BinaryIO) -> BinaryIO:
 def iter_members(layer: Layer, what: str = "") -> Iterator[Member]:
     """Stream ``layer``'s tar members in order, each regular file's content hashed (blake3)."""
     import zlib
-
-    from builder.compare.tarscan import scan
 
     where = what or f"layer {layer.index}"
     try:

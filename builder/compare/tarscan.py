@@ -9,12 +9,9 @@ global records) headers, as Go's archive/tar does; sparse members are refused.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from cache.errors import InvalidInput, Unsupported
-
-if TYPE_CHECKING:
-    from builder.compare.source import Member
 
 _BLOCK = 512
 _ZERO = bytes(_BLOCK)
@@ -22,6 +19,37 @@ _CHUNK = 1 << 20
 _EXPRESSED = frozenset({"path", "linkpath", "size", "uid", "gid", "uname", "gname", "mtime"})
 _XATTR_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")
 _REGULAR = (b"0", b"\0", b"7")
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One tar member of a layer as a comparison sees it (``order``: its position in the tar).
+
+    ``path`` is normalised (no leading ``/`` or ``./``, no trailing ``/``; whiteouts keep their
+    ``.wh.`` names).  ``pax`` holds the PAX records that no other field expresses (atime,
+    ctime, comments, vendor records), sorted.
+    """
+
+    path: str
+    order: int
+    typeflag: str
+    mode: int
+    uid: int
+    gid: int
+    uname: str
+    gname: str
+    size: int
+    mtime: float
+    link: str
+    devmajor: int
+    devminor: int
+    xattrs: tuple[tuple[str, str], ...]
+    pax: tuple[tuple[str, str], ...]
+    digest: str
+
+
+_PAX_EXPRESSED = frozenset({"path", "linkpath", "size", "uid", "gid", "uname", "gname", "mtime"})
+_XATTR_PREFIXES = ("SCHILY.xattr.", "LIBARCHIVE.xattr.")
 
 
 class _Reader:
@@ -119,8 +147,6 @@ def _clean(name: str) -> str:
 def scan(read: Callable[[int], bytes]) -> Iterator[Member]:
     """The members of an uncompressed tar stream, in order."""
     from blake3 import blake3
-
-    from builder.compare.source import Member
 
     src = _Reader(read)
     global_pax: dict[str, str] = {}
