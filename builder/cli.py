@@ -425,7 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except OSError as e:  # the machine said no: disk full, permissions on the cache home, ...
         where = f" {e.filename}:" if e.filename else ""
-        print(f"lbuild: error:{where} {e.strerror or e}", file=sys.stderr)
+        hint = ""
+        if e.errno in (28, 122):  # ENOSPC, EDQUOT (errno is not imported on the hot path)
+            hint = " (hint: free some space, or run `lbuild cache prune`)"
+        print(f"lbuild: error:{where} {e.strerror or e}{hint}", file=sys.stderr)
         return EXIT_BUILD_FAILED
     except Exception as e:  # a bug: one line, the traceback only on request
         if os.environ.get("LBUILD_DEBUG"):

@@ -270,8 +270,14 @@ def cache_prune(
         for s in plan.steps
     ]
     lines += [f"blob {d} {human(sizes.get(d, 0))}" for d in plan.blobs]
+    from cache.home import clear_tmp, tmp_leftovers
+
+    leftovers = tmp_leftovers(session.home)  # no build runs: prune holds the lock exclusively
     if dry_run:
-        return lines, plan.freed_bytes
+        return lines + [f"tmp/{p.name} (left by an interrupted build)" for p in leftovers], (
+            plan.freed_bytes
+        )
+    lines += [f"{t} (left by an interrupted build)" for t in clear_tmp(session.home, leftovers)]
     gone = session.full_index.apply_prune(plan)
     freed = 0
     for d in gone:

@@ -82,6 +82,21 @@ class CorruptBlob(DigestMismatch):
         self.digest = digest
 
 
+class DiskFull(LbuildError):
+    """The filesystem under the cache home (or an output) is full; partial files are gone."""
+
+    exit_code = EXIT_BUILD_FAILED
+
+
+def disk_full(e: OSError, home: object, doing: str) -> DiskFull:
+    """The one line for ENOSPC/EDQUOT met ``doing`` something with the cache ``home``."""
+    where = f" writing {e.filename}" if e.filename else ""
+    return DiskFull(
+        f"no space left on device{where} (cache home {home}) {doing}",
+        hint="free some space, or run `lbuild cache prune`",
+    )
+
+
 class StepFailed(LbuildError):
     """A build step ran and failed (for example a RUN command exited nonzero)."""
 

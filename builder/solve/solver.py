@@ -8,6 +8,7 @@ recorded if the build is failing, and the first failure is the one reported.
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from builder.plan.copyspec import Selected, plan_copy, resolve_chown, select_fro
 from builder.plan.dag import Plan, Step
 from builder.plan.imageconfig import ImageState, history_text, iso_time
 from builder.plan.keys import layer_content_key
-from cache.errors import Interrupted, InvalidInput, LbuildError, Unsupported
+from cache.errors import Interrupted, InvalidInput, LbuildError, Unsupported, disk_full
 from cache.layers.view import View, clean
 from cache.store.blobs import BlobStore
 from cache.types import BlobInfo, Digest, Entry, LayerInfo, StepKey
@@ -371,6 +372,15 @@ class Solver:
         except LbuildError as e:
             self.reporter.step_done(step, cached=False, seconds=time.monotonic() - t0, error=str(e))
             raise
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            full = disk_full(e, self.store.root, f"while running {step.name}")
+            full.file, full.line = self.plan.filename, step.line or None
+            self.reporter.step_done(
+                step, cached=False, seconds=time.monotonic() - t0, error=str(full)
+            )
+            raise full from None
         if (
             layer is not None
             and self.finish_layer is not None

@@ -939,6 +939,8 @@ def import_layer(store: BlobStore, compressed: BinaryIO, media_type: str) -> Lay
             while tee.read(_CHUNK):
                 pass  # keep the end-of-archive blocks and padding: diff_id covers all bytes
     except bad as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the disk is full (a decompression bomb, or just a big layer): not bad input
         raise InvalidInput(f"layer is not a valid {codec} stream: {e}") from e
     return LayerInfo(diff_id=w.digest, size=w.size, toc=toc)
 

@@ -132,7 +132,8 @@ class BlobStore:
                 self._checked.add(actual)  # hashed on the way in, by this process
             writer._digest = actual
         except BaseException:
-            f.close()
+            with contextlib.suppress(OSError):  # disk full: flushing the buffer fails again
+                f.close()
             tmp.unlink(missing_ok=True)
             raise
 
