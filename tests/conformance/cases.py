@@ -599,3 +599,73 @@ CASES += [
     Case("workdir-env", "FROM base\nENV W=/wd\nWORKDIR $W/sub\nRUN pwd > here\n",
          "WORKDIR expands ENV"),
 ]
+
+CASES += [
+    # --- sources that are symlinks, odd modes, empty files -------------------------------------
+    Case("copy-top-symlink-followed", "FROM base\nCOPY lnk /opt/\n",
+         "a top-level symlink source is followed: /opt/lnk is a copy of its target",
+         files={"t.txt": "target\n", "lnk": symlink("t.txt")}),
+    Case("copy-top-dir-symlink-followed", "FROM base\nCOPY dl/ /opt/dl/\n",
+         "a top-level symlink to a directory is followed", files={"d/f": "f\n", "dl": symlink("d")}),
+    Case("copy-onto-dir-symlink", "FROM base\nCOPY a.txt /opt/link\n",
+         "a destination that is a symlink to a directory (/opt/link -> old): the file goes "
+         "inside /opt/old", files=A),
+    Case("copy-mode-000", "FROM base\nCOPY m/ /opt/m/\n",
+         "a 000 file and a 000 directory in the context are copied with those modes",
+         files={"m/none": mode(0o000), "m/d/in": "in\n"},
+         setup=lambda ctx: os.chmod(ctx / "m" / "d", 0o000)),
+    Case("copy-empty-file", "FROM base\nCOPY empty /opt/empty\n", "a 0-byte file",
+         files={"empty": b""}),
+    Case("copy-symlink-loop", "FROM base\nCOPY loop/ /opt/loop/\n",
+         "symlinks that loop are copied as links, never followed",
+         files={"loop/a": symlink("b"), "loop/b": symlink("a"), "loop/self": symlink(".")}),
+    Case("copy-link-into-home-app", "FROM base\nCOPY --link a.txt /home/app/\n",
+         "COPY --link into /home/app: the link layer's parents replace /home and /home/app",
+         files=A, buildah_dockerfile="FROM base\nCOPY a.txt /home/app/\n",
+         patch={"home/app": {"mode": 0o755, "uid": 0, "gid": 0}},
+         buildkit="BuildKit builds a --link layer on scratch: its parent dirs are created 0755 "
+                  "root:root and replace the lower ones in the merged image (moby/buildkit#3602; "
+                  "frontend/dockerfile/docs/reference.md, COPY --link, by moby/buildkit#6778)"),
+
+    # --- more RUN ------------------------------------------------------------------------------
+    Case("run-rm-children", "FROM base\nRUN rm -rf /opt/old/*\n",
+         "every child removed, the directory kept (whiteouts, no opaque)"),
+    Case("run-dir-to-file", "FROM base\nRUN rm -rf /opt/old && echo f > /opt/old\n",
+         "type change dir -> file"),
+    Case("run-retarget-symlink", "FROM base\nRUN ln -sfn /etc /opt/link\n",
+         "a symlink's target changed"),
+    Case("run-after-copy-link", "FROM base\nCOPY --link d/ /opt/ld/\nRUN echo more > /opt/ld/more && rm /opt/ld/x\n",
+         "RUN over a --link layer: sees its files, deletes one",
+         files={"d/x": "x\n", "d/y": "y\n"},
+         buildah_dockerfile="FROM base\nCOPY d/ /opt/ld/\nRUN echo more > /opt/ld/more && rm /opt/ld/x\n"),
+    Case("run-setgid-mkdir-p", "FROM base\nRUN mkdir -p /srv/a/b/c && touch /srv/a/b/c/f\n",
+         "mkdir -p under setgid /srv: group and setgid bit propagate"),
+
+    # --- more ARG/ENV/config -------------------------------------------------------------------
+    Case("arg-in-from", "ARG BASE=base\nFROM ${BASE}\nRUN echo ok > /ok\n",
+         "a global ARG names the base image"),
+    Case("stage-name-case", "FROM base AS Build\nRUN echo b > /b\nFROM build\nRUN echo c > /c\n",
+         "stage names are case-insensitive",
+         buildah_dockerfile="FROM base AS build\nRUN echo b > /b\nFROM build\nRUN echo c > /c\n",
+         buildkit="buildah 1.28 does not find stage 'build' named 'Build' (its Dockerfile spells "
+                  "it in lower case); BuildKit lowercases stage names (moby/buildkit "
+                  "frontend/dockerfile/instructions/parse.go parseBuildStageName)"),
+    Case("env-empty-value", "FROM base\nENV EMPTY= AFTER=x\n", "an empty ENV value is kept"),
+    Case("config-healthcheck-none", "FROM base\nHEALTHCHECK NONE\n", "HEALTHCHECK NONE",
+         config_patch={"Healthcheck": {"Test": ["NONE"]}}, buildkit=BK_CONFIG),
+    Case("config-stopsignal-number", "FROM base\nSTOPSIGNAL 9\n", "numeric STOPSIGNAL"),
+    Case("config-cmd-not-json", "FROM base\nCMD [not json\n",
+         "CMD that is not valid JSON is shell form"),
+    Case("config-label-override", "FROM base\nLABEL a=1\nLABEL a=2 b=3\n",
+         "a LABEL replaced by a later one"),
+    Case("config-expose-dupes", "FROM base\nEXPOSE 80 80/tcp 443/tcp\n",
+         "duplicate EXPOSE entries collapse"),
+    Case("config-user-uid-gid", "FROM base\nUSER 1001:50\n", "USER uid:gid kept as written"),
+    Case("config-entrypoint-empty", "FROM base\nENTRYPOINT []\n",
+         "ENTRYPOINT [] resets the base's Cmd"),
+    Case("config-workdir-trailing-slash", "FROM base\nWORKDIR /wt/\nRUN touch f\n",
+         "WORKDIR with a trailing slash: WorkingDir keeps it as written ('/wt/')",
+         buildkit="buildah agrees with BuildKit: an absolute WORKDIR is kept as given "
+                  "(moby/buildkit util/system normalizeWorkdirUnix returns `requested`)",
+         xfail="issue 9 (suite finding): lbuild writes WorkingDir '/wt' for WORKDIR /wt/"),
+]
