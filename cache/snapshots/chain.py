@@ -75,14 +75,16 @@ def _ensure_stacks(
     applied = 0  # layers in ``view``
     for i in range(have, len(names)):
         parents: dict[str, Entry | None] = {}
+        entries: Sequence[Entry] | None = None
         if toc is not None:
             if view is None:
                 view = View()
             while applied < i:
                 view.apply(toc(diff_ids[applied]), diff_ids[applied])
                 applied += 1
-            parents = layer_parents(toc(diff_ids[i]), view.get)
-        layer = snap.ensure_layer(diff_ids[i], parents, open_layer)
+            entries = toc(diff_ids[i])
+            parents = layer_parents(entries, view.get)
+        layer = snap.ensure_layer(diff_ids[i], parents, open_layer, entries)
         snap.commit_stack(names[i], names[i - 1] if i else None, layer)
     return names[-1]
 
