@@ -329,6 +329,18 @@ def select_context(
     return out
 
 
+def _with_onbuild_triggers(stage: df.Stage, state: ImageState, file: str) -> df.Stage:
+    """ONBUILD: the triggers the base recorded run first, as Docker runs them; they are
+    consumed (the new image does not carry them on)."""
+    triggers = state.config.pop("OnBuild", None) or []
+    if not triggers:
+        return stage
+    from dataclasses import replace
+
+    body = (*df.parse_triggers(triggers, file, stage.base.line), *stage.instructions)
+    return replace(stage, instructions=body)
+
+
 def _check_platform(platform: str | None, file: str, stage: df.Stage) -> None:
     """``FROM --platform=P``: lbuild builds for this host only; another platform is exit 2."""
     if platform is None:
@@ -506,19 +518,7 @@ def make_plan(
                 sp.base_image = img
                 state = ImageState.from_config(img.config)
                 base.key = step_key({"op": "FROM", "image": img.manifest_digest})
-        # ONBUILD: the triggers the base recorded run first, as Docker runs them; they are
-        # consumed (the new image does not carry them on).
-        triggers = state.config.pop("OnBuild", None) or []
-        if triggers:
-            from dataclasses import replace
-
-            stage = replace(
-                stage,
-                instructions=(
-                    *df.parse_triggers(triggers, file, stage.base.line),
-                    *stage.instructions,
-                ),
-            )
+        stage = _with_onbuild_triggers(stage, state, file)
         base.state = state.clone()
         base.inputs = {"op": "FROM", "base": base_ref}
         graph.add_node(base_id)
