@@ -220,6 +220,10 @@ def _build(
         solver.solve()
         cache.flush()
         image = assemble(solver, session, opts.compression)
+        if opts.labels or opts.annotations:
+            from builder.export.decorate import decorate
+
+            image = decorate(session.store, image, opts.labels, opts.annotations)
         for out in opts.outputs:
             if out.type == "oci":
                 tag = split_tag(opts.tags[0])[1] if opts.tags else "latest"

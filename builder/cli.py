@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from builder import cliargs
 from cache.errors import EXIT_BAD_INPUT, EXIT_BUILD_FAILED, EXIT_INTERRUPTED, LbuildError
 
 DEFAULT_DEBOUNCE_MS = 50
@@ -27,55 +28,91 @@ DEFAULT_EXEC_GRACE_S = 5.0
 """``lbuild watch --exec-grace``: SIGTERM to SIGKILL delay when stopping the command."""
 
 
-def _build_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("context", metavar="CONTEXT", help="build context directory")
-    p.add_argument(
-        "-f", "--file", dest="dockerfile", help="Dockerfile (default CONTEXT/Dockerfile)"
+# Build flags that change nothing a plan shows: plan and why do not take them.
+BUILD_ONLY = {
+    "tags",
+    "jobs",
+    "compression",
+    "secret",
+    "snapshotter",
+    "allow",
+    "labels",
+    "annotations",
+}
+
+
+def _build_args(p: argparse.ArgumentParser, *, plan_only: bool = False) -> None:
+    """The build flags; ``plan_only``: those that change what a plan shows (plan, why)."""
+
+    def add(*flags: str, **kw: Any) -> None:
+        dest = kw.get("dest") or next((f for f in flags if f.startswith("--")), flags[0])
+        if plan_only and dest.lstrip("-").replace("-", "_") in BUILD_ONLY:
+            return
+        p.add_argument(*flags, **kw)
+
+    add("context", metavar="CONTEXT", help="build context directory")
+    add(
+        "-f",
+        "--file",
+        dest="dockerfile",
+        help="Dockerfile (default CONTEXT/Dockerfile, else CONTEXT/Containerfile; - reads stdin)",
     )
-    p.add_argument("-t", "--tag", dest="tags", action="append", default=[], help="NAME[:TAG]")
-    p.add_argument("--build-arg", action="append", default=[], metavar="K=V")
-    p.add_argument(
-        "--build-context", action="append", default=[], metavar="NAME=oci-layout://DIR[:TAG]"
-    )
-    p.add_argument("--target", help="stage to build")
-    p.add_argument("--no-cache", action="store_true", help="build every step again")
-    p.add_argument(
+    add("-t", "--tag", dest="tags", action="append", default=[], help="NAME[:TAG]")
+    add("--build-arg", action="append", default=[], metavar="K=V")
+    add("--build-context", action="append", default=[], metavar="NAME=oci-layout://DIR[:TAG]")
+    add("--target", help="stage to build")
+    add("--no-cache", action="store_true", help="build every step again")
+    add(
         "--no-cache-filter",
         action="append",
         default=[],
         metavar="STAGE",
         help="build these stages again",
     )
-    p.add_argument(
-        "--home", type=Path, help="cache directory (default $LBUILD_HOME or ~/.cache/lbuild)"
-    )
-    p.add_argument("--jobs", "-j", type=int, default=0, help="parallel steps (default: cores)")
-    p.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip")
-    p.add_argument(
+    add("--home", type=Path, help="cache directory (default $LBUILD_HOME or ~/.cache/lbuild)")
+    add("--jobs", "-j", type=int, default=0, help="parallel steps (default: cores)")
+    add("--compression", choices=["gzip", "zstd", "none"], default="gzip")
+    add(
         "--keep-mtime",
         action="store_true",
         help="keep context file mtimes in COPY/ADD layers (they then enter the key)",
     )
-    p.add_argument(
+    add(
         "--secret",
         action="append",
         default=[],
         metavar="id=NAME,src=FILE",
         help="a secret for RUN --mount=type=secret (never in a layer or a key)",
     )
-    p.add_argument(
+    add(
         "--snapshotter",
         choices=["overlay", "copy"],
         help="how RUN gets its root filesystem (default: overlay where possible)",
     )
-    p.add_argument(
+    add(
+        "--label",
+        dest="labels",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="a label on the image config",
+    )
+    add(
+        "--annotation",
+        dest="annotations",
+        action="append",
+        default=[],
+        metavar="[manifest:]K=V",
+        help="an annotation on the image manifest",
+    )
+    add(
         "--allow",
         action="append",
         default=[],
         metavar="ENTITLEMENT",
         help="grant an entitlement: network.host (RUN --network=host)",
     )
-    p.add_argument(
+    add(
         "--pull",
         action="store_true",
         help="ask the registry again for FROM images pulled before (one manifest HEAD each)",
@@ -83,7 +120,8 @@ def _build_args(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lbuild", description="incremental container image builder")
+    p = cliargs.Parser(prog="lbuild", description="incremental container image builder")
+    p.add_argument("--version", action=cliargs.Version, nargs=0, help="print the version")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build an image from a Dockerfile")
     _build_args(b)
@@ -95,26 +133,46 @@ def parser() -> argparse.ArgumentParser:
         metavar="type=oci,dest=DIR|type=docker,dest=FILE|type=registry,name=REF",
     )
     b.add_argument("--progress", choices=["auto", "plain", "json"], default="auto")
+    b.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress; only the image ID on stdout"
+    )
+    b.add_argument("--iidfile", type=Path, metavar="FILE", help="write the image ID to FILE")
+    b.add_argument(
+        "--metadata-file",
+        type=Path,
+        metavar="FILE",
+        help="write the build result (digests, step counts) to FILE as JSON",
+    )
     b.add_argument("--push", action="store_true", help="push every -t tag to its registry")
 
     pl = sub.add_parser("plan", help="print the step DAG with keys and HIT/MISS, building nothing")
-    _build_args(pl)
+    _build_args(pl, plan_only=True)
     pl.add_argument("--format", choices=["text", "json", "dot"], default="text")
+    pl.add_argument(
+        "--exit-code",
+        action="store_true",
+        help="exit 1 when any step would be built (a cache miss), 0 when every step hits",
+    )
 
     w = sub.add_parser("why", help="explain every cache miss against the last build of the step")
-    _build_args(w)
+    _build_args(w, plan_only=True)
 
     c = sub.add_parser("cache", help="inspect and maintain the cache")
-    home = argparse.ArgumentParser(add_help=False)
+    home = cliargs.Parser(add_help=False)
     home.add_argument("--home", type=Path, help="cache directory (default $LBUILD_HOME)")
     csub = c.add_subparsers(dest="cache_command", required=True)
-    csub.add_parser("ls", parents=[home], help="list step records, most recently used first")
-    csub.add_parser("du", parents=[home], help="disk usage of the cache")
+    fmt = cliargs.Parser(add_help=False)
+    fmt.add_argument("--format", choices=["text", "json"], default="text")
+    csub.add_parser("ls", parents=[home, fmt], help="list step records, most recently used first")
+    csub.add_parser("du", parents=[home, fmt], help="disk use of the cache home, by kind")
     pr = csub.add_parser(
-        "prune", parents=[home], help="remove least recently used records and unneeded blobs"
+        "prune",
+        parents=[home],
+        help="remove leftovers, unused snapshots and cache mounts, least recently used "
+        "records and the blobs only they need",
     )
-    pr.add_argument("--keep-bytes", help="keep at most this much (e.g. 5GB)")
-    pr.add_argument("--keep-duration", help="drop records unused for longer (e.g. 7d, 36h)")
+    pr.add_argument("--keep-bytes", help="keep at most this much on disk (e.g. 5GB)")
+    pr.add_argument("--keep-duration", help="drop what was not used for longer (e.g. 7d, 36h)")
     pr.add_argument("--dry-run", action="store_true", help="only list what would go")
     ve = csub.add_parser(
         "verify",
@@ -135,6 +193,12 @@ def parser() -> argparse.ArgumentParser:
     from builder.registrycmd import add_parsers as registry_parsers
 
     registry_parsers(sub)  # pull, push
+    sub.add_parser("images", parents=[home, fmt], help="list the images tagged in the store")
+    tg = sub.add_parser("tag", parents=[home], help="give a stored image another NAME[:TAG]")
+    tg.add_argument("src", metavar="SOURCE", help="NAME[:TAG] of a stored image")
+    tg.add_argument("dst", metavar="TARGET", help="the new NAME[:TAG]")
+    rm = sub.add_parser("rmi", parents=[home], help="remove tags (their blobs go at a prune)")
+    rm.add_argument("names", metavar="NAME[:TAG]", nargs="+")
     u = sub.add_parser("unpack", help="unpack an image's root filesystem into a directory")
     u.add_argument("image", metavar="IMAGE", help="a local tag, or oci-layout://DIR[:TAG]")
     u.add_argument("dest", metavar="DIR", type=Path, help="must not exist, or be empty")
@@ -196,13 +260,13 @@ def _non_negative_int(text: str) -> int:
 def options_from(ns: argparse.Namespace) -> object:
     from builder.options import BuildOptions, parse_allow, parse_kv, parse_output
 
-    if ns.secret:
+    if getattr(ns, "secret", None):
         from builder.solve.run import secrets_from
 
     return BuildOptions(
         context=Path(ns.context),
-        dockerfile=Path(ns.dockerfile) if ns.dockerfile else None,
-        tags=tuple(ns.tags),
+        dockerfile=cliargs.dockerfile_path(ns.dockerfile, Path(ns.context)),
+        tags=tuple(cliargs.checked_tag(t) for t in getattr(ns, "tags", ())),
         build_args=parse_kv(ns.build_arg, "--build-arg"),
         build_contexts=parse_kv(ns.build_context, "--build-context", from_env=False),
         target=ns.target,
@@ -210,16 +274,21 @@ def options_from(ns: argparse.Namespace) -> object:
         no_cache_filter=tuple(ns.no_cache_filter),
         outputs=tuple(parse_output(o) for o in getattr(ns, "output", [])),
         home=ns.home,
-        jobs=ns.jobs,
-        compression=ns.compression,
+        jobs=getattr(ns, "jobs", 0),
+        compression=getattr(ns, "compression", "gzip"),
         keep_mtime=ns.keep_mtime,
-        secrets=secrets_from(ns.secret) if ns.secret else {},
-        snapshotter=ns.snapshotter,
-        allow=parse_allow(ns.allow),
+        secrets=secrets_from(ns.secret) if getattr(ns, "secret", None) else {},
+        snapshotter=getattr(ns, "snapshotter", None),
+        labels=parse_kv(getattr(ns, "labels", ()), "--label", from_env=False),
+        annotations=cliargs.parse_annotations(getattr(ns, "annotations", ())),
+        allow=parse_allow(getattr(ns, "allow", [])),
         pull=getattr(ns, "pull", False),
         push=getattr(ns, "push", False),
         offline=ns.command == "watch" and not getattr(ns, "pull", False),
     )
+
+
+_REPORTER: list[Any] = []  # the running build's progress view, told of a failure by main()
 
 
 def cmd_build(ns: argparse.Namespace) -> int:
@@ -237,7 +306,9 @@ def cmd_build(ns: argparse.Namespace) -> int:
 
         opts = options_from(ns)
         assert isinstance(opts, BuildOptions)
-        reporter = make_reporter("plain" if ns.progress == "auto" else ns.progress)
+        mode = "quiet" if ns.quiet else ns.progress
+        reporter = make_reporter("plain" if mode == "auto" else mode)
+        _REPORTER[:] = [reporter]
         # --pull and pushes talk to registries: never answered from the no-op memo
         network = opts.pull or bool(opts.registry_names())
         done, probe = (None, None) if network else try_fast(opts, reporter)
@@ -248,13 +319,13 @@ def cmd_build(ns: argparse.Namespace) -> int:
     if done is not None:
         if writer is not None:
             writer.abandon()
+        cliargs.write_result(ns, done)
         return 0
-    build(
-        opts,
-        make_reporter(ns.progress) if ns.progress == "auto" else reporter,
-        probe,
-        recorder=writer,
-    )
+    if mode == "auto":
+        reporter = make_reporter(mode)
+        _REPORTER[:] = [reporter]
+    result = build(opts, reporter, probe, recorder=writer)
+    cliargs.write_result(ns, result)
     return 0
 
 
@@ -268,6 +339,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     with Session.open(opts.home) as session:
         _, steps = planned(opts, session)
     print(plan_text(steps, ns.format))
+    if ns.exit_code and not all(s.hit for s in steps):
+        return EXIT_BUILD_FAILED
     return 0
 
 
@@ -290,54 +363,9 @@ def cmd_why(ns: argparse.Namespace) -> int:
 
 
 def cmd_cache(ns: argparse.Namespace) -> int:
-    import datetime as dt
+    from builder.managecmd import cmd_manage
 
-    from builder import commands
-    from cache.session import Session
-
-    exclusive = ns.cache_command in ("prune", "verify")
-    repaired: list[str] = []
-    if ns.cache_command == "verify":  # the index first: a damaged one cannot even be opened
-        from cache.index.repair import verify_index
-
-        repaired = verify_index(ns.home, repair_it=ns.repair)
-    with Session.open(ns.home, exclusive=exclusive) as session:
-        if ns.cache_command == "ls":
-            for r in commands.cache_ls(session):
-                when = dt.datetime.fromtimestamp(r["last_used"]).strftime("%Y-%m-%d %H:%M:%S")
-                print(
-                    f"{r['key'][:16]} {r['op']:<11} {commands.human(r['size']):>10} "
-                    f"hits={r['hits']:<4} last_used={when}"
-                )
-        elif ns.cache_command == "du":
-            du = commands.cache_du(session)
-            print(
-                f"{du['blobs']} blobs, {commands.human(du['bytes'])} "
-                f"({du['bytes']} bytes); {du['records']} step records; "
-                f"{du['layer_records']} layer records; {du['tags']} tags"
-            )
-        elif ns.cache_command == "prune":
-            lines, freed = commands.cache_prune(
-                session,
-                keep_bytes=commands.parse_size(ns.keep_bytes) if ns.keep_bytes else None,
-                keep_duration=commands.parse_duration(ns.keep_duration)
-                if ns.keep_duration
-                else None,
-                dry_run=ns.dry_run,
-            )
-            for line in lines:
-                print(("would remove " if ns.dry_run else "removed ") + line)
-            verb = "would free" if ns.dry_run else "freed"
-            print(f"{verb} {commands.human(freed)}")
-        elif ns.cache_command == "verify":
-            findings = repaired + commands.cache_verify(session)
-            for f in findings:
-                print(f)
-            print(
-                "cache verified: "
-                + (f"{len(findings)} problems fixed" if findings else "no corruption")
-            )
-    return 0
+    return cmd_manage(ns)
 
 
 _GC_DEFAULTS = (700, 10, 10)
@@ -381,8 +409,28 @@ def run() -> None:
     os._exit(code)
 
 
+def _failed(message: str, code: int, err: BaseException | None = None) -> None:
+    """Tell the running build's progress view how it ended (``--progress json``: one last
+    ``error`` event; on a terminal: the live lines closed, running steps interrupted)."""
+    for reporter in _REPORTER:
+        fail = getattr(reporter, "fail", None)
+        if fail is not None:
+            with contextlib.suppress(Exception):
+                fail(
+                    message, code, file=getattr(err, "file", None), line=getattr(err, "line", None)
+                )
+    _REPORTER.clear()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = parser().parse_args(argv)
+    try:
+        return _main(argv)
+    finally:
+        cliargs.cleanup()  # the Dockerfile `-f -` read from stdin
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    ns = cliargs.parse(parser(), list(sys.argv[1:] if argv is None else argv))
     try:
         if ns.command == "build":
             return cmd_build(ns)
@@ -390,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plan(ns)
         if ns.command == "why":
             return cmd_why(ns)
-        if ns.command == "cache":
+        if ns.command in ("cache", "images", "tag", "rmi"):
             return cmd_cache(ns)
         if ns.command in ("diff", "repro-check"):
             from builder.compare.command import cmd_diff, cmd_repro
@@ -412,18 +460,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             gc.set_threshold(*_GC_DEFAULTS)  # a long-lived process: the usual collections
             return cmd_watch(ns)
     except LbuildError as e:
+        _failed(e.message if e.hint is None else f"{e.message} (hint: {e.hint})", e.exit_code, e)
         print(f"lbuild: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
         if isinstance(e, Terminated):
+            _failed("terminated", EXIT_TERMINATED)
             print("lbuild: terminated", file=sys.stderr)
             return EXIT_TERMINATED
+        _failed("interrupted", EXIT_INTERRUPTED)
         print("lbuild: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `lbuild cache ls | head`
         sys.stderr.close()
         return 0
     except OSError as e:  # the machine said no: disk full, permissions on the cache home, ...
+        _failed(f"{e.filename or ''}: {e.strerror or e}", EXIT_BUILD_FAILED)
         where = f" {e.filename}:" if e.filename else ""
         hint = ""
         if e.errno in (28, 122):  # ENOSPC, EDQUOT (errno is not imported on the hot path)
@@ -433,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug: one line, the traceback only on request
         if os.environ.get("LBUILD_DEBUG"):
             raise
+        _failed(f"internal error: {type(e).__name__}: {e}", EXIT_BUILD_FAILED)
         if type(e).__module__ == "sqlite3":  # the stdlib read path met a damaged index
             from cache.index.repair import REPAIR_HINT, is_damage
 

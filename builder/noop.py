@@ -165,6 +165,8 @@ def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
         "keep_mtime": opts.keep_mtime,
         "epoch": epoch,
         "snapshotter": opts.snapshotter,
+        "labels": sorted(opts.labels.items()),  # --label and --annotation change the image
+        "annotations": sorted(opts.annotations.items()),
         "allow": list(opts.allow),  # a memo made with --allow must not answer a build without
     }
     return _b3(json.dumps(ident, sort_keys=True).encode()), ctx, rules

@@ -48,6 +48,8 @@ class BuildOptions:
     rewrite_timestamp: bool = True  # with SOURCE_DATE_EPOCH, clamp the times of RUN's files
     secrets: Mapping[str, Path] = field(default_factory=dict)
     snapshotter: str | None = None  # overlay | copy | None (automatic)
+    labels: Mapping[str, str] = field(default_factory=dict)  # --label: on the image config
+    annotations: Mapping[str, str] = field(default_factory=dict)  # --annotation: on the manifest
     allow: tuple[str, ...] = ()  # entitlements (--allow): network.host
     pull: bool = False  # --pull: resolve remote FROM tags again (one manifest HEAD each)
     push: bool = False  # --push: push every -t tag to its registry

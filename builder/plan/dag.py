@@ -176,7 +176,14 @@ def find_target(dockerfile: df.Dockerfile, target: str | None) -> int:
     for st in dockerfile.stages:
         if st.name == target.lower():
             return st.index
-    raise NotFound(f"target stage {target!r} could not be found", file=dockerfile.filename)
+    import difflib
+
+    names = [st.name for st in dockerfile.stages if st.name]
+    close = difflib.get_close_matches(target.lower(), names, n=1, cutoff=0.6)
+    maybe = f" (did you mean {close[0]!r}?)" if close else ""
+    raise NotFound(
+        f"target stage {target!r} could not be found{maybe}", file=dockerfile.filename
+    )
 
 
 def _stage_by_ref(dockerfile: df.Dockerfile, ref: str, before: int | None) -> int | None:
