@@ -383,21 +383,21 @@ def bind_sources(ctx: BuildContext, instr: df.Run, hasher: Hasher, file: str) ->
     sources.  The mount shows the directory as it is on disk, so no ignore rule applies here.
     """
     from builder.frontend.dockerignore import IgnoreRules
-    from builder.solve.run import parse_mount
+    from builder.frontend.runmount import parse_mount
 
     rows: list[Any] = []
     whole = BuildContext(ctx.root, IgnoreRules())
     for raw in instr.mounts:
         m = parse_mount(raw, file, instr.line)
-        if m["type"] != "bind" or m.get("from"):
+        if m.type != "bind" or m.from_:
             continue
-        src = m.get("source", ".") or "."
+        src = m.source or "."
         selected = []
         for f in whole.select(src, file=file, line=instr.line):
             is_dir = f.type == "dir"
             name = posixpath.basename(f.rel.rstrip("/")) if f.rel not in ("", ".") else "."
             selected.append(Selected(name, is_dir, _context_items(whole, f, hasher, False, is_dir)))
-        rows.append([m.get("target", ""), merkle(selected)])
+        rows.append([m.target, merkle(selected)])
     return rows
 
 
