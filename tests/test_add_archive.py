@@ -48,20 +48,21 @@ def _tar(members: list[tuple[str, str, str]]) -> bytes:
 TAR = _tar([("d", "dir", ""), ("d/a.txt", "file", "a")])
 
 
-@pytest.mark.parametrize(
-    "name, data, expected",
-    [
-        ("plain.gz", gzip.compress(b"not a tar at all\n"), False),
-        ("x.tar.gz", gzip.compress(TAR), True),
-        ("noext", TAR, True),
-        ("data.bin", bz2.compress(TAR), True),
-        ("data.xz", lzma.compress(TAR), True),
-        ("data.zst", zstandard.ZstdCompressor().compress(TAR), True),
-        ("text.tar", b"hello\n" * 200, False),
-        ("broken.tgz", b"\x1f\x8b\x08" + b"\0" * 40, False),
-        ("zeros.tar", bytes(2048), False),
-    ],
-)
+CASES = [
+    ("plain.gz", gzip.compress(b"not a tar at all\n", mtime=0), False),
+    ("x.tar.gz", gzip.compress(TAR, mtime=0), True),
+    ("noext", TAR, True),
+    ("data.bin", bz2.compress(TAR), True),
+    ("data.xz", lzma.compress(TAR), True),
+    ("data.zst", zstandard.ZstdCompressor().compress(TAR), True),
+    ("text.tar", b"hello\n" * 200, False),
+    ("broken.tgz", b"\x1f\x8b\x08" + b"\0" * 40, False),
+    ("zeros.tar", bytes(2048), False),
+]
+
+
+# ids are the names: every xdist worker must collect the same test ids
+@pytest.mark.parametrize("name, data, expected", CASES, ids=[c[0] for c in CASES])
 def test_archive_by_content_not_name(tmp_path: Path, name: str, data: bytes, expected: bool) -> None:
     p = tmp_path / name
     p.write_bytes(data)
@@ -107,10 +108,12 @@ def test_add_archives_end_to_end(tmp_path: Path, home: Path) -> None:
     ctx = tmp_path / "ctx"
     (ctx / "keep").mkdir(parents=True)
     (ctx / "keep" / "old.txt").write_text("old")
-    (ctx / "plain.gz").write_bytes(gzip.compress(b"plain\n"))
+    (ctx / "plain.gz").write_bytes(gzip.compress(b"plain\n", mtime=0))
     (ctx / "noext").write_bytes(TAR)
     (ctx / "dot.tgz").write_bytes(
-        gzip.compress(_tar([(".", "dir", ""), ("./d", "dir", ""), ("./d/b.txt", "file", "b")]))
+        gzip.compress(
+            _tar([(".", "dir", ""), ("./d", "dir", ""), ("./d/b.txt", "file", "b")]), mtime=0
+        )
     )
     (ctx / "sym.tar").write_bytes(
         _tar([("real", "dir", ""), ("l", "sym", "/real"), ("l/x", "file", "x")])
