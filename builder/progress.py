@@ -234,7 +234,7 @@ class RichReporter(PlainReporter):
         self.console = Console(stderr=True)
         self.progress = Progress(
             SpinnerColumn(),
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             Bytes(),
             Elapsed(),
             console=self.console,
@@ -262,6 +262,7 @@ class RichReporter(PlainReporter):
             task = self.tasks.pop(step.id, None)
             if task is not None and not self.closed:
                 self.progress.remove_task(task)
+                self.progress.refresh()  # else the next print redraws the removed line
         super().step_done(step, cached=cached, seconds=seconds, error=error)
 
     def transfer(self, kind: str, digest: str, done: int, total: int) -> None:
@@ -276,6 +277,7 @@ class RichReporter(PlainReporter):
             self.progress.update(task, completed=done, total=total)
             if done >= total:
                 self.progress.remove_task(self.tasks.pop(key))
+                self.progress.refresh()
 
     def close(self, *, interrupt: bool = False) -> None:
         with self.lock:
