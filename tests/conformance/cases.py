@@ -669,3 +669,29 @@ CASES += [
                   "(moby/buildkit util/system normalizeWorkdirUnix returns `requested`)",
          xfail="issue 9 (suite finding): lbuild writes WorkingDir '/wt' for WORKDIR /wt/"),
 ]
+
+# What RUN sees, written into the image: every path of the merged filesystem with its type,
+# mode and owner, and size and mtime for non-directories (the RUN view must equal the image's
+# merged filesystem). The mount points each builder adds for RUN are left out, and directory
+# mtimes (a step that touched a directory gives it a time the builders define differently; the
+# builders' own mount points touch /etc).
+VIEW = ("RUN find / -mindepth 1 \\( -path /proc -o -path /sys -o -path /dev -o -path /run "
+        "-o -path /etc/hosts -o -path /etc/hostname -o -path /etc/resolv.conf -o -path /view.txt "
+        "\\) -prune -o -type d -exec stat -c '%n %F %a %u %g' {} + "
+        "-o -exec stat -c '%n %F %a %u %g %s %Y' {} + | sort > /view.txt\n")
+
+CASES += [
+    Case("run-view-base", "FROM base\n" + VIEW,
+         "RUN sees the base's merged filesystem: every path's type, mode, owner, size, mtime "
+         "(layer 2's missing parents take layer 1's metadata)"),
+    Case("run-view-base-copy-snapshotter", "FROM base\n" + VIEW,
+         "the same view with --snapshotter copy", lbuild_args=("--snapshotter", "copy")),
+    Case("run-view-after-copy", "FROM base\nCOPY a.txt /tmp/\nCOPY a.txt /home/app/\n"
+         "COPY a.txt /srv/shared/\n" + VIEW,
+         "the RUN view after COPYs into 1777, 0750 app:app and setgid dirs", files=A),
+    Case("run-view-after-copy-copy-snapshotter", "FROM base\nCOPY a.txt /tmp/\nCOPY a.txt /home/app/\n"
+         "COPY a.txt /srv/shared/\n" + VIEW,
+         "the same with --snapshotter copy", files=A, lbuild_args=("--snapshotter", "copy")),
+    Case("run-view-after-run", "FROM base\nRUN rm -rf /opt/old && touch -d @1234567 /etc/motd\n" + VIEW,
+         "the RUN view after a RUN that deleted a tree and touched a file"),
+]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import bz2
 import copy
 import dataclasses
+import difflib
 import gzip
 import hashlib
 import io
@@ -54,18 +55,24 @@ BASE_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
 BUILDAH_RUN_NOISE = ("etc/hostname", "etc/hosts", "etc/resolv.conf", "run", "dev", "proc", "sys")
 
 
+class BuildFailed(AssertionError):
+    """lbuild failed: a finding about lbuild (an xfail case may expect it)."""
+
+
+class PeerFailed(RuntimeError):
+    """buildah, skopeo or umoci failed: a problem of the harness or of a case, never an
+    expected failure (xfail marks name AssertionError only, so this one is always reported)."""
+
+
 def run(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
-        cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cwd: Path | None = None, check: bool = True,
+        error: type[Exception] = PeerFailed) -> subprocess.CompletedProcess[str]:
     p = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, cwd=cwd,
                        timeout=300)
     if check and p.returncode != 0:
-        raise BuildFailed(f"{' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout[-3000:]}\n"
-                          f"{p.stderr[-3000:]}")
+        raise error(f"{' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout[-3000:]}\n"
+                    f"{p.stderr[-3000:]}")
     return p
-
-
-class BuildFailed(AssertionError):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +244,8 @@ class Buildah:
 
 
 def build_lbuild(context: Path, dockerfile: Path, out: Path, *, home: Path, base: Path,
-                 build_args: dict[str, str], target: str | None) -> None:
+                 build_args: dict[str, str], target: str | None,
+                 extra: tuple[str, ...] = ()) -> None:
     env = dict(os.environ)
     env["LBUILD_HOME"] = str(home)
     env["SOURCE_DATE_EPOCH"] = "0"
@@ -250,7 +258,8 @@ def build_lbuild(context: Path, dockerfile: Path, out: Path, *, home: Path, base
         args += ["--build-arg", f"{k}={v}"]
     if target:
         args += ["--target", target]
-    run(*args, str(context), env=env, cwd=ROOT)
+    args += extra
+    run(*args, str(context), env=env, cwd=ROOT, error=BuildFailed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,10 +280,12 @@ class Entry:
     mtime: int | None = None
     layer: int = -1        # index of the layer that last wrote this path (-1: implied parent)
     inode: int = 0         # hardlinked paths share it
+    text: bytes | None = dataclasses.field(default=None, repr=False)  # small files: content
+
 
     def public(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("layer", "inode", "mtime"):
+        for k in ("layer", "inode", "mtime", "text"):
             d.pop(k)
         d["mode"] = oct(self.mode)
         d["xattrs"] = {k: v.decode("utf-8", "backslashreplace") for k, v in sorted(self.xattrs.items())}
@@ -338,16 +349,18 @@ def _new_inode() -> int:
 
 def _apply_layer(tree: dict[str, Entry], blob: Path, index: int) -> None:
     fobj = _open_blob(blob)
-    entries: list[tuple[str, tarfile.TarInfo, str | None]] = []
+    entries: list[tuple[str, tarfile.TarInfo, str | None, bytes | None]] = []
     with fobj, tarfile.open(fileobj=fobj, mode="r|", encoding="utf-8",
                             errors="surrogateescape") as tf:
         for ti in tf:
-            digest = None
+            digest, text = None, None
             if ti.isreg():
                 f = tf.extractfile(ti)
                 assert f is not None
-                digest = hashlib.sha256(f.read()).hexdigest()
-            entries.append((_norm(ti.name), ti, digest))
+                data = f.read()
+                digest = hashlib.sha256(data).hexdigest()
+                text = data if len(data) <= 65536 else None
+            entries.append((_norm(ti.name), ti, digest, text))
 
     def remove(path: str) -> None:
         tree.pop(path, None)
@@ -356,7 +369,7 @@ def _apply_layer(tree: dict[str, Entry], blob: Path, index: int) -> None:
             del tree[p]
 
     # Whiteouts hide lower layers only: apply them all before the layer's own entries.
-    for path, _ti, _d in entries:
+    for path, _ti, _d, _t in entries:
         base = path.rsplit("/", 1)[-1]
         parent = path.rsplit("/", 1)[0] if "/" in path else ""
         if base == ".wh..wh..opq":
@@ -365,7 +378,7 @@ def _apply_layer(tree: dict[str, Entry], blob: Path, index: int) -> None:
                 del tree[p]
         elif base.startswith(".wh."):
             remove((parent + "/" if parent else "") + base[4:])
-    for path, ti, digest in entries:
+    for path, ti, digest, text in entries:
         base = path.rsplit("/", 1)[-1]
         if base.startswith(".wh.") or path == "":
             continue
@@ -395,7 +408,7 @@ def _apply_layer(tree: dict[str, Entry], blob: Path, index: int) -> None:
             size=ti.size if kind == "file" else 0, digest=digest,
             target=ti.linkname if kind == "symlink" else None,
             dev=(ti.devmajor, ti.devminor) if kind in ("chr", "blk") else None,
-            xattrs=xattrs, mtime=int(ti.mtime), layer=index, inode=_new_inode())
+            xattrs=xattrs, mtime=int(ti.mtime), layer=index, inode=_new_inode(), text=text)
 
 
 _chain_cache: dict[tuple[str, ...], dict[str, Entry]] = {}
@@ -489,6 +502,16 @@ def expected_tree(peer: Image, patch: Patch, ignore: tuple[str, ...], base_paths
     return tree
 
 
+def _text_diff(path: str, ours: bytes, want: bytes, limit: int = 30) -> list[str]:
+    """The first lines of a unified diff of two small files (expected -> lbuild)."""
+    lines = list(difflib.unified_diff(
+        want.decode("utf-8", "backslashreplace").splitlines(),
+        ours.decode("utf-8", "backslashreplace").splitlines(),
+        f"expected/{path}", f"lbuild/{path}", n=0, lineterm=""))
+    more = [f"    ... {len(lines) - limit} more diff lines"] if len(lines) > limit else []
+    return ["    " + line for line in lines[:limit]] + more
+
+
 def _ignored(p: str, ignore: tuple[str, ...]) -> bool:
     return any(p == i or p.startswith(i + "/") for i in ignore)
 
@@ -512,6 +535,8 @@ def compare(ours: Image, peer: Image, *, n_base: int, patch: Patch, ignore: tupl
         for k in wd:
             if wd[k] != hd[k]:
                 diffs.append(f"{p!r}: {k}: lbuild {hd[k]!r}, expected {wd[k]!r}")
+        if wd["digest"] != hd["digest"] and w.text is not None and h.text is not None:
+            diffs.extend(_text_diff(p, h.text, w.text))
         if mtimes and _mtime_comparable(h, w, n_base) and h.mtime != w.mtime:
             diffs.append(f"{p!r}: mtime: lbuild {h.mtime}, expected {w.mtime}")
     wl, hl = peer.links(), ours.links()
@@ -556,6 +581,7 @@ class Case:
     setup: Callable[[Path], None] | None = None
     build_args: dict[str, str] = dataclasses.field(default_factory=dict)
     target: str | None = None
+    lbuild_args: tuple[str, ...] = ()
     buildah_dockerfile: str | None = None
     patch: Patch = dataclasses.field(default_factory=dict)
     adjust: Callable[[dict[str, Entry]], None] | None = None
