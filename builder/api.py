@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
+from builder import cacheshare
 from builder.images import make_resolver
 from builder.options import (
     BuildOptions,
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from builder.progress import Reporter
     from builder.solve.solver import Solver
     from cache.index.recorder import Recorder
+    from cache.remote.artifact import Record
+    from cache.remote.remote import RemoteCache
     from cache.types import Entry, LayerInfo
 
 __all__ = [
@@ -131,8 +134,12 @@ def build(
     tocs: dict[Digest, tuple[Entry, ...]] | None = None,
     writer: Literal["auto", "process", "inline"] = "auto",
     recorder: Recorder | None = None,
+    collect: list[Record] | None = None,
 ) -> BuildResult:
     """Build an image: parse, plan, solve, assemble, export and tag.
+
+    ``collect``, when given, receives the transferable record of every step built or reused
+    (``lbuild warm`` exports them all at once).
 
     ``probe`` is what a failed fast-path attempt measured (memo key, context fingerprint);
     ``memo=False`` skips the no-op memo (a watcher knows something changed: the context walk
@@ -155,6 +162,7 @@ def build(
     )
     try:
         epoch = source_date_epoch(opts.epoch)
+        unusable: set[Digest] = set()  # shared-cache blobs a first attempt could not use
         for t in opts.tags:
             split_tag(t)
         if opts.registry_names():  # a bad reference is exit 2 before anything is built
@@ -163,14 +171,28 @@ def build(
             for name in opts.registry_names():
                 parse_reference(name)
         try:
-            return _build(opts, rep, probe, memo, tocs, deferred, recorder, epoch, t0)
+            return _build(
+                opts, rep, probe, memo, tocs, deferred, recorder, epoch, t0, collect, unusable
+            )
         except CorruptBlob as e:
             # The blob was removed as it failed its check on the way out: whatever needs it
-            # is a miss now, so one more build makes it again (issue 11 item 7).
+            # is a miss now, so one more build makes it again (issue 11 item 7).  A shared
+            # cache's blob that could not be used is remembered in ``unusable``: each further
+            # attempt is one with fewer hits, so they stop once nothing new fails.
             print(f"lbuild: warning: {e.message}; building what needs it again", file=sys.stderr)
             if recorder is not None:
                 recorder.abandon()
-            return _build(opts, rep, probe, memo, tocs, deferred, None, epoch, t0)
+            while True:
+                known = len(unusable)
+                try:
+                    return _build(
+                        opts, rep, probe, memo, tocs, deferred, None, epoch, t0, collect, unusable
+                    )
+                except CorruptBlob as again:
+                    if len(unusable) == known:
+                        raise
+                    print(f"lbuild: warning: {again.message}; building what needs it again",
+                          file=sys.stderr)
     finally:
         if recorder is not None:
             recorder.abandon()  # a no-op when the session used (and closed) it
@@ -186,6 +208,8 @@ def _build(
     recorder: Recorder | None,
     epoch: int,
     t0: float,
+    collect: list[Record] | None = None,
+    unusable: set[Digest] | None = None,
 ) -> BuildResult:
     from builder import noop
     from builder.export.oci import export_docker_archive, export_oci_archive, export_oci_layout
@@ -203,7 +227,8 @@ def _build(
             reporter=rep,
         )
         check_entitlements(plan, opts)
-        cache = IndexCache(session, dockerfile_id(opts))
+        remote = cacheshare.open_sources(opts.cache_from, session, rep.message, unusable)
+        cache = IndexCache(session, dockerfile_id(opts), remote)
         solver = Solver(
             plan,
             session.store,
@@ -215,11 +240,11 @@ def _build(
             keep_mtime=opts.keep_mtime,
             run_step=_run_step(opts, session),
             _tocs={} if tocs is None else tocs,
-            finish_layer=lambda d: compressed_blob(session, d, opts.compression),
+            finish_layer=lambda d: compressed_blob(session, d, opts.compression, remote),
         )
         solver.solve()
         cache.flush()
-        image = assemble(solver, session, opts.compression)
+        image = assemble(solver, session, opts.compression, remote)
         if opts.labels or opts.annotations:
             from builder.export.decorate import decorate
 
@@ -253,6 +278,24 @@ def _build(
                 transfer=transfer_for(rep),
                 sources=tags_used,
             )
+        if opts.cache_to:
+            cacheshare.export(
+                opts.cache_to,
+                lambda mode: cacheshare.records_for(
+                    cacheshare.steps_for(plan, mode), session, cache, opts.compression, remote
+                ),
+                session,
+                remote,
+                rep.message,
+            )
+        if collect is not None:
+            collect.extend(
+                cacheshare.records_for(
+                    cacheshare.steps_for(plan, "max"), session, cache, opts.compression, remote
+                )
+            )
+        if remote is not None:
+            remote.close()
         steps = [s for s in plan.steps.values() if s.kind not in ("base", "end")]
         cached = sum(1 for s in steps if solver.results[s.id].cached)
         result = BuildResult(
@@ -278,13 +321,17 @@ def _build(
     return result
 
 
-def assemble(solver: Solver, session: Session, codec: Compression) -> Any:
+def assemble(
+    solver: Solver, session: Session, codec: Compression, remote: RemoteCache | None = None
+) -> Any:
     """The target stage's OCI image (config + manifest) in the content store."""
     from builder.export.oci import make_image
 
     state, diff_ids = solver.image_state(solver.plan.target)
     base = solver.base_blobs(solver.plan.target)
-    blobs = [base[d] if d in base else compressed_blob(session, d, codec) for d in diff_ids]
+    blobs = [
+        base[d] if d in base else compressed_blob(session, d, codec, remote) for d in diff_ids
+    ]
     config = state.final_config(solver.epoch)
     return make_image(session.store, config, blobs)
 

@@ -78,6 +78,18 @@ def _build_args(p: argparse.ArgumentParser, *, plan_only: bool = False) -> None:
         help="keep context file mtimes in COPY/ADD layers (they then enter the key)",
     )
     add(
+        "--source-date-epoch",
+        type=int,
+        metavar="N",
+        help="SOURCE_DATE_EPOCH (also taken from the environment or --build-arg): "
+        "file times clamped to it, created and history times equal to it",
+    )
+    add(
+        "--no-rewrite-timestamp",
+        action="store_true",
+        help="with SOURCE_DATE_EPOCH, keep the times RUN gives its files",
+    )
+    add(
         "--secret",
         action="append",
         default=[],
@@ -144,6 +156,20 @@ def parser() -> argparse.ArgumentParser:
         help="write the build result (digests, step counts) to FILE as JSON",
     )
     b.add_argument("--push", action="store_true", help="push every -t tag to its registry")
+    b.add_argument(
+        "--cache-from",
+        action="append",
+        default=[],
+        metavar="type=local,src=DIR|type=registry,ref=REF",
+        help="a shared cache to read step records from (repeatable; in order, after the local index)",
+    )
+    b.add_argument(
+        "--cache-to",
+        action="append",
+        default=[],
+        metavar="type=local,dest=DIR|type=registry,ref=REF[,mode=min|max][,ignore-error=true]",
+        help="export the step records and their blobs (replaces what is there)",
+    )
 
     pl = sub.add_parser("plan", help="print the step DAG with keys and HIT/MISS, building nothing")
     _build_args(pl, plan_only=True)
@@ -185,6 +211,10 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="set a damaged index aside and salvage what it still holds into a new one",
     )
+    from builder.sharecmd import add_cache_parsers, add_warm_parser
+
+    add_cache_parsers(csub, home)  # cache export, cache import
+    add_warm_parser(sub)
     # watch and unpack are defined here, not in their modules: a build must not import them
     _watch_parser(sub)
     from builder.compare.command import add_parsers as compare_parsers
@@ -259,6 +289,7 @@ def _non_negative_int(text: str) -> int:
 
 def options_from(ns: argparse.Namespace) -> object:
     from builder.options import BuildOptions, parse_allow, parse_kv, parse_output
+    from cache.remote.spec import parse_cache_spec
 
     if getattr(ns, "secret", None):
         from builder.solve.run import secrets_from
@@ -277,15 +308,38 @@ def options_from(ns: argparse.Namespace) -> object:
         jobs=getattr(ns, "jobs", 0),
         compression=getattr(ns, "compression", "gzip"),
         keep_mtime=ns.keep_mtime,
+        epoch=_epoch(ns),
+        rewrite_timestamp=not ns.no_rewrite_timestamp,
         secrets=secrets_from(ns.secret) if getattr(ns, "secret", None) else {},
         snapshotter=getattr(ns, "snapshotter", None),
         labels=parse_kv(getattr(ns, "labels", ()), "--label", from_env=False),
         annotations=cliargs.parse_annotations(getattr(ns, "annotations", ())),
         allow=parse_allow(getattr(ns, "allow", [])),
+        cache_from=tuple(parse_cache_spec(c, to=False) for c in getattr(ns, "cache_from", [])),
+        cache_to=tuple(parse_cache_spec(c, to=True) for c in getattr(ns, "cache_to", [])),
         pull=getattr(ns, "pull", False),
         push=getattr(ns, "push", False),
         offline=ns.command == "watch" and not getattr(ns, "pull", False),
     )
+
+
+def _epoch(ns: argparse.Namespace) -> int | None:
+    """--source-date-epoch, else --build-arg SOURCE_DATE_EPOCH=N (as BuildKit takes it), else
+    None (the environment's SOURCE_DATE_EPOCH is read later)."""
+    if ns.source_date_epoch is not None:
+        return int(ns.source_date_epoch)
+    for item in ns.build_arg:
+        name, sep, value = item.partition("=")
+        if name == "SOURCE_DATE_EPOCH" and sep:
+            from cache.errors import InvalidInput
+
+            try:
+                return int(value)
+            except ValueError:
+                raise InvalidInput(
+                    f"--build-arg SOURCE_DATE_EPOCH must be an integer, got {value!r}"
+                ) from None
+    return None
 
 
 _REPORTER: list[Any] = []  # the running build's progress view, told of a failure by main()
@@ -363,6 +417,10 @@ def cmd_why(ns: argparse.Namespace) -> int:
 
 
 def cmd_cache(ns: argparse.Namespace) -> int:
+    if ns.cache_command in ("export", "import"):
+        from builder.sharecmd import cmd_cache_share
+
+        return cmd_cache_share(ns)
     from builder.managecmd import cmd_manage
 
     return cmd_manage(ns)
@@ -448,6 +506,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
             from builder.registrycmd import cmd_pull, cmd_push
 
             return cmd_pull(ns) if ns.command == "pull" else cmd_push(ns)
+        if ns.command == "warm":
+            from builder.sharecmd import cmd_warm
+
+            return cmd_warm(ns)
         if ns.command == "unpack":
             from builder.unpackcmd import cmd_unpack
 

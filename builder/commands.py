@@ -71,7 +71,7 @@ def planned(opts: BuildOptions, session: Session) -> tuple[Plan, list[PlannedSte
     for step in plan.order():
         if not _visible(step):
             continue
-        hit = step.kind == "base" or (not skip(step) and cache.lookup(step.key) is not None)
+        hit = step.kind == "base" or (not skip(step) and cache.lookup(step) is not None)
         deps = _visible_deps(plan, step.id)
         out.append(PlannedStep(step.id, step.name, step.kind, step.key, hit, step.link, deps))
     return plan, out

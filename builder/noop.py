@@ -25,6 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from builder.plan.listing import Scans, list_dir
+
 if TYPE_CHECKING:
     from builder.options import BuildOptions, BuildResult
     from builder.progress import Reporter
@@ -53,27 +55,6 @@ def _read(path: Path) -> bytes | None:
         return path.read_bytes()
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
-
-
-Scans = dict[str, list[tuple[str, os.stat_result]]]
-"""Directory listings taken by the probe's walk: real rel ("." for the root) -> sorted
-(name, lstat) pairs, the form ``BuildContext`` lists directories in (so a build after a
-failed probe does not list and stat the context a second time)."""
-
-
-def list_dir(path: str) -> list[tuple[str, os.stat_result]]:
-    """A directory's (name, lstat) pairs sorted by name, the one way the context is listed
-    (here and by ``BuildContext``); an entry removed while listing is left out, and a
-    directory that cannot be read raises ``OSError``."""
-    listing: list[tuple[str, os.stat_result]] = []
-    with os.scandir(path) as it:
-        for entry in it:
-            try:
-                listing.append((entry.name, entry.stat(follow_symlinks=False)))
-            except FileNotFoundError:
-                continue  # removed since the listing
-    listing.sort(key=lambda e: e[0])
-    return listing
 
 
 def fingerprint(
@@ -164,6 +145,7 @@ def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
         "compression": opts.compression,
         "keep_mtime": opts.keep_mtime,
         "epoch": epoch,
+        "clamp": run_clamp(opts),
         "snapshotter": opts.snapshotter,
         "labels": sorted(opts.labels.items()),  # --label and --annotation change the image
         "annotations": sorted(opts.annotations.items()),
@@ -235,10 +217,13 @@ def probe(opts: BuildOptions, epoch: int) -> Probe | None:
 
 def try_fast(opts: BuildOptions, reporter: Reporter) -> tuple[BuildResult | None, Probe | None]:
     """The build's result if nothing changed since the memo was written (else None), and the
-    probe the normal build can reuse."""
+    probe the normal build can reuse.  A build that exports its cache (``--cache-to``) never
+    takes the fast path: the export is its point."""
     from builder.options import source_date_epoch
     from cache.home import Home, home_dir
 
+    if opts.cache_to:
+        return None, None
     t0 = time.monotonic()
     home = home_dir(opts.home)
     pr = probe(opts, source_date_epoch(opts.epoch))
@@ -269,7 +254,6 @@ def _replay(
     opts: BuildOptions, reporter: Reporter, home: Path, memo: dict[str, Any], t0: float
 ) -> BuildResult | None:
     from builder.options import BuildResult
-
     from cache.home import Home
 
     db = Home(home).db

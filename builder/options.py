@@ -11,9 +11,13 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cache.errors import InvalidInput, Unsupported
 from cache.types import Compression, Digest
+
+if TYPE_CHECKING:
+    from cache.remote.spec import CacheSpec
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class BuildOptions:
     snapshotter: str | None = None  # overlay | copy | None (automatic)
     labels: Mapping[str, str] = field(default_factory=dict)  # --label: on the image config
     annotations: Mapping[str, str] = field(default_factory=dict)  # --annotation: on the manifest
+    cache_from: tuple[CacheSpec, ...] = ()  # --cache-from, consulted in order after the index
+    cache_to: tuple[CacheSpec, ...] = ()  # --cache-to: where the step records are exported
     allow: tuple[str, ...] = ()  # entitlements (--allow): network.host
     pull: bool = False  # --pull: resolve remote FROM tags again (one manifest HEAD each)
     push: bool = False  # --push: push every -t tag to its registry

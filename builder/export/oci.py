@@ -69,8 +69,8 @@ def make_image(store: BlobStore, config: Mapping[str, Any], layers: Sequence[Blo
         raise InvalidInput(
             f"image config lists {len(diff_ids)} diff_ids but {len(layers)} layers were given"
         )
-    for layer in layers:
-        if not store.has(layer.digest):
+    for layer in layers:  # present, or fetched from a shared cache when its bytes are needed
+        if not store.available(layer.digest):
             raise NotFound(f"layer blob {layer.digest} is not in the store")
     config_bytes = canonical_json(dict(config))
     config_digest = store.put(config_bytes)
@@ -141,7 +141,7 @@ def _platform_of(image: Image) -> dict[str, str]:
 def _image_blobs(store: BlobStore, image: Image) -> list[Digest]:
     blobs = [image.config_digest, *(x.digest for x in image.layers), image.manifest_digest]
     for d in blobs:
-        if not store.has(d):
+        if not store.ensure(d):
             raise NotFound(f"blob {d} of image {image.manifest_digest} is not in the store")
     return blobs
 
@@ -283,7 +283,7 @@ def export_docker_archive(
     if dest.is_dir():
         raise InvalidInput(f"docker archive destination {dest} is a directory (name a file)")
     for d in image.diff_ids:
-        if not store.has(d):
+        if not store.ensure(d):
             raise NotFound(
                 f"uncompressed layer {d} is not in the store",
                 hint="the layer tar named by its diff_id must be in the store",

@@ -52,7 +52,7 @@ class CacheHit:
 class StepCache(Protocol):
     """What the solver needs from the step-record index."""
 
-    def lookup(self, key: StepKey) -> CacheHit | None: ...
+    def lookup(self, step: Step) -> CacheHit | None: ...
     def used(self, step: Step) -> None: ...
     def record(
         self, step: Step, layer: LayerInfo | None, seconds: float, toc_digest: Digest | None
@@ -359,7 +359,7 @@ class Solver:
         if step.kind in ("base", "end"):
             return StepResult(None, True, 0.0)
         if not self.no_cache(step):
-            hit = self.cache.lookup(step.key)
+            hit = self.cache.lookup(step)
             if hit is not None:
                 self._note_toc_blob(hit.diff_id, hit.toc_digest)
                 self.cache.used(step)

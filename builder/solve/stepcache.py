@@ -4,16 +4,19 @@ content, hits remembered and flushed in one transaction, compressed forms of lay
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from builder.plan.keys import LAYER_OP
-from cache.types import Compression, Digest
+from cache.types import BlobInfo, Compression, Digest
 
 if TYPE_CHECKING:
     from builder.plan.dag import Step
     from builder.solve.solver import CacheHit
     from cache.index.records import Site
+    from cache.remote.artifact import Record
+    from cache.remote.remote import RemoteCache
     from cache.session import Session
     from cache.types import LayerInfo, StepKey
 
@@ -27,10 +30,18 @@ def _layer_site() -> Site:
 class IndexCache:
     """The solver's StepCache over the SQLAlchemy index."""
 
-    def __init__(self, session: Session, dockerfile_id: str) -> None:
+    def __init__(
+        self, session: Session, dockerfile_id: str, remote: RemoteCache | None = None
+    ) -> None:
         self.session = session
         self.dockerfile_id = dockerfile_id
+        self.remote = remote
         self.touched: list[tuple[StepKey, Site]] = []
+        self.sources: dict[StepKey, str] = {}
+        self._lock = threading.Lock()
+        self.imported: dict[StepKey, tuple[Record, Site]] = {}
+        """Hits answered by a shared cache; filed in the local index at ``flush`` once their
+        blobs are committed here (a record never precedes its blobs)."""
 
     def _hit(self, key: StepKey) -> CacheHit | None:
         from builder.solve.solver import CacheHit
@@ -77,8 +88,27 @@ class IndexCache:
 
         return Site(self.dockerfile_id, str(step.stage), step.pos)
 
-    def lookup(self, key: StepKey) -> CacheHit | None:
-        return self._hit(key)
+    def lookup(self, step: Step) -> CacheHit | None:
+        """The local index first, then the ``--cache-from`` sources in order."""
+        hit = self._hit(step.key)
+        if hit is not None or self.remote is None:
+            return hit
+        rec = self.remote.lookup(step.key)
+        if rec is None:
+            return None
+        store = self.session.store
+        if rec.diff_id is not None and not (store.has(rec.diff_id) or self.remote.can_fetch(rec.diff_id)):
+            return None
+        from builder.solve.solver import CacheHit
+
+        with self._lock:
+            self.imported[step.key] = (rec, self._site(step))
+            self.sources[step.key] = self.remote.source_of(step.key)
+        return CacheHit(rec.diff_id, rec.toc.digest if rec.toc else None, rec.layer_size)
+
+    def hit_source(self, key: StepKey) -> str:
+        """Where a hit came from: "" for the local index, else the cache source."""
+        return self.sources.get(key, "")
 
     def used(self, step: Step) -> None:
         """Remember a hit, to bump its last-used time and site after the build."""
@@ -88,6 +118,18 @@ class IndexCache:
         self, step: Step, layer: LayerInfo | None, seconds: float, toc_digest: Digest | None
     ) -> None:
         self._put(step.key, layer, toc_digest, step.inputs, self._site(step), seconds)
+
+    def _file_imported(self) -> None:
+        store = self.session.store
+        with self._lock:
+            pending = list(self.imported.values())
+            self.imported.clear()
+        for rec, site in pending:
+            blobs = [rec.diff_id] if rec.diff_id is not None else []
+            if rec.toc is not None:
+                blobs.append(rec.toc.digest)
+            if all(store.has(d) for d in blobs):
+                import_record(self.session, rec, site)
 
     def layer_for(self, content_key: StepKey) -> CacheHit | None:
         """The layer written before from the same entries (a *layer record*: see
@@ -105,7 +147,9 @@ class IndexCache:
         self._put(content_key, layer, toc_digest, {"op": LAYER_OP}, _layer_site(), 0.0)
 
     def flush(self) -> None:
-        """Write the hits of this build (last used, hit count, site) in one transaction."""
+        """Write the hits of this build (last used, hit count, site) in one transaction, and
+        file the shared cache's records whose blobs this build brought into the store."""
+        self._file_imported()
         if self.touched:
             self.session.index.touch_steps(
                 [k for k, _ in self.touched], time.time(), sites=[s for _, s in self.touched]
@@ -113,8 +157,12 @@ class IndexCache:
             self.touched.clear()
 
 
-def compressed_blob(session: Session, diff_id: Digest, codec: Compression) -> Any:
-    """The compressed blob of a layer, compressing only on a cache miss."""
+def compressed_blob(
+    session: Session, diff_id: Digest, codec: Compression, remote: RemoteCache | None = None
+) -> Any:
+    """The compressed blob of a layer, compressing only on a cache miss.  A shared cache's
+    blob made the same way (codec, level, codec version) is taken as it is, fetched only
+    when its bytes are needed."""
     from cache.layers.tar import (
         GZIP_DEFAULT_LEVEL,
         ZSTD_DEFAULT_LEVEL,
@@ -127,7 +175,41 @@ def compressed_blob(session: Session, diff_id: Digest, codec: Compression) -> An
     found = session.index.get_compressed(diff_id, codec, level, version)
     if found is not None and session.store.has(found.digest):
         return found
+    shared = remote.layer_blob(diff_id, codec, level, version) if remote is not None else None
+    if shared is not None:
+        return BlobInfo(shared.digest, shared.size, shared.media_type)
     blob = compress_layer(session.store, diff_id, codec, level)
     session.index.put_compressed(diff_id, codec, level, version, blob)
     return blob
 
+
+def import_record(session: Session, rec: Record, site: Site) -> None:
+    """A shared cache's record, filed in the local index (its blobs are committed here)."""
+    from cache.index.records import StepRecord
+
+    now = time.time()
+    session.index.put_step(
+        StepRecord(
+            key=rec.key,
+            diff_id=rec.diff_id,
+            layer_size=rec.layer_size,
+            toc_digest=rec.toc.digest if rec.toc else None,
+            config_delta=rec.config_delta,
+            inputs=rec.inputs,
+            dockerfile_id=site.dockerfile_id,
+            stage=site.stage,
+            position=site.position,
+            created=now,
+            last_used=now,
+            hits=1,
+            build_seconds=0.0,
+        )
+    )
+    if rec.layer is not None and rec.diff_id is not None and session.store.has(rec.layer.digest):
+        session.index.put_compressed(
+            rec.diff_id,
+            rec.codec,
+            rec.level,
+            rec.codec_version,
+            BlobInfo(rec.layer.digest, rec.layer.size, rec.layer.media_type),
+        )

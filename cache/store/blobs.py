@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from cache.errors import CorruptBlob, DigestMismatch, InvalidInput, NotFound, StoreError
 from cache.types import Digest, digest_hex, sha256_digest
@@ -74,6 +74,13 @@ class BlobWriter:
         return sha256_digest(self._hash.hexdigest())
 
 
+class BlobSource(Protocol):
+    """Somewhere a missing blob can be fetched from into the store."""
+
+    def can_fetch(self, d: Digest) -> bool: ...
+    def fetch(self, d: Digest) -> bool: ...
+
+
 class BlobStore:
     """Blobs named by sha256 under ``root/blobs/sha256``, with an ingest area in ``root/tmp``."""
 
@@ -85,6 +92,19 @@ class BlobStore:
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._checked: set[Digest] = set()
         """Blobs whose bytes this process hashed (it wrote them, or ``check_out`` read them)."""
+
+        self.fallback: BlobSource | None = None
+        """Where a missing blob may still come from (a shared cache: ``RemoteCache``, which
+        commits it through ``ingest``, verified): asked by ``ensure``, ``open`` and ``size``
+        before they give up."""
+
+    def ensure(self, d: Digest) -> bool:
+        """Whether blob ``d`` is committed, fetching it through ``fallback`` if need be."""
+        return self.has(d) or (self.fallback is not None and self.fallback.fetch(d))
+
+    def available(self, d: Digest) -> bool:
+        """Whether blob ``d`` is committed or ``fallback`` can fetch it (nothing is fetched)."""
+        return self.has(d) or (self.fallback is not None and self.fallback.can_fetch(d))
 
     def path(self, d: Digest) -> Path:
         """Where blob ``d`` lives (whether or not it is present)."""
@@ -155,6 +175,8 @@ class BlobStore:
         try:
             return open(self.path(d), "rb")
         except FileNotFoundError as e:
+            if self.fallback is not None and self.fallback.fetch(d):
+                return open(self.path(d), "rb")
             raise NotFound(f"blob {d} is not in the store at {self.root}") from e
 
     def read(self, d: Digest) -> bytes:
@@ -167,6 +189,8 @@ class BlobStore:
         try:
             return self.path(d).stat().st_size
         except FileNotFoundError as e:
+            if self.fallback is not None and self.fallback.fetch(d):
+                return self.path(d).stat().st_size
             raise NotFound(f"blob {d} is not in the store at {self.root}") from e
 
     def verify(self, d: Digest) -> bool:

@@ -1,0 +1,197 @@
+"""``--cache-from`` and ``--cache-to`` around one build (DESIGN.md "Sharing the cache").
+
+Before solving, :func:`open_sources` reads the records of every ``--cache-from`` (a source that
+cannot be read is a warning) and lets the content store fetch their blobs on demand.  After
+the image is made, :func:`export` writes the records of the steps ``mode`` asks for
+(``min``: the stages the image is made of, through FROM; ``max``: every step built) with
+their compressed layer and TOC blobs.  A failed ``--cache-to`` fails the build unless it says
+``ignore-error=true``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from cache.errors import LbuildError, StoreError
+
+if TYPE_CHECKING:
+    from builder.plan.dag import Plan, Step
+    from builder.solve.stepcache import IndexCache
+    from cache.index.records import StepRecord
+    from cache.remote.artifact import Record
+    from cache.remote.remote import ExportResult, RemoteCache
+    from cache.remote.spec import CacheSpec
+    from cache.session import Session
+    from cache.types import Compression, Digest
+
+
+def open_sources(
+    specs: Sequence[CacheSpec],
+    session: Session,
+    warn: Callable[[str], None],
+    failed: set[Digest] | None = None,
+) -> RemoteCache | None:
+    """The ``--cache-from`` sources' records; the store fetches their blobs when needed.
+    ``failed`` are blobs a first attempt of this build could not use (their records miss)."""
+    if not specs:
+        return None
+    from cache.remote.remote import RemoteCache
+
+    remote = RemoteCache.open(specs, session.store, lambda t: warn(f"warning: {t}"), failed)
+    session.store.fallback = remote
+    return remote
+
+
+def steps_for(plan: Plan, mode: str) -> list[Step]:
+    """The steps whose records a ``mode=min|max`` export carries."""
+    steps = [s for s in plan.steps.values() if s.kind not in ("base", "end")]
+    if mode == "max":
+        return steps
+    chain: set[int] = set()
+    stage: int | None = plan.target
+    while stage is not None and stage not in chain:
+        chain.add(stage)
+        stage = plan.stages[stage].base_stage
+    return [s for s in steps if s.stage in chain]
+
+
+def records_for(
+    steps: Iterable[Step],
+    session: Session,
+    cache: IndexCache,
+    codec: Compression,
+    remote: RemoteCache | None,
+) -> list[Record]:
+    """The transferable records of ``steps``: from the local index, or as a shared cache
+    gave them (a hit whose bytes this build never needed)."""
+    out: list[Record] = []
+    for step in steps:
+        rec = session.index.get_step(step.key)
+        if rec is None:
+            shared = remote.lookup(step.key) if remote is not None else None
+            if shared is not None:
+                out.append(shared)
+                continue
+            raise StoreError(f"--cache-to: step {step.name!r} has no record to export")
+        out.append(transferable(rec, session, codec, remote))
+    return out
+
+
+def transferable(
+    rec: StepRecord, session: Session, codec: Compression, remote: RemoteCache | None = None
+) -> Record:
+    """A local step record as it travels: its layer compressed with ``codec`` (compressed
+    now only if no such blob exists), and its TOC blob."""
+    from builder.solve.stepcache import compressed_blob
+    from cache.layers.tar import GZIP_DEFAULT_LEVEL, ZSTD_DEFAULT_LEVEL, codec_version
+    from cache.remote.artifact import TOC_MEDIA_TYPE, Blob, Record
+
+    layer = toc = None
+    level, version = 0, ""
+    if rec.diff_id is not None:
+        info = compressed_blob(session, rec.diff_id, codec, remote)
+        layer = Blob(info.digest, info.size, info.media_type)
+        level = {"gzip": GZIP_DEFAULT_LEVEL, "zstd": ZSTD_DEFAULT_LEVEL}.get(codec, 0)
+        version = codec_version(codec)
+        if rec.toc_digest is not None and session.store.ensure(rec.toc_digest):
+            toc = Blob(rec.toc_digest, session.store.size(rec.toc_digest), TOC_MEDIA_TYPE)
+    return Record(
+        key=rec.key,
+        diff_id=rec.diff_id,
+        layer=layer,
+        toc=toc,
+        layer_size=rec.layer_size,
+        config_delta=rec.config_delta,
+        inputs=rec.inputs,
+        codec=codec if layer is not None else "",
+        level=level,
+        codec_version=version,
+    )
+
+
+def export_index(
+    session: Session, spec: CacheSpec, *, since: float | None, codec: Compression
+) -> ExportResult:
+    """``lbuild cache export``: every record of the index (used since ``since``) with its
+    blobs; a record whose layer is gone from the store is left out."""
+    from cache.remote.remote import export_cache
+
+    recs: list[Record] = []
+    for rec in session.full_index.list_steps():
+        if since is not None and rec.last_used < since:
+            continue
+        if rec.diff_id is not None and not session.store.has(rec.diff_id):
+            continue
+        recs.append(transferable(rec, session, codec))
+    return export_cache(spec, recs, session.store)
+
+
+def import_all(session: Session, spec: CacheSpec, warn: Callable[[str], None]) -> tuple[int, int]:
+    """``lbuild cache import``: every record of a cache artifact, its blobs fetched and
+    verified first; a record whose blobs cannot be fetched is skipped (and counted)."""
+    from builder.solve.stepcache import import_record
+    from cache.index.records import Site
+
+    remote = open_sources([spec], session, warn)
+    assert remote is not None
+    done = skipped = 0
+    try:
+        for rec, _src in list(remote.records.values()):
+            needed = [b.digest for b in rec.blobs()]
+            if rec.diff_id is not None:
+                needed.append(rec.diff_id)
+            try:
+                usable = all(session.store.ensure(d) for d in needed)
+            except LbuildError:
+                usable = False
+            if usable:
+                import_record(session, rec, Site("", "", -1))
+                done += 1
+            else:
+                skipped += 1
+    finally:
+        remote.close()
+        session.store.fallback = None
+    return done, skipped
+
+
+def export(
+    specs: Sequence[CacheSpec],
+    records: Sequence[Record] | Callable[[str], Sequence[Record]],
+    session: Session,
+    remote: RemoteCache | None,
+    warn: Callable[[str], None],
+) -> list[ExportResult]:
+    """Write every ``--cache-to``; ``records`` are the records, or a function of the mode."""
+    from cache.remote.remote import export_cache
+
+    results: list[ExportResult] = []
+    for spec in specs:
+        recs = records(spec.mode) if callable(records) else records
+        proved: set[Digest] = set()
+        if remote is not None:  # blobs the import found at this very destination
+            for src in remote.sources:
+                if src.describe() == _describe(spec):
+                    proved = {d for d, (_, s) in remote.blobs.items() if s is src}
+        try:
+            results.append(export_cache(spec, recs, session.store, known_present=proved))
+        except (LbuildError, OSError) as e:
+            if not spec.ignore_error:
+                raise StoreError(f"--cache-to {spec}: {e}") from None
+            warn(f"warning: --cache-to {spec}: {e} (ignored: ignore-error=true)")
+        except Exception as e:  # a registry's transport error, say
+            if not spec.ignore_error:
+                raise StoreError(f"--cache-to {spec}: {type(e).__name__}: {e}") from None
+            warn(f"warning: --cache-to {spec}: {e} (ignored: ignore-error=true)")
+    return results
+
+
+def _describe(spec: CacheSpec) -> str:
+    from cache.remote.transfer import LayoutStore
+
+    if spec.type == "local":
+        return LayoutStore(spec.path).describe()
+    from cache.registry.reference import parse
+
+    return f"type=registry,ref={parse(spec.where)}"

@@ -1,0 +1,223 @@
+"""Sharing the cache: ``--cache-to``/``--cache-from`` (type=local and type=registry),
+``lbuild warm``, ``lbuild cache export|import`` (issue 13).
+
+Every build here is real: a home A warms, an empty home B builds a copy of the context at
+another path, and the images are compared by manifest digest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from registry_server import (
+    Registry,
+    add_image,
+    registry_fixture,  # noqa: F401 (a fixture)
+    unique_repo,
+    write_layout,
+)
+from util import lbuild, manifest_digest
+
+pytestmark = pytest.mark.slow
+EPOCH = {"SOURCE_DATE_EPOCH": "1700000000"}  # RUN's file times clamped: builds comparable
+
+DOCKERFILE = """\
+FROM scratch AS tool
+COPY tool.txt /tool.txt
+
+FROM base AS app
+COPY a.txt /a.txt
+RUN ["/bin/busybox", "sh", "-c", "cat /a.txt /etc/base > /built"]
+COPY --from=tool /tool.txt /t
+ENV X=1
+"""
+
+
+def base_layout(tmp: Path) -> Path:
+    lay = tmp / "base"
+    layers = [
+        {"etc/base": b"base\n"},
+        {
+            "bin/busybox": Path("/bin/busybox").read_bytes(),
+            "etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n",
+            "etc/group": b"root:x:0:\n",
+        },
+    ]
+    write_layout(lay, add_image(lay, layers, env=["PATH=/bin"]))
+    return lay
+
+
+def context(tmp: Path, name: str, dockerfile: str = DOCKERFILE) -> Path:
+    ctx = tmp / name
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(dockerfile)
+    (ctx / "a.txt").write_text("a\n")
+    (ctx / "tool.txt").write_text("tool\n")
+    return ctx
+
+
+def build(ctx: Path, home: Path, base: Path, out: Path, *flags: str) -> list[dict[str, object]]:
+    p = lbuild("build", ctx, "--build-context", f"base=oci-layout://{base}", "--progress",
+               "json", "--output", f"type=oci,dest={out}", *flags, home=home, env=EPOCH)
+    return [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+
+
+def cached(events: list[dict[str, object]]) -> dict[str, bool]:
+    return {str(e["name"]): bool(e["cached"]) for e in events if e.get("event") == "step_done"}
+
+
+def diff_ids(layout: Path) -> list[str]:
+    idx = json.loads((layout / "index.json").read_text())
+    man = json.loads((layout / "blobs/sha256" / idx["manifests"][0]["digest"][7:]).read_text())
+    cfg = json.loads((layout / "blobs/sha256" / man["config"]["digest"][7:]).read_text())
+    return list(cfg["rootfs"]["diff_ids"])
+
+
+def in_store(home: Path, digest: str) -> bool:
+    return (home / "blobs/sha256" / digest.split(":")[1]).is_file()
+
+
+def test_local_cache_max_makes_a_cold_home_hot_from_another_path(tmp_path: Path) -> None:
+    base = base_layout(tmp_path)
+    cache = tmp_path / "cache"
+    a = build(context(tmp_path, "p1"), tmp_path / "hA", base, tmp_path / "outA",
+              "--cache-to", f"type=local,dest={cache},mode=max")
+    assert not any(cached(a).values())
+    b = build(context(tmp_path, "p2"), tmp_path / "hB", base, tmp_path / "outB",
+              "--cache-from", f"type=local,src={cache}")
+    assert cached(b) and all(cached(b).values()), cached(b)
+    assert manifest_digest(tmp_path / "outB") == manifest_digest(tmp_path / "outA")
+    # lazy: the OCI output needs compressed blobs only, so none of the app's layer tars was
+    # fetched and unpacked (the base's two come from its --build-context layout)
+    app_layers = diff_ids(tmp_path / "outB")[2:]
+    assert len(app_layers) == 3
+    assert not [d for d in app_layers if in_store(tmp_path / "hB", d)]
+
+
+def test_mode_min_carries_only_the_image_s_stages(tmp_path: Path) -> None:
+    base = base_layout(tmp_path)
+    cache = tmp_path / "cache"
+    build(context(tmp_path, "p1"), tmp_path / "hA", base, tmp_path / "outA",
+          "--cache-to", f"type=local,dest={cache}")  # mode=min is the default
+    b = cached(build(context(tmp_path, "p2"), tmp_path / "hB", base, tmp_path / "outB",
+                     "--cache-from", f"type=local,src={cache}"))
+    assert b["[tool 1/1] COPY tool.txt /tool.txt"] is False  # the COPY --from stage: not exported
+    assert all(v for k, v in b.items() if k.startswith("[app"))
+    assert manifest_digest(tmp_path / "outB") == manifest_digest(tmp_path / "outA")
+
+
+def test_a_run_below_imported_steps_fetches_the_parent_chain(tmp_path: Path) -> None:
+    base = base_layout(tmp_path)
+    cache = tmp_path / "cache"
+    build(context(tmp_path, "p1"), tmp_path / "hA", base, tmp_path / "outA",
+          "--cache-to", f"type=local,dest={cache},mode=max")
+    more = DOCKERFILE + 'RUN ["/bin/busybox", "sh", "-c", "cat /built /t > /again"]\n'
+    b = cached(build(context(tmp_path, "p2", more), tmp_path / "hB", base, tmp_path / "outB",
+                     "--cache-from", f"type=local,src={cache}"))
+    assert [k for k, v in b.items() if not v] == ['[app 5/5] RUN ["/bin/busybox", "sh", "-c", "cat /built /t > /again"]']
+    cold = build(context(tmp_path, "p3", more), tmp_path / "hC", base, tmp_path / "outC")
+    assert not any(cached(cold).values())
+    assert manifest_digest(tmp_path / "outB") == manifest_digest(tmp_path / "outC")
+
+
+def _layer_blobs(cache: Path) -> list[Path]:
+    idx = json.loads((cache / "index.json").read_text())
+    man = json.loads((cache / "blobs/sha256" / idx["manifests"][0]["digest"][7:]).read_text())
+    return [cache / "blobs/sha256" / d["digest"][7:] for d in man["layers"]
+            if d["mediaType"].endswith("tar+gzip")]
+
+
+@pytest.mark.parametrize("damage", ["flipped-layer", "truncated-records", "foreign", "missing"])
+def test_a_damaged_or_foreign_cache_is_a_warning_and_a_correct_build(
+    tmp_path: Path, damage: str
+) -> None:
+    base = base_layout(tmp_path)
+    cache = tmp_path / "cache"
+    build(context(tmp_path, "p1"), tmp_path / "hA", base, tmp_path / "outA",
+          "--cache-to", f"type=local,dest={cache},mode=max")
+    if damage == "flipped-layer":
+        for blob in _layer_blobs(cache):
+            data = bytearray(blob.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            blob.chmod(0o644)
+            blob.write_bytes(bytes(data))
+    elif damage == "truncated-records":
+        idx = json.loads((cache / "index.json").read_text())
+        man = json.loads((cache / "blobs/sha256" / idx["manifests"][0]["digest"][7:]).read_text())
+        rec = cache / "blobs/sha256" / man["config"]["digest"][7:]
+        rec.chmod(0o644)
+        rec.write_bytes(rec.read_bytes()[:40])
+    elif damage == "foreign":
+        shutil.rmtree(cache)
+        shutil.copytree(base, cache)  # an ordinary image, not an lbuild cache
+    else:
+        shutil.rmtree(cache)
+    p = lbuild("build", context(tmp_path, "p2"), "--build-context", f"base=oci-layout://{base}",
+               "--progress", "plain", "--output", f"type=oci,dest={tmp_path / 'outB'}",
+               "--cache-from", f"type=local,src={cache}", home=tmp_path / "hB", env=EPOCH)
+    assert "warning" in p.stderr
+    assert manifest_digest(tmp_path / "outB") == manifest_digest(tmp_path / "outA")
+
+
+def test_a_failing_cache_to_fails_the_build_unless_ignore_error(tmp_path: Path) -> None:
+    base = base_layout(tmp_path)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    args = ("build", context(tmp_path, "p1"), "--build-context", f"base=oci-layout://{base}",
+            "--progress", "plain")
+    p = lbuild(*args, "--cache-to", f"type=local,dest={blocked / 'c'}", home=tmp_path / "h",
+               env=EPOCH, check=False)
+    assert p.returncode == 1 and "--cache-to" in p.stderr.strip().splitlines()[-1]
+    p = lbuild(*args, "--cache-to", f"type=local,dest={blocked / 'c'},ignore-error=true",
+               home=tmp_path / "h", env=EPOCH)
+    assert "ignore-error=true" in p.stderr
+
+
+@pytest.mark.parametrize("flag", ["type=local,dest=/x,compression=zstd", "type=gha",
+                                  "type=local,dest=/x,bogus=1", "type=local"])
+def test_cache_flags_lbuild_does_not_implement_are_exit_2(tmp_path: Path, flag: str) -> None:
+    p = lbuild("build", tmp_path, "--cache-to", flag, home=tmp_path / "h", check=False)
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and "--cache-to" in p.stderr
+
+
+def test_registry_cache_and_warm_with_a_matrix(registry: Registry, tmp_path: Path) -> None:
+    base = base_layout(tmp_path)
+    ctx = context(tmp_path, "p1", DOCKERFILE.replace("ENV X=1", "ARG V=0\nENV X=$V"))
+    matrix = tmp_path / "matrix.json"
+    matrix.write_text(json.dumps([{"V": "1"}, {"V": "2"}]))
+    ref = f"{registry.host}/{unique_repo('cache')}:main"
+    p = lbuild("warm", ctx, "--build-context", f"base=oci-layout://{base}", "--target", "tool",
+               "--target", "app", "--matrix", matrix, "--cache-to", f"type=registry,ref={ref}",
+               "--progress", "json", home=tmp_path / "hA", env=EPOCH)
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["ok"]
+    assert [(b["target"], b["build_args"]) for b in summary["builds"]] == [
+        ("tool", {"V": "1"}), ("app", {"V": "1"}), ("tool", {"V": "2"}), ("app", {"V": "2"})]
+    # tool once; app's COPY, RUN, COPY --from once; ENV X=$V (with its ARG) per value
+    assert summary["steps_built"] == 1 + 5 + 2 and summary["exports"][0]["blobs_uploaded"] > 0
+    for v in ("1", "2"):
+        out = tmp_path / f"out{v}"
+        b = cached(build(shutil.copytree(ctx, tmp_path / f"copy{v}"), tmp_path / "hB", base, out,
+                         "--build-arg", f"V={v}", "--cache-from", f"type=registry,ref={ref}"))
+        assert b and all(b.values()), b
+        cold = tmp_path / f"cold{v}"
+        build(ctx, tmp_path / f"hC{v}", base, cold, "--build-arg", f"V={v}")
+        assert manifest_digest(out) == manifest_digest(cold)
+
+
+def test_cache_export_and_import_move_the_whole_index(tmp_path: Path) -> None:
+    base = base_layout(tmp_path)
+    build(context(tmp_path, "p1"), tmp_path / "hA", base, tmp_path / "outA")
+    dest = tmp_path / "exported"
+    p = lbuild("cache", "export", "--to", f"type=local,dest={dest}", home=tmp_path / "hA")
+    assert p.stdout.startswith("exported ")
+    p = lbuild("cache", "import", "--from", f"type=local,src={dest}", home=tmp_path / "hB")
+    assert p.stdout.startswith("imported ") and "skipped" not in p.stdout
+    # the imported index answers every step without any --cache-from
+    b = cached(build(context(tmp_path, "p2"), tmp_path / "hB", base, tmp_path / "outB"))
+    assert b and all(b.values()), b
+    assert manifest_digest(tmp_path / "outB") == manifest_digest(tmp_path / "outA")
