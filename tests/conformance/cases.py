@@ -695,3 +695,29 @@ CASES += [
     Case("run-view-after-run", "FROM base\nRUN rm -rf /opt/old && touch -d @1234567 /etc/motd\n" + VIEW,
          "the RUN view after a RUN that deleted a tree and touched a file"),
 ]
+
+CASES += [
+    # --- RUN environment, mounts, parser directives -------------------------------------------
+    Case("run-env-user-home", "FROM base\nUSER app\nRUN echo \"$HOME\" > /tmp/home\n",
+         "RUN as app gets HOME from /etc/passwd"),
+    Case("run-env-listing", "FROM base\nARG A1=x\nENV E1=y\nRUN env | grep -v -e '^HOSTNAME=' -e '^PWD=' -e '^SHLVL=' -e '^_=' | sort > /env\n",
+         "the environment RUN sees (ARG and ENV in, nothing else but PATH/HOME)"),
+    Case("run-exec-form", "FROM base\nRUN [\"/bin/sh\", \"-c\", \"echo exec > /exec\"]\n", "exec-form RUN"),
+    Case("run-mount-cache", "FROM base\nRUN --mount=type=cache,target=/cache echo c > /cache/f && ls /cache > /lst\n",
+         "a cache mount is not in the layer"),
+    Case("run-mount-bind-context", "FROM base\nRUN --mount=type=bind,source=a.txt,target=/mnt/a.txt cp /mnt/a.txt /copied\n",
+         "a bind mount of a context file; neither the mount point nor the /mnt made for it is "
+         "in the layer", files=A, patch={"mnt": None},
+         buildkit="buildah 1.28 leaves the /mnt it created for the mount point in the layer; "
+                  "BuildKit removes mount stubs and the missing parents made for them after the "
+                  "RUN (moby/buildkit executor/stubs.go MountStubsCleaner, recursive)"),
+    Case("run-mount-tmpfs", "FROM base\nRUN --mount=type=tmpfs,target=/scratch echo t > /scratch/t && echo ok > /ok\n",
+         "a tmpfs mount is not in the layer"),
+    Case("copy-chown-from-arg", "FROM base\nARG U=app\nARG G=1002\nCOPY --chown=${U}:${G} a.txt /opt/\n",
+         "--chown expands ARGs; a name with a numeric group", files=A),
+    Case("escape-directive", "# escape=`\nFROM base\nRUN echo a `\n  b\\c > /esc\n",
+         "the escape directive: backquote continues lines, a backslash is literal"),
+    Case("run-continuations-comments",
+         "FROM base\nRUN echo one \\\n# a comment inside\n    two \\\n\n    three > /cont\n",
+         "line continuations with a comment line and an empty line inside"),
+]
