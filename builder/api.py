@@ -277,6 +277,7 @@ def _build(
                 opts.registry_names(),
                 transfer=transfer_for(rep),
                 sources=tags_used,
+                shared=remote.mount_sources() if remote is not None else None,
             )
         if opts.cache_to:
             cacheshare.export(

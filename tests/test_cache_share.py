@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from registry_server import (
+    FaultProxy,
     Registry,
     add_image,
     registry_fixture,  # noqa: F401 (a fixture)
@@ -221,3 +222,33 @@ def test_cache_export_and_import_move_the_whole_index(tmp_path: Path) -> None:
     b = cached(build(context(tmp_path, "p2"), tmp_path / "hB", base, tmp_path / "outB"))
     assert b and all(b.values()), b
     assert manifest_digest(tmp_path / "outB") == manifest_digest(tmp_path / "outA")
+
+
+def test_a_hot_build_pushing_to_the_cache_s_registry_downloads_no_layer(
+    registry: Registry, tmp_path: Path
+) -> None:
+    base = base_layout(tmp_path)
+    repo = unique_repo("cache")
+    build(context(tmp_path, "p1"), tmp_path / "hA", base, tmp_path / "outA",
+          "--cache-to", f"type=registry,ref={registry.host}/{repo}:main,mode=max")
+    proxy = FaultProxy(registry.host).start()  # records every request B makes
+    try:
+        app = f"{proxy.host}/{unique_repo('app')}:v1"
+        p = lbuild("build", context(tmp_path, "p2"), "--build-context",
+                   f"base=oci-layout://{base}", "--progress", "json",
+                   "--cache-from", f"type=registry,ref={proxy.host}/{repo}:main",
+                   "--output", f"type=registry,name={app}", home=tmp_path / "hB", env=EPOCH)
+    finally:
+        proxy.stop()
+    events = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    b = cached(events)
+    assert b and all(b.values()), b
+    blob_gets = [path for method, path, _ in proxy.log if method == "GET" and "/blobs/" in path]
+    # the records blob, once; never a layer or TOC blob
+    assert len(blob_gets) == 1 and f"/v2/{repo}/blobs/" in blob_gets[0]
+    mounts = [path for method, path, _ in proxy.log if method == "POST" and "mount=" in path]
+    assert len(mounts) == 3  # the app's three layers, mounted from the cache's repository
+    done = events[-1]
+    assert done["event"] == "done"
+    # the pushed image is the one home A exported, digest for digest
+    assert [r.rsplit("@", 1)[1] for r in done["pushed"]] == [manifest_digest(tmp_path / "outA")]

@@ -9,7 +9,7 @@ registry (a pulled base image: its local tag remembers its source) are mounted, 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from cache.types import Digest
@@ -48,17 +48,21 @@ def push_image(
     *,
     transfer: Transfer | None = None,
     sources: Iterable[str] | None = None,
+    shared: Mapping[str, str] | None = None,
 ) -> tuple[str, ...]:
     """Push image ``manifest_digest`` to every reference in ``names``; ``REF@DIGEST`` each.
 
     ``sources``: the local tags of the images it was built on (their pulled-from
-    repositories are mount candidates); None looks at every local tag."""
+    repositories are mount candidates); None looks at every local tag.  ``shared``: blobs a
+    ``--cache-from`` registry has (digest -> repository), mounted the same way, so a build
+    that only hit its cache sends and downloads none of them."""
     from builder.pull import _progress
     from cache.registry.push import push
     from cache.registry.reference import parse
 
     refs = [parse(n) for n in names]  # every name checked before anything is sent
-    results = push(session.store, manifest_digest, refs, mount_from=mount_sources(session, sources),
+    mounts = {**(shared or {}), **mount_sources(session, sources)}
+    results = push(session.store, manifest_digest, refs, mount_from=mounts,
                    progress=_progress(transfer, "push"))
     return tuple(f"{r.ref.repository}:{r.ref.tag}@{r.digest}" if r.ref.tag
                  else f"{r.ref.repository}@{r.digest}" for r in results)

@@ -80,9 +80,9 @@ class _Pusher:
                     and self.repo.mount_blob(digest, source)):
                 self.mounted.append(digest)
             else:
-                path = self.store.path(Digest(digest))
-                if not path.is_file():
+                if not self.store.ensure(Digest(digest)):
                     raise NotFound(f"push {self.repo.ref}: blob {digest} is not in the store")
+                path = self.store.path(Digest(digest))
                 self.repo.upload_blob(digest, size, path, tick)
                 self.uploaded.append(digest)
                 return
@@ -114,8 +114,8 @@ def _plan(store: BlobStore, digest: str,
             out += _plan(store, str(child["digest"]), what)
         return [*out, (digest, raw, media, [])]
     blobs = _blobs(body)
-    for d, _ in blobs:
-        if not store.has(Digest(d)):
+    for d, _ in blobs:  # in the store, or fetched from a shared cache when it must be sent
+        if not store.available(Digest(d)):
             raise NotFound(f"push {what}: blob {d} is not in the store")
     return [(digest, raw, media, blobs)]
 
