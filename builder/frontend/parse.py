@@ -581,6 +581,19 @@ def _start_of_instruction(lines: Sequence[str], line: int, escape: str) -> int:
     return start
 
 
+def _first_rejected_line(buildkit: Any, lines: Sequence[str], escape: str) -> int | None:
+    """The instruction (its first line) where the parser starts rejecting the text."""
+    for n in range(1, len(lines) + 1):
+        try:
+            buildkit.parse_string("\n".join(lines[:n]) + "\n")
+        except UnicodeDecodeError:
+            return _start_of_instruction(lines, n, escape)
+        except buildkit.GoParseError as err:
+            if str(err) != "file with no instructions":
+                return _start_of_instruction(lines, n, escape)
+    return None
+
+
 def parse(text: str, filename: str = "Dockerfile") -> Dockerfile:
     """Parse Dockerfile text into stages of typed instructions.
 
@@ -603,6 +616,14 @@ def parse(text: str, filename: str = "Dockerfile") -> Dockerfile:
             if line is not None:
                 line = _start_of_instruction(lines, line, escape)
         raise InvalidInput(message, file=filename, line=line) from None
+    except UnicodeDecodeError:
+        # The parser rejected the text, but the `dockerfile` binding could not decode its
+        # message (cut inside a multi-byte character): name the line, not the words.
+        raise InvalidInput(
+            "invalid instruction (the parser's message about it is not valid UTF-8)",
+            file=filename,
+            line=_first_rejected_line(buildkit, lines, escape),
+        ) from None
 
     meta_args: list[Arg] = []
     stages: list[tuple[From, list[Instruction]]] = []

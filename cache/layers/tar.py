@@ -598,6 +598,10 @@ def read_toc(stream: BinaryIO) -> tuple[Entry, ...]:
     return _scan(_Input(stream))
 
 
+_MAX_META = 1 << 20
+"""Largest PAX or GNU long-name/long-link header data read (Go's archive/tar: 1 MiB)."""
+
+
 def _scan(src: _Input) -> tuple[Entry, ...]:
     entries: list[Entry] = []
     global_pax: dict[str, bytes] = {}
@@ -615,6 +619,11 @@ def _scan(src: _Input) -> tuple[Entry, ...]:
         typeflag = hdr[156:157]
         size = _number(hdr[124:136], start)
         if typeflag in (b"x", b"g", b"L", b"K"):
+            if not 0 <= size <= _MAX_META:  # as Go's archive/tar: never slurp a huge header
+                raise InvalidInput(
+                    f"layer tar: {size}-byte extended header at offset {start} (the limit is "
+                    f"{_MAX_META} bytes)"
+                )
             data = src.read(size)
             if len(data) < size:
                 raise InvalidInput(f"truncated layer tar: header data at offset {start}")

@@ -1,0 +1,71 @@
+"""Bounded fuzzing of the front end and the tar reader (issue 11 item 17): random and mutated
+Dockerfiles, .dockerignore files, build args, and malformed archives (bad headers, PAX records,
+sizes, names) never give an internal error, and an archive never writes outside the root
+filesystem.  ``bench/fuzz.py`` runs the same properties for longer."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from fuzz_cases import (
+    archives,
+    build_args,
+    check_archive,
+    check_dockerfile,
+    check_ignore,
+    dockerfiles,
+    ignore_files,
+    mutate,
+    paths,
+    well_formed_tar,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+FAST = settings(
+    max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None
+)
+
+
+@FAST
+@given(dockerfiles, build_args)
+def test_fuzz_dockerfiles(text: str, args: dict[str, str]) -> None:
+    check_dockerfile(text, args)
+
+
+@FAST
+@given(st.text(max_size=300), build_args)
+def test_fuzz_arbitrary_text_as_a_dockerfile(text: str, args: dict[str, str]) -> None:
+    check_dockerfile(text, args)
+
+
+@FAST
+@given(ignore_files, st.lists(paths, max_size=6))
+def test_fuzz_dockerignore(text: str, candidates: list[str]) -> None:
+    check_ignore(text, candidates)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(archives)
+def test_fuzz_malformed_archives(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        check_archive(data, Path(d))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "d/b", "../x", "é" * 60, "l" * 150]), st.binary(max_size=40)
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1, max_size=6),
+)
+def test_fuzz_mutated_archives(
+    members: list[tuple[str, bytes]], flips: list[tuple[int, int]]
+) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        check_archive(mutate(well_formed_tar(members), flips), Path(d))
