@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from harness import Buildah, Env, make_base_layout, read_image
+from harness import Buildah, Env, make_base_layout, read_image, sweep_stale_stores
 
 MISSING = [t for t in ("buildah", "skopeo", "umoci") if shutil.which(t) is None]
 
@@ -21,6 +21,7 @@ def conformance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     if os.geteuid() != 0:
         pytest.skip("buildah --isolation chroot with overlay storage and lbuild RUN as root: "
                     "the suite runs as root (as CI does)")
+    sweep_stale_stores()
     root = tmp_path_factory.mktemp("conformance")
     base = make_base_layout(root / "base")
     peer_base = make_base_layout(root / "base-buildah", explicit_parents=True)

@@ -191,12 +191,38 @@ class Env:
     home: Path
 
 
+def _unmount_under(root: Path) -> None:
+    prefix = str(root) + "/"
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f]
+    for m in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
+        run("umount", m, check=False)
+
+
+def sweep_stale_stores() -> None:
+    """Unmount what the buildah stores of dead conformance sessions left mounted (a session
+    killed before its teardown): a store whose owner.pid names no live process."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f]
+    roots = {m.split("/graph/overlay")[0] for m in mounts
+             if "/buildah/graph/overlay" in m and "/conformance" in m}
+    for r in roots:
+        owner = Path(r) / "owner.pid"
+        try:
+            pid = int(owner.read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge
+        if not Path(f"/proc/{pid}").exists():
+            _unmount_under(Path(r))
+
+
 class Buildah:
     """A private buildah store holding the base image as localhost/base:latest."""
 
     def __init__(self, root: Path, base: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        (root / "owner.pid").write_text(str(os.getpid()))
         conf = root / "storage.conf"
         conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{root}/graph"\n'
                         f'runroot = "{root}/run"\n')
@@ -220,11 +246,7 @@ class Buildah:
         be deleted."""
         run("buildah", "rm", "--all", env=self.env, check=False)
         run("buildah", "rmi", "--all", "--force", env=self.env, check=False)
-        prefix = str(self.root) + "/"
-        with open("/proc/self/mountinfo") as f:
-            mounts = [line.split()[4] for line in f]
-        for m in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
-            run("umount", m, check=False)
+        _unmount_under(self.root)
 
     def build(self, context: Path, dockerfile: Path, out: Path, *, build_args: dict[str, str],
               target: str | None) -> None:
