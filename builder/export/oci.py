@@ -369,7 +369,9 @@ def export_oci_archive(store: BlobStore, image: Image, dest: Path, tag: str = "l
             tar.addfile(info("blobs/sha256", kind=tarfile.DIRTYPE))
             for d in sorted(set(blobs)):
                 with store.open(d) as f:
-                    tar.addfile(info(f"blobs/sha256/{digest_hex(d)}", store.size(d)), f)
+                    hashed = _HashingReader(f)
+                    tar.addfile(info(f"blobs/sha256/{digest_hex(d)}", store.size(d)), hashed)
+                    store.vouch(d, hashed.digest())  # verified as it streamed out
             tar.close()
             raw.flush()
             os.fsync(raw.fileno())
