@@ -417,7 +417,7 @@ def cmd_why(ns: argparse.Namespace) -> int:
 
 
 def cmd_cache(ns: argparse.Namespace) -> int:
-    if ns.cache_command in ("export", "import"):
+    if getattr(ns, "cache_command", None) in ("export", "import"):  # images/tag/rmi have none
         from builder.sharecmd import cmd_cache_share
 
         return cmd_cache_share(ns)
