@@ -322,7 +322,7 @@ def _export(opts: BuildOptions, home: Path, memo: dict[str, Any]) -> None:
 
     todo = []
     for out in opts.outputs:
-        if out.type == "oci":
+        if out.type == "oci" and not out.tar:  # a tarball is always written again
             tag = split_tag(opts.tags[0])[1] if opts.tags else "latest"
             if not _layout_has(out.dest, memo["manifest"], tag):
                 todo.append(out)
