@@ -1,4 +1,5 @@
-"""The non-build commands as Python functions: plan, why, cache ls/du/prune/verify.
+"""The non-build commands as Python functions: plan, why, cache verify (ls/du/prune and
+images/tag/rmi: builder/manage.py).
 
 Each returns plain data or text; builder.cli only parses arguments and prints.
 """
@@ -7,11 +8,9 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from builder.plan.keys import LAYER_OP
 from cache.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -199,95 +198,6 @@ def parse_duration(text: str) -> float:
     if not parts or "".join(a + b for a, b in parts) != t:
         raise InvalidInput(f"invalid duration {text!r}: expected e.g. 36h, 7d or 1h30m")
     return sum(float(n) * _DUR_S[u] for n, u in parts)
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _op(inputs: str) -> str:
-    return str(json.loads(inputs).get("op", "?")) if inputs else "?"
-
-
-def cache_ls(session: Session) -> list[dict[str, Any]]:
-    """Every step record, most recently used first (layer records are not steps)."""
-    rows = []
-    for r in session.full_index.list_steps(limit=None, oldest_first=False):
-        inputs = json.loads(r.inputs) if r.inputs else {}
-        if inputs.get("op") == LAYER_OP:
-            continue
-        rows.append(
-            {
-                "key": r.key,
-                "op": inputs.get("op", "?"),
-                "diff_id": r.diff_id,
-                "size": r.layer_size,
-                "hits": r.hits,
-                "last_used": r.last_used,
-                "created": r.created,
-            }
-        )
-    return rows
-
-
-def cache_du(session: Session) -> dict[str, int]:
-    """Bytes and counts in the store."""
-    total = 0
-    count = 0
-    for d in session.store.digests():
-        total += session.store.size(d)
-        count += 1
-    ops = [_op(r.inputs) for r in session.full_index.list_steps(limit=None, oldest_first=True)]
-    layers = ops.count(LAYER_OP)
-    return {
-        "blobs": count,
-        "bytes": total,
-        "records": len(ops) - layers,
-        "layer_records": layers,
-        "tags": len(session.full_index.list_tags()),
-    }
-
-
-def cache_prune(
-    session: Session, *, keep_bytes: int | None, keep_duration: float | None, dry_run: bool
-) -> tuple[list[str], int]:
-    """LRU prune; returns what goes (or would go) and the bytes freed."""
-    sizes = {d: session.store.size(d) for d in session.store.digests()}
-    plan = session.full_index.prune_plan(
-        keep_bytes=keep_bytes, keep_duration_s=keep_duration, now=time.time(), blob_sizes=sizes
-    )
-    layer_keys = {
-        r.key
-        for r in session.full_index.list_steps(limit=None, oldest_first=True)
-        if _op(r.inputs) == LAYER_OP
-    }
-    lines = [
-        f"{'layer' if s.key in layer_keys else 'step'} {s.key[:16]} ({s.reason})"
-        for s in plan.steps
-    ]
-    lines += [f"blob {d} {human(sizes.get(d, 0))}" for d in plan.blobs]
-    from cache.home import clear_tmp, tmp_leftovers
-
-    leftovers = tmp_leftovers(session.home)  # no build runs: prune holds the lock exclusively
-    if dry_run:
-        return lines + [f"tmp/{p.name} (left by an interrupted build)" for p in leftovers], (
-            plan.freed_bytes
-        )
-    lines += [f"{t} (left by an interrupted build)" for t in clear_tmp(session.home, leftovers)]
-    gone = session.full_index.apply_prune(plan)
-    freed = 0
-    for d in gone:
-        freed += sizes.get(d, 0)
-        session.store.remove(d)
-    from cache.snapshots.verify import prune_snapshots
-
-    # Layer directories of RUN snapshots whose layer blob went, or that no chain names.
-    lines += prune_snapshots(session.home / "snapshots", session.store.has)
-    return lines, freed
 
 
 def cache_verify(session: Session) -> list[str]:
