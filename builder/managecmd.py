@@ -72,7 +72,7 @@ def _prune(session: Session, ns: argparse.Namespace) -> None:
 def _verify(session: Session, ns: argparse.Namespace) -> None:
     from builder.commands import cache_verify
 
-    findings = cache_verify(session)
+    findings = [*getattr(ns, "repaired", []), *cache_verify(session)]
     for f in findings:
         print(f)
     print("cache verified: " + (f"{len(findings)} problems fixed" if findings else "no corruption"))
@@ -117,6 +117,10 @@ def cmd_manage(ns: argparse.Namespace) -> int:
 
     cmd = ns.cache_command if ns.command == "cache" else ns.command
     exclusive = cmd in ("prune", "verify")  # no build runs while blobs and records go
+    if cmd == "verify":  # the index first: a damaged one cannot even be opened
+        from cache.index.repair import verify_index
+
+        ns.repaired = verify_index(ns.home, repair_it=ns.repair)
     with Session.open(ns.home, exclusive=exclusive) as session:
         _COMMANDS[cmd](session, ns)
     return 0

@@ -79,9 +79,9 @@ def test_prune_clears_tmp_leftovers(tmp_path: Path, home: Path) -> None:
     (home / "tmp" / "work").mkdir()
     (home / "tmp" / "work" / "f").write_bytes(b"x")
     dry = lbuild("cache", "prune", "--dry-run", home=home).stdout.splitlines()
-    assert "would remove tmp/ingest-left (left by an interrupted build)" in dry
+    assert "would remove tmp tmp/ingest-left 7 B (leftover)" in dry, dry
     assert sorted(os.listdir(home / "tmp")) == ["ingest-left", "work"]
     out = lbuild("cache", "prune", home=home).stdout.splitlines()
-    assert "removed tmp/ingest-left (left by an interrupted build)" in out
-    assert "removed tmp/work (left by an interrupted build)" in out
+    assert "removed tmp tmp/ingest-left 7 B (leftover)" in out, out
+    assert "removed tmp tmp/work 1 B (leftover)" in out, out
     assert os.listdir(home / "tmp") == []
