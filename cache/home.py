@@ -136,49 +136,6 @@ def _read_only(path: Path) -> bool:
         return False
 
 
-def tmp_leftovers(home: Path) -> list[Path]:
-    """What ``tmp/`` holds: with the home's exclusive lock held (no build running), all of
-    it was left by builds that were killed or ran out of space."""
-    try:
-        return sorted(Home(home).tmp.iterdir())
-    except FileNotFoundError:
-        return []
-
-
-def clear_tmp(home: Path, leftovers: list[Path]) -> list[str]:
-    """Remove ``tmp/`` leftovers (the caller holds the exclusive lock); a directory with a
-    mount below it is left alone (removing it would reach into the mounted tree).  Returns
-    one line per path removed."""
-    import shutil
-
-    mounts = _mount_points()
-    gone: list[str] = []
-    for p in leftovers:
-        if p.is_dir() and not p.is_symlink():
-            prefix = f"{p}/"
-            if any(m == str(p) or m.startswith(prefix) for m in mounts):
-                continue
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        gone.append(f"tmp/{p.name}")
-    return gone
-
-
-def _mount_points() -> list[str]:
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        fields = line.split(" ")
-        if len(fields) > 4:  # octal escapes (\040 for a space) as the kernel writes them
-            out.append(fields[4].encode().decode("unicode_escape"))
-    return out
-
-
 @contextmanager
 def lock_home(home: Path, *, exclusive: bool) -> Iterator[int]:
     """Hold the home's flock (shared for builds, exclusive for prune/verify); yields its fd."""
