@@ -240,7 +240,9 @@ def _build(
             keep_mtime=opts.keep_mtime,
             run_step=_run_step(opts, session),
             _tocs={} if tocs is None else tocs,
-            finish_layer=lambda d: compressed_blob(session, d, opts.compression, remote),
+            finish_layer=lambda d: compressed_blob(
+                session, d, opts.compression, remote, _counter(rep, "compress", d)
+            ),
         )
         solver.solve()
         cache.flush()
@@ -320,6 +322,14 @@ def _build(
             )
     rep.finish(result)
     return result
+
+
+def _counter(rep: Reporter, kind: str, digest: str) -> Callable[[int, int], None] | None:
+    """A byte counter for a long transfer, shown by the progress views that have one."""
+    transfer = getattr(rep, "transfer", None)
+    if transfer is None:
+        return None
+    return lambda done, total: transfer(kind, digest, done, total)
 
 
 def assemble(

@@ -207,3 +207,14 @@ def test_failed_json_build_ends_with_one_error_event(tmp_path: Path, home: Path)
     (c / "missing").write_text("m\n")
     ok = events(lbuild("build", c, "--progress", "json", home=home).stdout)
     assert ok[-1]["event"] == "done" and not any(e["event"] == "error" for e in ok)
+
+
+def test_a_long_compression_shows_a_byte_counter(tmp_path: Path, home: Path) -> None:
+    c = ctx(tmp_path, {"Dockerfile": "FROM scratch\nCOPY big /big\n",
+                       "big": os.urandom(9 << 20)})
+    evs = events(lbuild("build", c, "--progress", "json", home=home).stdout)
+    counts = [e for e in evs if e["event"] == "compress"]
+    assert len(counts) >= 2  # on the way, and at the end
+    done = [int(str(e["done"])) for e in counts]
+    assert done == sorted(done) and done[-1] == counts[-1]["total"] > 9 << 20
+    assert evs.index(counts[-1]) < len(evs) - 1 and evs[-1]["event"] == "done"

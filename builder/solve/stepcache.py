@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from builder.plan.keys import LAYER_OP
@@ -157,12 +158,58 @@ class IndexCache:
             self.touched.clear()
 
 
+class _Counted:
+    """A blob opened for reading that reports the bytes read so far (``progress(done, total)``
+    every 8 MiB and at the end): the byte counter of a long compression."""
+
+    STEP = 8 << 20
+
+    def __init__(self, f: Any, total: int, progress: Callable[[int, int], None]) -> None:
+        self.f, self.total, self.progress = f, total, progress
+        self.done = self.told = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self.f.read(n)
+        self.done += len(data)
+        if self.done - self.told >= self.STEP or (self.done == self.total != self.told):
+            self.told = self.done
+            self.progress(self.done, self.total)
+        return data
+
+    def __enter__(self) -> _Counted:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+
+class _MeteredStore:
+    """The content store, with ``open`` counting the bytes read (everything else as is)."""
+
+    def __init__(self, store: Any, progress: Callable[[int, int], None]) -> None:
+        self._store, self._progress = store, progress
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def open(self, d: Digest) -> _Counted:
+        return _Counted(self._store.open(d), self._store.size(d), self._progress)
+
+
+METER_MIN_BYTES = 4 << 20  # smaller layers compress too fast for a counter to be seen
+
+
 def compressed_blob(
-    session: Session, diff_id: Digest, codec: Compression, remote: RemoteCache | None = None
+    session: Session,
+    diff_id: Digest,
+    codec: Compression,
+    remote: RemoteCache | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Any:
     """The compressed blob of a layer, compressing only on a cache miss.  A shared cache's
     blob made the same way (codec, level, codec version) is taken as it is, fetched only
-    when its bytes are needed."""
+    when its bytes are needed.  ``progress(done, total)`` counts the bytes of a long
+    compression (a layer of 4 MiB or more)."""
     from cache.layers.tar import (
         GZIP_DEFAULT_LEVEL,
         ZSTD_DEFAULT_LEVEL,
@@ -178,7 +225,10 @@ def compressed_blob(
     shared = remote.layer_blob(diff_id, codec, level, version) if remote is not None else None
     if shared is not None:
         return BlobInfo(shared.digest, shared.size, shared.media_type)
-    blob = compress_layer(session.store, diff_id, codec, level)
+    store: Any = session.store
+    if progress is not None and codec != "none" and store.size(diff_id) >= METER_MIN_BYTES:
+        store = _MeteredStore(store, progress)
+    blob = compress_layer(store, diff_id, codec, level)
     session.index.put_compressed(diff_id, codec, level, version, blob)
     return blob
 
