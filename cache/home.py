@@ -120,6 +120,12 @@ def ensure_home(home: Path) -> Path:
         reason = "Read-only file system" if _read_only(home) else os.strerror(errno.EACCES)
         raise StoreError(f"cannot use the cache home {home}: {reason}", hint=HOME_HINT)
     if mine and st.st_mode & 0o077:
+        if not _ours(home):  # never chmod a directory lbuild did not make (/tmp, $HOME, ...)
+            raise StoreError(
+                f"the cache home {home} is open to other users (mode "
+                f"{st.st_mode & 0o7777:04o}) and holds files that are not lbuild's",
+                hint="chmod 700 it, or set LBUILD_HOME (or --home) to a directory of its own",
+            )
         try:
             os.chmod(home, 0o700)
         except OSError as e:
@@ -127,6 +133,24 @@ def ensure_home(home: Path) -> Path:
                 f"cannot make the cache home {home} private: {e.strerror or e}", hint=HOME_HINT
             ) from None
     return home
+
+
+_HOME_ENTRIES = frozenset(
+    {"lbuild.db", "lbuild.db-wal", "lbuild.db-shm", "lbuild.db-journal", "lock", "blobs", "tmp",
+     "memo", "snapshots",
+     "cache-mounts"}
+)  # fmt: skip
+
+
+def _ours(home: Path) -> bool:
+    """Whether ``home`` is empty or holds only what lbuild puts in a cache home."""
+    try:
+        with os.scandir(home) as it:
+            return all(
+                e.name in _HOME_ENTRIES or e.name.startswith("lbuild.db.damaged-") for e in it
+            )
+    except OSError:
+        return False
 
 
 def _read_only(path: Path) -> bool:

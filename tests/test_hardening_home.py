@@ -99,3 +99,20 @@ def test_home_that_cannot_be_created_is_one_line_with_the_hint(tmp_path: Path, c
         f"lbuild: error: cannot use the cache home {not_a_dir}/.cache/lbuild: Not a directory "
         + HINT
     ]
+
+
+def test_shared_directory_as_home_is_refused_not_chmodded(tmp_path: Path, ctx: Path) -> None:
+    """LBUILD_HOME=/tmp (or $HOME) must never be made 0700: a directory open to others that
+    holds files lbuild did not make is refused."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    (shared / "someone-elses-file").write_text("x")
+    p = lbuild("build", ctx, home=shared, check=False)
+    assert p.returncode == 1
+    assert _errors(p) == [
+        f"lbuild: error: the cache home {shared} is open to other users (mode 1777) and holds "
+        "files that are not lbuild's (hint: chmod 700 it, or set LBUILD_HOME (or --home) to a "
+        "directory of its own)"
+    ]
+    assert _mode(shared) == 0o1777
