@@ -358,11 +358,11 @@ def cmd_build(ns: argparse.Namespace) -> int:
         from builder.options import BuildOptions
         from builder.progress import make_reporter
 
-        opts = options_from(ns)
-        assert isinstance(opts, BuildOptions)
         mode = "quiet" if ns.quiet else ns.progress
         reporter = make_reporter("plain" if mode == "auto" else mode)
-        _REPORTER[:] = [reporter]
+        _REPORTER[:] = [reporter]  # a bad value below still ends a json stream with `error`
+        opts = options_from(ns)
+        assert isinstance(opts, BuildOptions)
         # --pull and pushes talk to registries: never answered from the no-op memo
         network = opts.pull or bool(opts.registry_names())
         done, probe = (None, None) if network else try_fast(opts, reporter)

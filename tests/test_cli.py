@@ -204,6 +204,9 @@ def test_failed_json_build_ends_with_one_error_event(tmp_path: Path, home: Path)
     assert last["file"] == str(c / "Dockerfile")
     assert last["message"] == "COPY source not found: missing"
     assert not any(e["event"] == "done" for e in evs)
+    bad = events(lbuild("build", c, "--progress", "json", "--build-arg", "=x", home=home,
+                        check=False).stdout)  # a bad flag value: the stream still says why
+    assert [e["event"] for e in bad] == ["error"] and bad[0]["exit_code"] == 2
     (c / "missing").write_text("m\n")
     ok = events(lbuild("build", c, "--progress", "json", home=home).stdout)
     assert ok[-1]["event"] == "done" and not any(e["event"] == "error" for e in ok)
