@@ -14,12 +14,14 @@ config), as an ``oci-layout://`` build context is: the solver and RUN work from 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cache.errors import DigestMismatch, NotFound
+from cache.registry.errors import RegistryError
 from cache.types import Digest
 
 if TYPE_CHECKING:
@@ -116,13 +118,35 @@ def resolve_remote(
     used: dict[str, str] | None = None,
     transfer: Transfer | None = None,
 ) -> ExternalImage:
-    """The image ``name`` (any reference Docker takes) for FROM / ``COPY --from``."""
-    from builder.images import image_from_store
-    from cache.registry.pull import remote_digest
+    """The image ``name`` (any reference Docker takes) for FROM / ``COPY --from``.
+
+    ``LBUILD_OFFLINE=1`` in the environment makes every build offline (hermetic CI)."""
     from cache.registry.reference import parse
 
     ref = parse(name)
     tag_name = str(ref)
+    why_offline = ""
+    if os.environ.get("LBUILD_OFFLINE") == "1":
+        offline, why_offline = True, "LBUILD_OFFLINE=1"
+    elif offline:
+        why_offline = "lbuild watch without --pull"
+    missing = (f"no such stage, build context or local image, and no registry is asked "
+               f"({why_offline})")
+    hint = f"lbuild pull {name}, or watch with --pull" if "watch" in why_offline else None
+    try:
+        return _resolve(session, name, ref, tag_name, refresh, offline, used, transfer,
+                        missing, hint)
+    except RegistryError as e:
+        e.message = f"no such stage, build context or local image, and {e.message}"
+        raise
+
+
+def _resolve(session: Session, name: str, ref: Reference, tag_name: str, refresh: bool,
+             offline: bool, used: dict[str, str] | None, transfer: Transfer | None,
+             missing: str, hint: str | None) -> ExternalImage:
+    from builder.images import image_from_store
+    from cache.registry.pull import remote_digest
+
     if ref.digest is None:
         rec = session.index.get_tag(tag_name)
         current: str | None = None
@@ -143,14 +167,12 @@ def resolve_remote(
                     used[tag_name] = rec.manifest_digest
                 return img
         if offline:
-            raise NotFound(f"image {name} is not in the local store (lbuild watch does not pull)",
-                           hint=f"lbuild pull {name}, or watch with --pull")
+            raise NotFound(missing, hint=hint)
         pulled = pull_into(session, ref, transfer=transfer)
         if used is not None:
             used[tag_name] = pulled.manifest_digest
         return image_from_store(session.store, name, Digest(pulled.manifest_digest))
     if offline and not session.store.has(Digest(ref.digest)):
-        raise NotFound(f"image {name} is not in the local store (lbuild watch does not pull)",
-                       hint=f"lbuild pull {name}, or watch with --pull")
+        raise NotFound(missing, hint=hint)
     pulled = pull_into(session, ref, transfer=transfer)  # no request when all is stored
     return image_from_store(session.store, name, Digest(pulled.manifest_digest))

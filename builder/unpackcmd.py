@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from cache.errors import DigestMismatch, InvalidInput, NotFound
+from cache.errors import DigestMismatch, InvalidInput, LbuildError, NotFound
 from cache.types import Digest, sha256_digest
 
 if TYPE_CHECKING:
@@ -79,7 +79,11 @@ def resolve_image(session: Session, ref: str) -> ExternalImage:
     from builder.images import make_resolver
 
     contexts = {ref: ref} if ref.startswith("oci-layout://") else {}
-    image = make_resolver(session, contexts)(ref)
+    try:
+        image = make_resolver(session, contexts)(ref)
+    except LbuildError as e:  # a registry's answer (or none asked): name the image
+        e.message = f"image {ref}: {e.message}"
+        raise
     if image is None:
         raise NotFound(
             f"image {ref} is not in the local store",

@@ -13,3 +13,11 @@ def home(tmp_path: Path) -> Path:
     h = tmp_path / "home"
     h.mkdir()
     return h
+
+
+@pytest.fixture(autouse=True)
+def _no_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Builds in tests never ask a registry (LBUILD_OFFLINE=1): a name that is no stage,
+    build context or local image fails the same way with or without a network. The registry
+    tests (tests/test_registry_*.py) take it away to reach their loopback registries."""
+    monkeypatch.setenv("LBUILD_OFFLINE", "1")

@@ -33,6 +33,13 @@ from cache.store.blobs import BlobStore
 AMD64 = ("linux", "amd64", "")
 
 
+@pytest.fixture(autouse=True)
+def _online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests reach loopback registries (conftest makes every other test offline)."""
+    monkeypatch.delenv("LBUILD_OFFLINE", raising=False)
+
+
+
 @pytest.fixture
 def no_creds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No credential source from the real environment reaches the test."""

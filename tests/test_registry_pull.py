@@ -34,6 +34,13 @@ AMD64 = ("linux", "amd64", "")
 
 
 @pytest.fixture(autouse=True)
+def _online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests reach loopback registries (conftest makes every other test offline)."""
+    monkeypatch.delenv("LBUILD_OFFLINE", raising=False)
+
+
+
+@pytest.fixture(autouse=True)
 def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retries wait 10 ms, 20 ms, ... here (the count of retries is what is tested)."""
     from cache.registry import transport

@@ -481,7 +481,12 @@ def make_plan(
         return sp
 
     def external(ref: str, line: int, what: str) -> ExternalImage:
-        img = resolve_image(ref)
+        try:
+            img = resolve_image(ref)
+        except LbuildError as e:  # a build context's or a registry's answer: say where
+            if e.file is None:
+                e.file, e.line, e.message = file, line, f"{what} {ref!r}: {e.message}"
+            raise
         if img is None:
             raise NotFound(
                 f"{what} {ref!r}: no such stage, build context or local image "

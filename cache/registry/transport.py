@@ -171,6 +171,18 @@ def _cert_failure(e: BaseException) -> ssl.SSLCertVerificationError | None:
     return None
 
 
+def _unknown_host(e: BaseException) -> bool:
+    """A name that DNS says does not exist (EAI_NONAME): asking again will not help."""
+    import socket
+
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, socket.gaierror) and seen.errno == socket.EAI_NONAME:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class Transport:
     """Requests to one registry ``host[:port]``, authenticated and retried."""
 
@@ -323,7 +335,7 @@ class Transport:
                     # A loopback/insecure host that does not speak TLS at all.
                     self._scheme = _SCHEMES[self.host] = "http"
                     continue
-                if replayable and attempt < self.retries:
+                if replayable and attempt < self.retries and not _unknown_host(e):
                     self._sleep(attempt, None)
                     attempt += 1
                     continue
