@@ -17,15 +17,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder import cliargs
 from cache.errors import EXIT_BAD_INPUT, EXIT_BUILD_FAILED, EXIT_INTERRUPTED, LbuildError
 
-DEFAULT_DEBOUNCE_MS = 50
-"""``lbuild watch --debounce``: quiet period before a rebuild."""
-DEFAULT_EXEC_GRACE_S = 5.0
-"""``lbuild watch --exec-grace``: SIGTERM to SIGKILL delay when stopping the command."""
+if TYPE_CHECKING:
+    from builder.options import BuildOptions
+
+DEFAULT_DEBOUNCE_MS = cliargs.DEFAULT_DEBOUNCE_MS
+DEFAULT_EXEC_GRACE_S = cliargs.DEFAULT_EXEC_GRACE_S
 
 
 # Build flags that change nothing a plan shows: plan and why do not take them.
@@ -287,7 +288,7 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def options_from(ns: argparse.Namespace) -> object:
+def options_from(ns: argparse.Namespace) -> BuildOptions:
     from builder.options import BuildOptions, parse_allow, parse_kv, parse_output
     from cache.remote.spec import parse_cache_spec
 
@@ -520,7 +521,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             from builder.watch import cmd_watch
 
             gc.set_threshold(*_GC_DEFAULTS)  # a long-lived process: the usual collections
-            return cmd_watch(ns)
+            return cmd_watch(ns, options_from(ns))
     except LbuildError as e:
         _failed(e.message if e.hint is None else f"{e.message} (hint: {e.hint})", e.exit_code, e)
         print(f"lbuild: error: {e}", file=sys.stderr)

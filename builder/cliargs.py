@@ -25,6 +25,11 @@ from typing import Any
 
 EXIT_USAGE = 2
 
+DEFAULT_DEBOUNCE_MS = 50
+"""``lbuild watch --debounce``: quiet period before a rebuild."""
+DEFAULT_EXEC_GRACE_S = 5.0
+"""``lbuild watch --exec-grace``: SIGTERM to SIGKILL delay when stopping the command."""
+
 # The flags of `docker build` and `docker buildx build` (true: takes a value).  One that the
 # subcommand's parser does not define is "not supported yet" (exit 2), not an unknown option.
 DOCKER_BUILD_FLAGS: dict[str, bool] = {

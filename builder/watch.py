@@ -37,7 +37,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
 # builder.progress imports only the standard library: cheap enough to import eagerly
 # the command line's defaults are defined with the parser, in builder/cli.py
-from builder.cli import DEFAULT_DEBOUNCE_MS, DEFAULT_EXEC_GRACE_S
+from builder.cliargs import DEFAULT_DEBOUNCE_MS, DEFAULT_EXEC_GRACE_S
 from builder.progress import JsonReporter, PlainReporter, Reporter
 from cache.errors import LbuildError
 
@@ -620,13 +620,9 @@ def _drain(fd: int) -> None:
 
 
 # -- command line ----------------------------------------------------------------------------
-def cmd_watch(ns: argparse.Namespace) -> int:
-    """``lbuild watch``: returns 0 after a clean shutdown."""
-    from builder.cli import options_from
-    from builder.options import BuildOptions
-
-    opts = options_from(ns)
-    assert isinstance(opts, BuildOptions)
+def cmd_watch(ns: argparse.Namespace, opts: BuildOptions) -> int:
+    """``lbuild watch`` with the build options the command line gave: returns 0 after a
+    clean shutdown."""
     wopts = WatchOptions(
         debounce=ns.debounce / 1000, exec_command=ns.exec_command, exec_grace=ns.exec_grace
     )
