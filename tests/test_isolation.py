@@ -343,3 +343,10 @@ def test_device_nodes_it_makes_cannot_be_opened(rootfs: Path, runtime: str, tmp_
     )
     assert rc == 0, out
     assert out.split() == ["4"], out  # nothing opened; /dev's own devices work
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_only_stdio_is_open(rootfs: Path, runtime: str) -> None:
+    # No descriptor of lbuild, its helper or runc reaches the command (3 is ls's own).
+    rc, out = sh(rootfs, runtime, "", argv=("/bin/ls", "/proc/self/fd"))
+    assert (rc, out.split()) == (0, ["0", "1", "2", "3"]), out
