@@ -251,14 +251,15 @@ def _build(
             from builder.export.decorate import decorate
 
             image = decorate(session.store, image, opts.labels, opts.annotations)
+        out_store = _metered(session.store, rep, "export") if opts.outputs else session.store
         for out in opts.outputs:
             if out.type == "oci":
                 tag = split_tag(opts.tags[0])[1] if opts.tags else "latest"
                 export = export_oci_archive if out.tar else export_oci_layout
-                export(session.store, image, out.dest, tag)
+                export(out_store, image, out.dest, tag)
             elif out.type == "docker":
                 export_docker_archive(
-                    session.store, image, out.dest, [full_tag(t) for t in opts.tags]
+                    out_store, image, out.dest, [full_tag(t) for t in opts.tags]
                 )
         pins = [
             image.manifest_digest,
@@ -322,6 +323,16 @@ def _build(
             )
     rep.finish(result)
     return result
+
+
+def _metered(store: Any, rep: Reporter, kind: str) -> Any:
+    """``store`` whose long reads report to the progress view (when it shows transfers)."""
+    transfer = getattr(rep, "transfer", None)
+    if transfer is None:
+        return store
+    from builder.solve.stepcache import MeteredStore
+
+    return MeteredStore(store, lambda d, done, total: transfer(kind, d, done, total))
 
 
 def _counter(rep: Reporter, kind: str, digest: str) -> Callable[[int, int], None] | None:

@@ -215,9 +215,12 @@ def test_failed_json_build_ends_with_one_error_event(tmp_path: Path, home: Path)
 def test_a_long_compression_shows_a_byte_counter(tmp_path: Path, home: Path) -> None:
     c = ctx(tmp_path, {"Dockerfile": "FROM scratch\nCOPY big /big\n",
                        "big": os.urandom(9 << 20)})
-    evs = events(lbuild("build", c, "--progress", "json", home=home).stdout)
-    counts = [e for e in evs if e["event"] == "compress"]
-    assert len(counts) >= 2  # on the way, and at the end
-    done = [int(str(e["done"])) for e in counts]
-    assert done == sorted(done) and done[-1] == counts[-1]["total"] > 9 << 20
-    assert evs.index(counts[-1]) < len(evs) - 1 and evs[-1]["event"] == "done"
+    archive = tmp_path / "image.tar"
+    evs = events(lbuild("build", c, "--progress", "json", "-o", f"type=docker,dest={archive}",
+                        home=home).stdout)
+    for kind in ("compress", "export"):  # export: the uncompressed layer into the archive
+        counts = [e for e in evs if e["event"] == kind]
+        assert len(counts) >= 2, kind  # on the way, and at the end
+        done = [int(str(e["done"])) for e in counts]
+        assert done == sorted(done) and done[-1] == counts[-1]["total"] > 9 << 20
+    assert evs[-1]["event"] == "done" and archive.stat().st_size > 9 << 20

@@ -183,20 +183,31 @@ class _Counted:
         self.f.close()
 
 
-class _MeteredStore:
-    """The content store, with ``open`` counting the bytes read (everything else as is)."""
+METER_MIN_BYTES = 4 << 20  # smaller blobs move too fast for a counter to be seen
 
-    def __init__(self, store: Any, progress: Callable[[int, int], None]) -> None:
-        self._store, self._progress = store, progress
+
+class MeteredStore:
+    """The content store, with ``open`` of a blob of ``min_bytes`` or more counting the bytes
+    read as ``progress(digest, done, total)`` (everything else as it is): the byte counter of
+    a long compression or export."""
+
+    def __init__(
+        self,
+        store: Any,
+        progress: Callable[[Digest, int, int], None],
+        min_bytes: int = METER_MIN_BYTES,
+    ) -> None:
+        self._store, self._progress, self._min = store, progress, min_bytes
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    def open(self, d: Digest) -> _Counted:
-        return _Counted(self._store.open(d), self._store.size(d), self._progress)
-
-
-METER_MIN_BYTES = 4 << 20  # smaller layers compress too fast for a counter to be seen
+    def open(self, d: Digest) -> Any:
+        size = self._store.size(d)
+        f = self._store.open(d)
+        if size < self._min:
+            return f
+        return _Counted(f, size, lambda done, total: self._progress(d, done, total))
 
 
 def compressed_blob(
@@ -226,8 +237,9 @@ def compressed_blob(
     if shared is not None:
         return BlobInfo(shared.digest, shared.size, shared.media_type)
     store: Any = session.store
-    if progress is not None and codec != "none" and store.size(diff_id) >= METER_MIN_BYTES:
-        store = _MeteredStore(store, progress)
+    if progress is not None and codec != "none":
+        counter = progress
+        store = MeteredStore(store, lambda _d, done, total: counter(done, total))
     blob = compress_layer(store, diff_id, codec, level)
     session.index.put_compressed(diff_id, codec, level, version, blob)
     return blob
