@@ -102,6 +102,37 @@ def _build_args(p: argparse.ArgumentParser, *, plan_only: bool = False) -> None:
         choices=["overlay", "copy"],
         help="how RUN gets its root filesystem (default: overlay where possible)",
     )
+    _image_args(add)
+    add(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="ENTITLEMENT",
+        help="grant an entitlement: network.host (RUN --network=host)",
+    )
+    add(
+        "--pull",
+        action="store_true",
+        help="ask the registry again for FROM images pulled before (one manifest HEAD each)",
+    )
+
+
+def _result_args(b: argparse.ArgumentParser) -> None:
+    """What a build tells besides its progress: -q, --iidfile, --metadata-file."""
+    b.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress; only the image ID on stdout"
+    )
+    b.add_argument("--iidfile", type=Path, metavar="FILE", help="write the image ID to FILE")
+    b.add_argument(
+        "--metadata-file",
+        type=Path,
+        metavar="FILE",
+        help="write the build result (digests, step counts) to FILE as JSON",
+    )
+
+
+def _image_args(add: Any) -> None:
+    """--label and --annotation: what the image carries besides its layers."""
     add(
         "--label",
         dest="labels",
@@ -117,18 +148,6 @@ def _build_args(p: argparse.ArgumentParser, *, plan_only: bool = False) -> None:
         default=[],
         metavar="[manifest:]K=V",
         help="an annotation on the image manifest",
-    )
-    add(
-        "--allow",
-        action="append",
-        default=[],
-        metavar="ENTITLEMENT",
-        help="grant an entitlement: network.host (RUN --network=host)",
-    )
-    add(
-        "--pull",
-        action="store_true",
-        help="ask the registry again for FROM images pulled before (one manifest HEAD each)",
     )
 
 
@@ -146,16 +165,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="type=oci,dest=DIR|type=docker,dest=FILE|type=registry,name=REF",
     )
     b.add_argument("--progress", choices=["auto", "plain", "json"], default="auto")
-    b.add_argument(
-        "-q", "--quiet", action="store_true", help="no progress; only the image ID on stdout"
-    )
-    b.add_argument("--iidfile", type=Path, metavar="FILE", help="write the image ID to FILE")
-    b.add_argument(
-        "--metadata-file",
-        type=Path,
-        metavar="FILE",
-        help="write the build result (digests, step counts) to FILE as JSON",
-    )
+    _result_args(b)
     b.add_argument("--push", action="store_true", help="push every -t tag to its registry")
     b.add_argument(
         "--cache-from",
@@ -184,23 +194,7 @@ def parser() -> argparse.ArgumentParser:
     w = sub.add_parser("why", help="explain every cache miss against the last build of the step")
     _build_args(w, plan_only=True)
 
-    c = sub.add_parser("cache", help="inspect and maintain the cache")
-    home = cliargs.Parser(add_help=False)
-    home.add_argument("--home", type=Path, help="cache directory (default $LBUILD_HOME)")
-    csub = c.add_subparsers(dest="cache_command", required=True)
-    fmt = cliargs.Parser(add_help=False)
-    fmt.add_argument("--format", choices=["text", "json"], default="text")
-    csub.add_parser("ls", parents=[home, fmt], help="list step records, most recently used first")
-    csub.add_parser("du", parents=[home, fmt], help="disk use of the cache home, by kind")
-    pr = csub.add_parser(
-        "prune",
-        parents=[home],
-        help="remove leftovers, unused snapshots and cache mounts, least recently used "
-        "records and the blobs only they need",
-    )
-    pr.add_argument("--keep-bytes", help="keep at most this much on disk (e.g. 5GB)")
-    pr.add_argument("--keep-duration", help="drop what was not used for longer (e.g. 7d, 36h)")
-    pr.add_argument("--dry-run", action="store_true", help="only list what would go")
+    home, fmt, csub = _cache_parsers(sub)
     ve = csub.add_parser(
         "verify",
         parents=[home],
@@ -224,17 +218,45 @@ def parser() -> argparse.ArgumentParser:
     from builder.registrycmd import add_parsers as registry_parsers
 
     registry_parsers(sub)  # pull, push
+    _store_parsers(sub, home, fmt)
+    u = sub.add_parser("unpack", help="unpack an image's root filesystem into a directory")
+    u.add_argument("image", metavar="IMAGE", help="a local tag, or oci-layout://DIR[:TAG]")
+    u.add_argument("dest", metavar="DIR", type=Path, help="must not exist, or be empty")
+    u.add_argument("--home", type=Path, help="cache directory (default $LBUILD_HOME)")
+    return p
+
+
+def _cache_parsers(sub: Any) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, Any]:
+    """``cache ls|du|prune`` (verify, export, import join them); the --home and --format
+    parents the store commands share."""
+    c = sub.add_parser("cache", help="inspect and maintain the cache")
+    home = cliargs.Parser(add_help=False)
+    home.add_argument("--home", type=Path, help="cache directory (default $LBUILD_HOME)")
+    csub = c.add_subparsers(dest="cache_command", required=True)
+    fmt = cliargs.Parser(add_help=False)
+    fmt.add_argument("--format", choices=["text", "json"], default="text")
+    csub.add_parser("ls", parents=[home, fmt], help="list step records, most recently used first")
+    csub.add_parser("du", parents=[home, fmt], help="disk use of the cache home, by kind")
+    pr = csub.add_parser(
+        "prune",
+        parents=[home],
+        help="remove leftovers, unused snapshots and cache mounts, least recently used "
+        "records and the blobs only they need",
+    )
+    pr.add_argument("--keep-bytes", help="keep at most this much on disk (e.g. 5GB)")
+    pr.add_argument("--keep-duration", help="drop what was not used for longer (e.g. 7d, 36h)")
+    pr.add_argument("--dry-run", action="store_true", help="only list what would go")
+    return home, fmt, csub
+
+
+def _store_parsers(sub: Any, home: argparse.ArgumentParser, fmt: argparse.ArgumentParser) -> None:
+    """``images``, ``tag``, ``rmi``: the local store's tags."""
     sub.add_parser("images", parents=[home, fmt], help="list the images tagged in the store")
     tg = sub.add_parser("tag", parents=[home], help="give a stored image another NAME[:TAG]")
     tg.add_argument("src", metavar="SOURCE", help="NAME[:TAG] of a stored image")
     tg.add_argument("dst", metavar="TARGET", help="the new NAME[:TAG]")
     rm = sub.add_parser("rmi", parents=[home], help="remove tags (their blobs go at a prune)")
     rm.add_argument("names", metavar="NAME[:TAG]", nargs="+")
-    u = sub.add_parser("unpack", help="unpack an image's root filesystem into a directory")
-    u.add_argument("image", metavar="IMAGE", help="a local tag, or oci-layout://DIR[:TAG]")
-    u.add_argument("dest", metavar="DIR", type=Path, help="must not exist, or be empty")
-    u.add_argument("--home", type=Path, help="cache directory (default $LBUILD_HOME)")
-    return p
 
 
 def _watch_parser(sub: Any) -> None:

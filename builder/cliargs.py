@@ -125,10 +125,9 @@ def subcommands(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser
 
 def did_you_mean(word: str, choices: Sequence[str]) -> str:
     """`` (did you mean X?)`` when one of ``choices`` is close to ``word``, else ``""``."""
-    import difflib
+    from builder.frontend.suggest import did_you_mean as suggest
 
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    return suggest(word, choices)
 
 
 def usage_error(p: argparse.ArgumentParser, message: str) -> None:

@@ -35,6 +35,7 @@ from cache.home import Home
 if TYPE_CHECKING:
     from cache.index.records import StepRecord, TagRecord
     from cache.session import Session
+    from cache.types import Digest
 
 KINDS = ("blobs", "snapshots", "cache-mounts", "tmp", "db", "memo", "other")
 _SNAPSHOT_TMP_AREAS = ("active", "tmp", "locks")
@@ -347,98 +348,122 @@ def cache_prune(
     whose layer a tag holds is kept (removing it would free nothing): when what is left
     still weighs more than ``keep_bytes``, a note says so.
     """
-    now = time.time()
-    home = session.home
-    u = disk_usage(home)
-    # what prune manages: the index, memos and the rest stay whatever the byte cap says
-    total = u.total - u.bytes["db"] - u.bytes["memo"] - u.bytes["other"]
-    report = PruneReport([], 0, [])
+    p = _Pruner(session, keep_bytes, keep_duration, dry_run)
+    for d in _tmp_leftovers(session.home):  # nothing runs while prune holds the lock
+        p.drop(d, "leftover")
+    p.by_age()
+    p.snapshots_over_cap()
+    p.records_and_blobs()
+    p.cache_mounts()
+    return p.report
 
-    def drop(d: _Dir, reason: str) -> None:
-        report.lines.append(f"{d.kind} {d.label} {human(d.bytes)} ({reason})")
-        report.freed += d.bytes
-        if not dry_run:
+
+class _Pruner:
+    """One prune's state: what is left of the home (index and memos aside) and the report."""
+
+    def __init__(
+        self, session: Session, keep_bytes: int | None, keep_duration: float | None, dry: bool
+    ) -> None:
+        self.session, self.keep_bytes, self.keep_duration, self.dry = (
+            session,
+            keep_bytes,
+            keep_duration,
+            dry,
+        )
+        self.now = time.time()
+        u = disk_usage(session.home)
+        self.total = u.total - u.bytes["db"] - u.bytes["memo"] - u.bytes["other"]
+        self.report = PruneReport([], 0, [])
+        self.snaps = _committed_snapshots(session.home)
+        self.mounts = _cache_mounts(session.home)
+        self.records = session.full_index.list_steps(limit=None, oldest_first=True)
+        self.gone: set[str] = set()  # step keys that go
+        self.sizes: dict[Digest, int] = {}
+        self.pinned: set[Digest] = set()
+
+    def left(self) -> int:
+        return self.total - self.report.freed
+
+    def drop(self, d: _Dir, reason: str) -> None:
+        self.report.lines.append(f"{d.kind} {d.label} {human(d.bytes)} ({reason})")
+        self.report.freed += d.bytes
+        if not self.dry:
             _remove(d)
+        for group in (self.snaps, self.mounts):
+            if d in group:
+                group.remove(d)
 
-    def left() -> int:
-        return total - report.freed
+    def by_age(self) -> None:
+        if self.keep_duration is None:
+            return
+        cutoff = self.now - self.keep_duration
+        for d in _children_first([s for s in self.snaps if s.last_used < cutoff], self.snaps):
+            self.drop(d, "age")
+        for d in [m for m in self.mounts if m.last_used < cutoff]:
+            self.drop(d, "age")
 
-    # leftovers of killed builds: nothing runs while prune holds the exclusive lock
-    for d in _tmp_leftovers(home):
-        drop(d, "leftover")
-    snaps = _committed_snapshots(home)
-    mounts = _cache_mounts(home)
-    if keep_duration is not None:
-        cutoff = now - keep_duration
-        for d in _children_first([s for s in snaps if s.last_used < cutoff], snaps):
-            drop(d, "age")
-            snaps.remove(d)
-        for d in [m for m in mounts if m.last_used < cutoff]:
-            drop(d, "age")
-            mounts.remove(d)
-    if keep_bytes is not None and left() > keep_bytes:
+    def snapshots_over_cap(self) -> None:
+        if self.keep_bytes is None or self.left() <= self.keep_bytes:
+            return
         chosen: list[_Dir] = []
-        over = left() - keep_bytes
-        for d in sorted(snaps, key=lambda s: s.last_used):
+        over = self.left() - self.keep_bytes
+        for d in sorted(self.snaps, key=lambda s: s.last_used):
             if over <= 0:
                 break
             chosen.append(d)
             over -= d.bytes
-        for d in _children_first(chosen, snaps):
-            drop(d, "size")
-            snaps.remove(d)
+        for d in _children_first(chosen, self.snaps):
+            self.drop(d, "size")
 
-    # step records and blobs
-    sizes = {d: session.store.size(d) for d in session.store.digests()}
-    records = session.full_index.list_steps(limit=None, oldest_first=True)
-    tags = session.full_index.list_tags()
-    pinned = {d for t in tags for d in (*t.blobs, t.manifest_digest)}
-    budget = None if keep_bytes is None else max(keep_bytes - (left() - sum(sizes.values())), 0)
-    plan = session.full_index.prune_plan(
-        keep_bytes=budget, keep_duration_s=keep_duration, now=now, blob_sizes=sizes
-    )
-    by_key = {r.key: r for r in records}
-    kept_back = {
-        s.key
-        for s in plan.steps
-        if s.reason == "size" and by_key[s.key].diff_id in pinned
-    }
-    steps = tuple(s for s in plan.steps if s.key not in kept_back)
-    keep_blobs = {d for k in kept_back for d in by_key[k].blobs}
-    doomed = tuple(d for d in plan.blobs if d not in keep_blobs)
-    layer_keys = {r.key for r in records if _op(r.inputs) == LAYER_OP}
-    report.lines += [
-        f"{'layer' if s.key in layer_keys else 'step'} {s.key[:16]} ({s.reason})" for s in steps
-    ]
-    report.lines += [f"blob {d} {human(sizes.get(d, 0))}" for d in doomed]
-    if dry_run:
-        report.freed += sum(sizes.get(d, 0) for d in doomed)
-    else:
+    def records_and_blobs(self) -> None:
         from dataclasses import replace
 
-        for digest in session.full_index.apply_prune(replace(plan, steps=steps, blobs=doomed)):
-            report.freed += sizes.get(digest, 0)
-            session.store.remove(digest)
+        index, store = self.session.full_index, self.session.store
+        self.sizes = sizes = {d: store.size(d) for d in store.digests()}
+        self.pinned = {d for t in index.list_tags() for d in (*t.blobs, t.manifest_digest)}
+        budget = None
+        if self.keep_bytes is not None:
+            budget = max(self.keep_bytes - (self.left() - sum(sizes.values())), 0)
+        plan = index.prune_plan(
+            keep_bytes=budget, keep_duration_s=self.keep_duration, now=self.now, blob_sizes=sizes
+        )
+        by_key = {r.key: r for r in self.records}
+        kept_back = {
+            s.key for s in plan.steps if s.reason == "size" and by_key[s.key].diff_id in self.pinned
+        }
+        steps = tuple(s for s in plan.steps if s.key not in kept_back)
+        keep_blobs = {d for k in kept_back for d in by_key[k].blobs}
+        doomed = tuple(d for d in plan.blobs if d not in keep_blobs)
+        layer_keys = {r.key for r in self.records if _op(r.inputs) == LAYER_OP}
+        self.report.lines += [
+            f"{'layer' if s.key in layer_keys else 'step'} {s.key[:16]} ({s.reason})" for s in steps
+        ]
+        self.report.lines += [f"blob {d} {human(sizes.get(d, 0))}" for d in doomed]
+        self.gone = {s.key for s in steps}
+        if self.dry:
+            self.report.freed += sum(sizes.get(d, 0) for d in doomed)
+            return
+        for digest in index.apply_prune(replace(plan, steps=steps, blobs=doomed)):
+            self.report.freed += sizes.get(digest, 0)
+            store.remove(digest)
 
-    # cache mounts: those no remaining RUN names, then the least recently used
-    gone = {s.key for s in steps}
-    named = _named_cache_mounts(r for r in records if r.key not in gone)
-    for d in [m for m in mounts if m.path.name not in named]:
-        drop(d, "unused")
-        mounts.remove(d)
-    if keep_bytes is not None:
-        for d in sorted(mounts, key=lambda m: m.last_used):
-            if left() <= keep_bytes:
+    def cache_mounts(self) -> None:
+        named = _named_cache_mounts(r for r in self.records if r.key not in self.gone)
+        for d in [m for m in self.mounts if m.path.name not in named]:
+            self.drop(d, "unused")
+        if self.keep_bytes is None:
+            return
+        for d in sorted(self.mounts, key=lambda m: m.last_used):
+            if self.left() <= self.keep_bytes:
                 break
-            drop(d, "size")
-        if left() > keep_bytes:
-            tagged = sum(sizes.get(d, 0) for d in pinned)
-            report.notes.append(
-                f"--keep-bytes {keep_bytes} cannot be reached: {human(left())} is left, of which "
-                f"tagged images hold {human(tagged)} (`lbuild rmi NAME` releases one; "
-                "`lbuild images` lists them)"
+            self.drop(d, "size")
+        if self.left() > self.keep_bytes:
+            tagged = sum(self.sizes.get(d, 0) for d in self.pinned)
+            self.report.notes.append(
+                f"--keep-bytes {self.keep_bytes} cannot be reached: {human(self.left())} is "
+                f"left, of which tagged images hold {human(tagged)} (`lbuild rmi NAME` "
+                "releases one; `lbuild images` lists them)"
             )
-    return report
 
 
 def _named_cache_mounts(records: Iterable[StepRecord]) -> set[str]:

@@ -40,6 +40,7 @@ from builder.frontend.instructions import (
     Workdir,
 )
 from builder.frontend.runmount import parse_mount
+from builder.frontend.suggest import did_you_mean
 from cache.errors import InvalidInput, NotFound
 
 __all__ = ["load", "parse", "parse_triggers"]
@@ -418,14 +419,6 @@ def _parse_healthcheck(c: _Command) -> Healthcheck:
     )
 
 
-def _did_you_mean(keyword: str) -> str:
-    """`` (did you mean RUN?)`` for a mistyped instruction, as BuildKit suggests one."""
-    import difflib
-
-    close = difflib.get_close_matches(keyword.upper(), sorted(_PARSERS), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
 def _parse_onbuild(c: _Command) -> Onbuild:
     c.no_flags()
     trigger = str(c.cmd.sub_cmd or "").upper()
@@ -436,7 +429,7 @@ def _parse_onbuild(c: _Command) -> Onbuild:
     if trigger in ("FROM", "MAINTAINER"):
         raise c.error(f"{trigger} isn't allowed as an ONBUILD trigger")
     if trigger not in _PARSERS:
-        raise c.error(f"unknown instruction: {c.cmd.sub_cmd}{_did_you_mean(trigger)}")
+        raise c.error(f"unknown instruction: {c.cmd.sub_cmd}{did_you_mean(trigger, _PARSERS)}")
     expression = re.sub(r"(?i)^\s*ONBUILD\s*", "", c.original)
     # The parser does not attach heredoc bodies to ONBUILD triggers: take them from the
     # source lines that follow the (possibly continued) first line.
@@ -632,7 +625,7 @@ def parse(text: str, filename: str = "Dockerfile") -> Dockerfile:
         c = _Command(cmd, filename, escape, lines)
         build = _PARSERS.get(c.keyword)
         if build is None:
-            raise c.error(f"unknown instruction: {cmd.cmd}{_did_you_mean(c.keyword)}")
+            raise c.error(f"unknown instruction: {cmd.cmd}{did_you_mean(c.keyword.upper(), _PARSERS)}")
         instruction = build(c)
         if isinstance(instruction, From):
             if instruction.name is not None:

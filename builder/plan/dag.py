@@ -176,11 +176,10 @@ def find_target(dockerfile: df.Dockerfile, target: str | None) -> int:
     for st in dockerfile.stages:
         if st.name == target.lower():
             return st.index
-    import difflib
+    from builder.frontend.suggest import did_you_mean
 
     names = [st.name for st in dockerfile.stages if st.name]
-    close = difflib.get_close_matches(target.lower(), names, n=1, cutoff=0.6)
-    maybe = f" (did you mean {close[0]!r}?)" if close else ""
+    maybe = did_you_mean(target.lower(), names, quote=True)
     raise NotFound(
         f"target stage {target!r} could not be found{maybe}", file=dockerfile.filename
     )
