@@ -69,3 +69,28 @@ def test_fuzz_mutated_archives(
 ) -> None:
     with tempfile.TemporaryDirectory() as d:
         check_archive(mutate(well_formed_tar(members), flips), Path(d))
+
+
+FOUND = {
+    # a GNU long-name header claiming 1 TiB: was read into memory (MemoryError)
+    "huge long name": [(b"a", 1 << 40, b"L", b"", 0o644, None, b"")],
+    # a symlink with an empty target: symlink(2) says ENOENT (was an OSError line)
+    "empty symlink": [(b"a", 0, b"2", b"", 0o644, None, b"")],
+    # a PAX record tarfile parses with int() (GNU.sparse.map) before a member: ValueError
+    "sparse map": [
+        (b"a", 0, b"0", b"", 0o644, None, b""),
+        (b"a", 0, b"L", b"", 0o644, {b"GNU.sparse.map": b"../x"}, b""),
+        (b"a", 0, b"0", b"", 0o644, {}, b""),
+    ],
+}
+
+
+def test_fuzz_findings_stay_fixed(tmp_path: Path) -> None:
+    """What bench/fuzz.py found, as fixed inputs."""
+    from fuzz_cases import _archive
+
+    for n, members in enumerate(FOUND.values()):
+        root = tmp_path / str(n)
+        root.mkdir()
+        check_archive(_archive(members, b"\0" * 1024), root)
+    check_dockerfile("FROM scratch\nHEALTHCHECK \U00020000\n", {})  # UnicodeDecodeError

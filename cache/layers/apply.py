@@ -89,7 +89,14 @@ def apply_layer(
     applier = _Applier(dest, name=name, overlay=overlay, parents=parents)
     try:
         with tarfile.open(fileobj=reader, mode="r|", errorlevel=2) as tf:  # type: ignore[call-overload]
-            for member in tf:
+            members = iter(tf)
+            while True:
+                try:
+                    member = next(members)
+                except StopIteration:
+                    break
+                except ValueError as exc:  # tarfile's int() of a bad PAX number (GNU.sparse.*)
+                    raise InvalidInput(f"{name}: not a valid tar: {exc}") from None
                 applier.apply(tf, member)
     except tarfile.TarError as exc:
         raise InvalidInput(f"{name}: not a valid tar: {exc}") from exc
@@ -226,6 +233,8 @@ class _Applier:
             if m.isreg():
                 self._write_file(tf, m, path)
             elif m.issym():
+                if not m.linkname:  # symlink(2) refuses an empty target (ENOENT)
+                    raise InvalidInput(f"{self.name}: symlink {rel} has an empty target")
                 os.symlink(m.linkname, path)
             elif m.islnk():
                 self._hardlink(m, path)

@@ -685,6 +685,8 @@ def _scan(src: _Input) -> tuple[Entry, ...]:
                 major, minor = _number(hdr[329:337], start), _number(hdr[337:345], start)
             elif kind == "symlink":
                 link = link_b.decode("utf-8", "surrogateescape")
+                if not link:  # Linux has no such thing: nothing could extract it
+                    raise InvalidInput(f"layer tar: symlink {name} has an empty target")
             elif kind == "hardlink":
                 link = _clean_path(link_b.decode("utf-8", "surrogateescape"))
         entries.append(
