@@ -174,7 +174,11 @@ class Repository:
         done = 0
         attempt = 0
         while True:
-            headers = {"Range": f"bytes={done}-"} if done else {}
+            # identity: the bytes as stored (a gzip transfer encoding would change what
+            # iter_raw yields and so the digest), which Range offsets also count
+            headers = {"Accept-Encoding": "identity"}
+            if done:
+                headers["Range"] = f"bytes={done}-"
             resp = self.t.request("GET", f"/v2/{self.name}/blobs/{digest}",
                                   scopes=self.pull_scope, headers=headers, stream=True)
             try:
