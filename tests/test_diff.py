@@ -324,7 +324,10 @@ def test_local_tag_against_its_export(tmp_path: Path, home: Path) -> None:
     assert code == 1 and set(changed(res)) == {"f"}
 
 
-def test_registry_reference(tmp_path: Path, home: Path, registry: Registry) -> None:
+def test_registry_reference(
+    tmp_path: Path, home: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LBUILD_OFFLINE", raising=False)  # conftest keeps other tests offline
     a = make_layout(tmp_path / "a", [BASE, APP])
     repo = f"{registry.host}/{unique_repo()}"
     tool("skopeo", "copy", *registry.skopeo_flags("dest"), f"oci:{a}:latest", f"docker://{repo}:1")

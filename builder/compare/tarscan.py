@@ -146,13 +146,8 @@ def _clean(name: str) -> str:
 
 def scan(read: Callable[[int], bytes]) -> Iterator[Member]:
     """The members of an uncompressed tar stream, in order."""
-    from blake3 import blake3
-
     src = _Reader(read)
-    global_pax: dict[str, str] = {}
-    local: dict[str, str] = {}
-    long_name: bytes | None = None
-    long_link: bytes | None = None
+    ext = _Extended()
     order = 0
     while True:
         at = src.pos
@@ -165,98 +160,135 @@ def scan(read: Callable[[int], bytes]) -> Iterator[Member]:
         flag = hdr[156:157]
         size = _number(hdr[124:136], at)
         if flag in (b"x", b"g", b"L", b"K"):
-            data = src.take(size)
-            if len(data) < size:
-                raise InvalidInput(f"truncated tar: extended header at offset {at}")
-            src.skip(-size % _BLOCK, "padding")
-            if flag == b"x":
-                local = _pax(data, at)
-            elif flag == b"g":
-                global_pax.update(_pax(data, at))
-            elif flag == b"L":
-                long_name = _cstr(data)
-            else:
-                long_link = _cstr(data)
+            ext.read(src, flag, size, at)
             continue
-        fields = {**global_pax, **local} if (global_pax or local) else {}
-        local = {}
-        if flag == b"S" or any(k.startswith("GNU.sparse.") for k in fields):
+        fields, name, link = ext.member(hdr, at)
+        if "size" in fields:
+            size = int(_pax_number(fields["size"], at))
+        if flag == b"\0" and name.endswith("/"):
+            flag = b"5"  # pre-POSIX tars mark directories only by the trailing slash
+        digest = ""
+        if flag in _REGULAR:
+            digest = _hash_data(src, size, name)
+        elif size:
+            src.skip(size + (-size % _BLOCK), name, strict=False)
+        yield _member(hdr, at, fields, name, link, flag, size, digest, order)
+        order += 1
+
+
+class _Extended:
+    """PAX (local and global) and GNU long-name state between headers."""
+
+    def __init__(self) -> None:
+        self.global_pax: dict[str, str] = {}
+        self.local: dict[str, str] = {}
+        self.long_name: bytes | None = None
+        self.long_link: bytes | None = None
+
+    def read(self, src: _Reader, flag: bytes, size: int, at: int) -> None:
+        data = src.take(size)
+        if len(data) < size:
+            raise InvalidInput(f"truncated tar: extended header at offset {at}")
+        src.skip(-size % _BLOCK, "padding")
+        if flag == b"x":
+            self.local = _pax(data, at)
+        elif flag == b"g":
+            self.global_pax.update(_pax(data, at))
+        elif flag == b"L":
+            self.long_name = _cstr(data)
+        else:
+            self.long_link = _cstr(data)
+
+    def member(self, hdr: bytes, at: int) -> tuple[dict[str, str], str, str]:
+        """The PAX fields, name and link target of the member whose header is ``hdr``."""
+        fields = {**self.global_pax, **self.local} if (self.global_pax or self.local) else {}
+        self.local = {}
+        if hdr[156:157] == b"S" or any(k.startswith("GNU.sparse.") for k in fields):
             raise Unsupported(f"sparse tar members are not supported (at offset {at})")
         if "path" in fields:
             name = fields["path"]
         else:
-            raw = long_name or _cstr(hdr[0:100])
-            if long_name is None and hdr[257:263] == b"ustar\x00" and hdr[345] != 0:
+            raw = self.long_name or _cstr(hdr[0:100])
+            if self.long_name is None and hdr[257:263] == b"ustar\x00" and hdr[345] != 0:
                 raw = _cstr(hdr[345:500]) + b"/" + raw
             name = raw.decode("utf-8", "surrogateescape")
         if "linkpath" in fields:
             link = fields["linkpath"]
         else:
-            link = (long_link or _cstr(hdr[157:257])).decode("utf-8", "surrogateescape")
-        long_name = long_link = None
-        if "size" in fields:
-            size = int(_pax_number(fields["size"], at))
-        if flag == b"\0" and name.endswith("/"):
-            flag = b"5"  # pre-POSIX tars mark directories only by the trailing slash
-        regular = flag in _REGULAR
-        digest = ""
-        if regular:
-            h = blake3()
-            left = size
-            while left > 0:
-                chunk = src.take(min(left, _CHUNK))
-                if not chunk:
-                    raise InvalidInput(f"truncated tar: {name} ends early at offset {src.pos}")
-                h.update(chunk)
-                left -= len(chunk)
-            digest = h.hexdigest()
-            src.skip(-size % _BLOCK, "padding", strict=False)
-        elif size:
-            src.skip(size + (-size % _BLOCK), name, strict=False)
-        device = flag in (b"3", b"4")
-        xattrs: tuple[tuple[str, str], ...] = ()
-        extra: tuple[tuple[str, str], ...] = ()
-        if fields:
-            xattrs = tuple(
-                sorted(
-                    (k.split(".xattr.", 1)[1], v)
-                    for k, v in fields.items()
-                    if k.startswith(_XATTR_PREFIXES)
-                )
+            link = (self.long_link or _cstr(hdr[157:257])).decode("utf-8", "surrogateescape")
+        self.long_name = self.long_link = None
+        return fields, name, link
+
+
+def _hash_data(src: _Reader, size: int, name: str) -> str:
+    """Consume a regular file's data and padding; its blake3 hex."""
+    from blake3 import blake3
+
+    h = blake3()
+    left = size
+    while left > 0:
+        chunk = src.take(min(left, _CHUNK))
+        if not chunk:
+            raise InvalidInput(f"truncated tar: {name} ends early at offset {src.pos}")
+        h.update(chunk)
+        left -= len(chunk)
+    src.skip(-size % _BLOCK, "padding", strict=False)
+    digest: str = h.hexdigest()
+    return digest
+
+
+def _text(fields: dict[str, str], key: str, raw: bytes) -> str:
+    return fields[key] if key in fields else _cstr(raw).decode("utf-8", "surrogateescape")
+
+
+def _int(fields: dict[str, str], key: str, raw: bytes, at: int) -> int:
+    return int(_pax_number(fields[key], at)) if key in fields else _number(raw, at)
+
+
+def _member(
+    hdr: bytes,
+    at: int,
+    fields: dict[str, str],
+    name: str,
+    link: str,
+    flag: bytes,
+    size: int,
+    digest: str,
+    order: int,
+) -> Member:
+    device = flag in (b"3", b"4")
+    xattrs: tuple[tuple[str, str], ...] = ()
+    extra: tuple[tuple[str, str], ...] = ()
+    if fields:
+        xattrs = tuple(
+            sorted(
+                (k.split(".xattr.", 1)[1], v)
+                for k, v in fields.items()
+                if k.startswith(_XATTR_PREFIXES)
             )
-            extra = tuple(
-                sorted(
-                    (k, v)
-                    for k, v in fields.items()
-                    if k not in _EXPRESSED and not k.startswith(_XATTR_PREFIXES)
-                )
-            )
-        yield Member(
-            path=_clean(name),
-            order=order,
-            typeflag=flag.decode("latin-1"),
-            mode=_number(hdr[100:108], at) & 0o7777,
-            uid=int(_pax_number(fields["uid"], at))
-            if "uid" in fields
-            else _number(hdr[108:116], at),
-            gid=int(_pax_number(fields["gid"], at))
-            if "gid" in fields
-            else _number(hdr[116:124], at),
-            uname=fields["uname"]
-            if "uname" in fields
-            else _cstr(hdr[265:297]).decode("utf-8", "surrogateescape"),
-            gname=fields["gname"]
-            if "gname" in fields
-            else _cstr(hdr[297:329]).decode("utf-8", "surrogateescape"),
-            size=size if regular else 0,
-            mtime=_pax_number(fields["mtime"], at)
-            if "mtime" in fields
-            else _number(hdr[136:148], at),
-            link=link,
-            devmajor=_number(hdr[329:337], at) if device else 0,
-            devminor=_number(hdr[337:345], at) if device else 0,
-            xattrs=xattrs,
-            pax=extra,
-            digest=digest,
         )
-        order += 1
+        extra = tuple(
+            sorted(
+                (k, v)
+                for k, v in fields.items()
+                if k not in _EXPRESSED and not k.startswith(_XATTR_PREFIXES)
+            )
+        )
+    return Member(
+        path=_clean(name),
+        order=order,
+        typeflag=flag.decode("latin-1"),
+        mode=_number(hdr[100:108], at) & 0o7777,
+        uid=_int(fields, "uid", hdr[108:116], at),
+        gid=_int(fields, "gid", hdr[116:124], at),
+        uname=_text(fields, "uname", hdr[265:297]),
+        gname=_text(fields, "gname", hdr[297:329]),
+        size=size if flag in _REGULAR else 0,
+        mtime=_pax_number(fields["mtime"], at) if "mtime" in fields else _number(hdr[136:148], at),
+        link=link,
+        devmajor=_number(hdr[329:337], at) if device else 0,
+        devminor=_number(hdr[337:345], at) if device else 0,
+        xattrs=xattrs,
+        pax=extra,
+        digest=digest,
+    )
