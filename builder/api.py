@@ -21,6 +21,7 @@ from builder.options import (
     full_tag,
     parse_kv,
     parse_output,
+    run_clamp,
     source_date_epoch,
     split_tag,
 )
@@ -69,7 +70,8 @@ def prepare(
     from builder.frontend import dockerfile as df
     from builder.frontend.dockerignore import load_ignore
     from builder.plan.context import BuildContext, hash_file
-    from builder.plan.dag import PlanOptions, make_plan
+    from builder.plan.dag import PlanOptions
+    from builder.plan.planner import make_plan
     from cache.platform import host_platform
 
     ctx_dir = opts.context
@@ -86,6 +88,7 @@ def prepare(
         epoch=source_date_epoch(opts.epoch),
         keep_mtime=opts.keep_mtime,
         platform=f"{os_name}/{arch}",
+        clamp=run_clamp(opts),
     )
     from builder.pull import transfer_for
 
@@ -397,11 +400,7 @@ def _make_run_step(
 ) -> Callable[[Solver, Step], LayerInfo | None]:
     from builder.solve.run import RunEnv, make_run_step
 
-    clamp = (
-        source_date_epoch(opts.epoch)
-        if (opts.epoch is not None or os.environ.get("SOURCE_DATE_EPOCH"))
-        else None
-    )
+    clamp = run_clamp(opts)
     env = RunEnv(
         session.home,
         opts.context,

@@ -99,7 +99,8 @@ def test_the_stored_order_is_networkx_order(tmp_path: Path) -> None:
     from builder.frontend import dockerfile as df
     from builder.frontend.dockerignore import IgnoreRules
     from builder.plan.context import BuildContext, hash_file
-    from builder.plan.dag import PlanOptions, make_plan
+    from builder.plan.dag import PlanOptions
+    from builder.plan.planner import make_plan
 
     ctx = tmp_path / "ctx"
     make_ctx(ctx)
