@@ -82,6 +82,15 @@ FOUND = {
         (b"a", 0, b"L", b"", 0o644, {b"GNU.sparse.map": b"../x"}, b""),
         (b"a", 0, b"0", b"", 0o644, {}, b""),
     ],
+    # the same in the archive's first header: tarfile.open itself raised the ValueError
+    "sparse map first": [
+        (b"a", 0, b"L", b"", 0o644, None, b""),
+        (b"a", 0, b"K", b"", 0o644, None, b""),
+        (b"a", 0, b"L", b"", 0o644, {b"GNU.sparse.map": b"../x"}, b""),
+        (b"a", 0, b"0", b"", 0o644, {}, b""),
+    ],
+    # a user.* xattr on a device node: setxattr says EPERM (was a PermissionError line)
+    "xattr on a device": [(b"dev", 0, b"3", b"", 0o644, {b"SCHILY.xattr.user.a": b"x"}, b"")],
 }
 
 

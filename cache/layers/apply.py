@@ -88,7 +88,11 @@ def apply_layer(
     reader = _HashingReader(tar_stream)
     applier = _Applier(dest, name=name, overlay=overlay, parents=parents)
     try:
-        with tarfile.open(fileobj=reader, mode="r|", errorlevel=2) as tf:  # type: ignore[call-overload]
+        try:
+            tf = tarfile.open(fileobj=reader, mode="r|", errorlevel=2)  # type: ignore[call-overload]  # noqa: SIM115 (closed by the with below)
+        except ValueError as exc:  # tarfile's int() of a bad PAX number in the first header
+            raise InvalidInput(f"{name}: not a valid tar: {exc}") from None
+        with tf:
             members = iter(tf)
             while True:
                 try:
@@ -336,9 +340,11 @@ class _Applier:
                 continue
             try:
                 os.setxattr(path, key, value, follow_symlinks=False)
-            except PermissionError:
-                if self.is_root:
-                    raise
+            except PermissionError as exc:
+                if self.is_root:  # e.g. a user.* xattr on a device node: Linux has no such thing
+                    raise InvalidInput(
+                        f"{self.name}: cannot set xattr {key!r} on {shown!r}: {exc.strerror}"
+                    ) from exc
             except OSError as exc:
                 raise InvalidInput(
                     f"{self.name}: cannot set xattr {key!r} on {shown!r}: {exc.strerror}"
