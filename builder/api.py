@@ -215,7 +215,6 @@ def _build(
     unusable: set[Digest] | None = None,
 ) -> BuildResult:
     from builder import noop
-    from builder.export.oci import export_docker_archive, export_oci_archive, export_oci_layout
     from builder.solve.solver import Solver
 
     with Session.open(opts.home, deferred=deferred, recorder=recorder) as session:
@@ -254,16 +253,7 @@ def _build(
             from builder.export.decorate import decorate
 
             image = decorate(session.store, image, opts.labels, opts.annotations)
-        out_store = _metered(session.store, rep, "export") if opts.outputs else session.store
-        for out in opts.outputs:
-            if out.type == "oci":
-                tag = split_tag(opts.tags[0])[1] if opts.tags else "latest"
-                export = export_oci_archive if out.tar else export_oci_layout
-                export(out_store, image, out.dest, tag)
-            elif out.type == "docker":
-                export_docker_archive(
-                    out_store, image, out.dest, [full_tag(t) for t in opts.tags]
-                )
+        _write_outputs(opts, session, image, rep)
         pins = [
             image.manifest_digest,
             image.config_digest,
@@ -272,37 +262,8 @@ def _build(
         ]
         for t in opts.tags:
             session.index.set_tag(full_tag(t), image.manifest_digest, "{}", blobs=pins)
-        pushed: tuple[str, ...] = ()
-        if opts.registry_names():  # --output type=registry, --push: after the local tags
-            from builder.export.registry import push_image
-            from builder.pull import transfer_for
-
-            pushed = push_image(
-                session,
-                image.manifest_digest,
-                opts.registry_names(),
-                transfer=transfer_for(rep),
-                sources=tags_used,
-                shared=remote.mount_sources() if remote is not None else None,
-            )
-        if opts.cache_to:
-            cacheshare.export(
-                opts.cache_to,
-                lambda mode: cacheshare.records_for(
-                    cacheshare.steps_for(plan, mode), session, cache, opts.compression, remote
-                ),
-                session,
-                remote,
-                rep.message,
-            )
-        if collect is not None:
-            collect.extend(
-                cacheshare.records_for(
-                    cacheshare.steps_for(plan, "max"), session, cache, opts.compression, remote
-                )
-            )
-        if remote is not None:
-            remote.close()
+        pushed = _push(opts, session, image.manifest_digest, rep, tags_used, remote)
+        _share(opts, session, plan, cache, remote, rep, collect)
         steps = [s for s in plan.steps.values() if s.kind not in ("base", "end")]
         cached = sum(1 for s in steps if solver.results[s.id].cached)
         result = BuildResult(
@@ -315,17 +276,99 @@ def _build(
         )
         _record_build(session, plan, result)
         if probed is not None:
-            shown = [
-                {"id": s.id, "name": s.name, "key": s.key}
-                for s in plan.order()
-                if s.kind not in ("base", "end")
-            ]
-            dag = {**plan.dag.to_json(), "order": plan.topo_ids()}
-            noop.save_memo(
-                session.home, probed.key, probed.fingerprint, result, shown, tags_used, pins, dag
-            )
+            _save_memo(session, probed, plan, result, tags_used, pins)
     rep.finish(result)
     return result
+
+
+def _write_outputs(opts: BuildOptions, session: Session, image: Any, rep: Reporter) -> None:
+    """``--output type=oci|docker``: the image written where each output says."""
+    from builder.export.oci import export_docker_archive, export_oci_archive, export_oci_layout
+
+    out_store = _metered(session.store, rep, "export") if opts.outputs else session.store
+    for out in opts.outputs:
+        if out.type == "oci":
+            tag = split_tag(opts.tags[0])[1] if opts.tags else "latest"
+            export = export_oci_archive if out.tar else export_oci_layout
+            export(out_store, image, out.dest, tag)
+        elif out.type == "docker":
+            export_docker_archive(out_store, image, out.dest, [full_tag(t) for t in opts.tags])
+
+
+def _push(
+    opts: BuildOptions,
+    session: Session,
+    manifest_digest: Digest,
+    rep: Reporter,
+    tags_used: dict[str, str],
+    remote: RemoteCache | None,
+) -> tuple[str, ...]:
+    """``--output type=registry``, ``--push``: after the local tags; ``REF@DIGEST`` each."""
+    if not opts.registry_names():
+        return ()
+    from builder.export.registry import push_image
+    from builder.pull import transfer_for
+
+    return push_image(
+        session,
+        manifest_digest,
+        opts.registry_names(),
+        transfer=transfer_for(rep),
+        sources=tags_used,
+        shared=remote.mount_sources() if remote is not None else None,
+    )
+
+
+def _share(
+    opts: BuildOptions,
+    session: Session,
+    plan: Plan,
+    cache: IndexCache,
+    remote: RemoteCache | None,
+    rep: Reporter,
+    collect: list[Record] | None,
+) -> None:
+    """``--cache-to`` exports, the records ``lbuild warm`` collects; the sources closed."""
+    if opts.cache_to:
+        cacheshare.export(
+            opts.cache_to,
+            lambda mode: cacheshare.records_for(
+                cacheshare.steps_for(plan, mode), session, cache, opts.compression, remote
+            ),
+            session,
+            remote,
+            rep.message,
+        )
+    if collect is not None:
+        collect.extend(
+            cacheshare.records_for(
+                cacheshare.steps_for(plan, "max"), session, cache, opts.compression, remote
+            )
+        )
+    if remote is not None:
+        remote.close()
+
+
+def _save_memo(
+    session: Session,
+    probed: noop.Probe,
+    plan: Plan,
+    result: BuildResult,
+    tags_used: dict[str, str],
+    pins: list[str],
+) -> None:
+    """The no-op memo for the next build with the same inputs (and the DAG's order)."""
+    from builder import noop
+
+    shown = [
+        {"id": s.id, "name": s.name, "key": s.key}
+        for s in plan.order()
+        if s.kind not in ("base", "end")
+    ]
+    dag = {**plan.dag.to_json(), "order": plan.topo_ids()}
+    noop.save_memo(
+        session.home, probed.key, probed.fingerprint, result, shown, tags_used, pins, dag
+    )
 
 
 def _metered(store: Any, rep: Reporter, kind: str) -> Any:
