@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from builder import noop
     from builder.plan.dag import Plan, Step
     from builder.progress import Reporter
+    from builder.solve.events import RunContext
     from builder.solve.solver import Solver
     from cache.index.recorder import Recorder
     from cache.remote.artifact import Record
@@ -404,14 +405,16 @@ def assemble(
     return make_image(session.store, config, blobs)
 
 
-def _run_step(opts: BuildOptions, session: Session) -> Callable[[Solver, Step], LayerInfo | None]:
+def _run_step(
+    opts: BuildOptions, session: Session
+) -> Callable[[RunContext, Step], LayerInfo | None]:
     """The solver's RUN executor; builder.solve.run is imported by the first RUN, not before."""
     import threading
 
-    run: list[Callable[[Solver, Step], LayerInfo | None]] = []
+    run: list[Callable[[RunContext, Step], LayerInfo | None]] = []
     lock = threading.Lock()
 
-    def run_step(solver: Solver, step: Step) -> LayerInfo | None:
+    def run_step(solver: RunContext, step: Step) -> LayerInfo | None:
         with lock:
             if not run:
                 run.append(_make_run_step(opts, session))
@@ -440,7 +443,7 @@ def check_entitlements(plan: Plan, opts: BuildOptions) -> None:
 
 def _make_run_step(
     opts: BuildOptions, session: Session
-) -> Callable[[Solver, Step], LayerInfo | None]:
+) -> Callable[[RunContext, Step], LayerInfo | None]:
     from builder.solve.run import RunEnv, make_run_step
 
     clamp = run_clamp(opts)

@@ -1,16 +1,23 @@
-"""What a solve tells the outside while it runs: the step events (a Protocol).
+"""The solver's narrow contracts (Protocols): the step events it reports while it runs, and
+the context a RUN step gets from it.
 
-The progress views on top (:mod:`builder.progress`) implement it, together with the end of a
-build; the solver and the RUN step only see this narrow contract.  Calls come from worker
-threads.
+The progress views on top (:mod:`builder.progress`) implement ``StepEvents``, together with
+the end of a build.  A RUN step (:mod:`builder.solve.run`) sees the solver only as a
+``RunContext``: the plan, the content store, the merged view and layers below a step, the
+layer writer, the events and the cancel flag.  Calls come from worker threads.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from builder.plan.dag import Step
+    from builder.plan.dag import Plan, Step
+    from cache.layers.view import View
+    from cache.store.blobs import BlobStore
+    from cache.types import Digest, Entry, LayerInfo
 
 
 class StepEvents(Protocol):
@@ -22,3 +29,18 @@ class StepEvents(Protocol):
         self, step: Step, *, cached: bool, seconds: float, error: str | None = None
     ) -> None: ...
     def message(self, text: str) -> None: ...
+
+
+class RunContext(Protocol):
+    """What a RUN step may use of the solver that runs it."""
+
+    plan: Plan
+    store: BlobStore
+    reporter: StepEvents
+    cancel: threading.Event
+
+    def view(self, stage: int, upto: int | None) -> View: ...
+    def read_file(self, view: View) -> Callable[[str], bytes | None]: ...
+    def stage_diff_ids(self, stage: int, upto: int | None) -> list[Digest]: ...
+    def toc(self, diff_id: Digest) -> tuple[Entry, ...]: ...
+    def write(self, entries: list[Entry], *, by_content: bool = False) -> LayerInfo: ...

@@ -26,8 +26,8 @@ from cache.types import Entry, LayerInfo
 
 if TYPE_CHECKING:
     from builder.plan.dag import Step
+    from builder.solve.events import RunContext
     from builder.solve.executor import BindSpec
-    from builder.solve.solver import Solver
     from cache.layers.view import View
     from cache.snapshots.snapshot import Snapshotter
 
@@ -233,11 +233,11 @@ def _sweep_scratch(tmp: Path, older_than_s: float = 6 * 3600) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def make_run_step(env: RunEnv) -> Callable[[Solver, Step], LayerInfo | None]:
+def make_run_step(env: RunEnv) -> Callable[[RunContext, Step], LayerInfo | None]:
     """The solver's RUN executor for one build."""
     snaps: list[Snapshotter] = []
 
-    def run_step(solver: Solver, step: Step) -> LayerInfo | None:
+    def run_step(solver: RunContext, step: Step) -> LayerInfo | None:
         from builder.solve.executor import RunSpec, run
         from cache.snapshots.snapshot import ensure_chain
 

@@ -27,7 +27,7 @@ from cache.store.blobs import BlobStore
 from cache.types import BlobInfo, Digest, Entry, LayerInfo, StepKey
 
 if TYPE_CHECKING:
-    from builder.solve.events import StepEvents
+    from builder.solve.events import RunContext, StepEvents
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class Solver:
     no_cache: Callable[[Step], bool] = lambda s: False
     epoch: int = 0
     keep_mtime: bool = False
-    run_step: Callable[[Solver, Step], LayerInfo | None] | None = None
+    run_step: Callable[[RunContext, Step], LayerInfo | None] | None = None
     # Called on a worker for each layer of the final image a step wrote, as a task of its own
     # (compression runs in parallel with the steps after it instead of one layer after
     # another at the end, and a dependent step need not wait for it).
