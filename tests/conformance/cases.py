@@ -553,15 +553,14 @@ CASES += [
     Case("copy-under-user-is-root", "FROM base\nUSER app\nCOPY a.txt /tmp/u.txt\n",
          "USER does not change COPY's owner (root:root without --chown)", files=A),
     Case("copy-chmod-dir", "FROM base\nCOPY --chmod=0750 d/ /opt/cm/\n",
-         "--chmod on a copied tree applies to its files and subdirectories; the destination "
-         "dir the COPY creates is 0755",
+         "--chmod on a copied tree applies to its files and subdirectories, and to the "
+         "destination dir the COPY creates",
          files={"d/f": "f\n", "d/s/g": "g\n"},
-         buildkit="tonistiigi/fsutil copy/copy.go: prepareTargetDir creates a missing "
-                  "destination with MkdirAll(target, 0755, ...), then the source root is copied "
-                  "with overwriteTargetMetadata=false, so copyFileInfo (which applies --chmod) "
-                  "skips it",
-         xfail="issue 9 item 1 (COPY --chmod and destination dirs): lbuild gives the "
-               "destination dir /opt/cm the --chmod mode 0750"),
+         buildkit="tonistiigi/fsutil PR #228 (copy: fix custom chmod for parent directories, "
+                  "the fix of moby/buildkit#4945, in Docker since 28.1): a destination the COPY "
+                  "creates gets the --chmod mode; buildah 1.28 (and BuildKit before the fix) "
+                  "make it 0755",
+         patch={"opt/cm": {"mode": 0o750}}),
     Case("copy-xattrs", "FROM base\nCOPY xa.txt /opt/\n",
          "a context file's user.* xattr is copied",
          files={"xa.txt": with_xattr("user.lbuild", b"conformance")}),
