@@ -230,30 +230,13 @@ def plan_copy(
     parent's merged view (None for ``--link``: the destination is then judged on its own);
     ``mtime`` None keeps each item's own mtime (``--keep-mtime``, archives).
     """
-    facts: dict[str, Any] = {}
     dest_abs = dest if dest.startswith("/") else posixpath.join(workdir or "/", dest)
     trailing = dest.endswith("/") or dest.endswith("/.") or dest in (".", "")
-    dest_path = clean(dest_abs)
-
-    def view_is_dir(p: str) -> bool:
-        if view is None:
-            return False
-        r = view.resolve(p)
-        ans = view.is_dir(r)
-        facts[f"isdir:{p}"] = [r, ans]
-        return ans
-
-    def view_exists(p: str) -> bool:
-        if view is None:
-            return False
-        ans = view.exists(view.resolve(p))
-        facts[f"exists:{p}"] = ans
-        return ans
-
+    cp = _CopyPlan(view, chown, chmod, mtime, file, line, clean(dest_abs))
     if (
         multi
         and not trailing
-        and not view_is_dir(dest_path)
+        and not cp.view_is_dir(cp.dest_path)
         and (len(selected) > 1 or any(s.is_dir for s in selected))
     ):
         raise InvalidInput(
@@ -263,143 +246,179 @@ def plan_copy(
             line=line,
         )
     # Resolve symlinked destination directories inside the image (non-link only).
-    if view is not None and dest_path:
-        real = view.resolve(dest_path)
-        if real != dest_path:
-            facts[f"resolve:{dest_path}"] = real
-            dest_path = real
+    if view is not None and cp.dest_path:
+        real = view.resolve(cp.dest_path)
+        if real != cp.dest_path:
+            cp.facts[f"resolve:{cp.dest_path}"] = real
+            cp.dest_path = real
+    for sel in selected:
+        # Ownership: a stage's files keep theirs (as an archive's do, unlike the context's).
+        keep = keep_ownership or sel.archive
+        if sel.is_dir or sel.archive:
+            cp.place_tree(sel, keep)
+        else:
+            into_dir = trailing or multi or cp.view_is_dir(cp.dest_path)
+            target = posixpath.join(cp.dest_path, sel.name) if into_dir else cp.dest_path
+            if not target:
+                raise InvalidInput("cannot copy a file onto /", file=file, line=line)
+            cp.ensure_dirs(target)
+            cp.emit(sel.items[0], target, keep)
+    return CopyResult(sorted(cp.out.values(), key=lambda e: e.path.split("/")), cp.facts)
 
-    owner = chown
-    out: dict[str, Entry] = {}
 
-    def put(e: Entry) -> None:
-        out[e.path] = e
+@dataclass
+class _CopyPlan:
+    """The entries one COPY/ADD makes, and the facts about its destination it relied on
+    (``facts``: what the parent's view answered, part of the layer's content key)."""
 
-    def not_a_dir(p: str) -> None:
+    view: View | None
+    owner: tuple[int, int] | None
+    chmod: int | None
+    mtime: int | None
+    file: str
+    line: int
+    dest_path: str
+    facts: dict[str, Any] = field(default_factory=dict)
+    out: dict[str, Entry] = field(default_factory=dict)
+    hardlinks: dict[tuple[int, int], str] = field(default_factory=dict)
+    # Where each source path of the current selection lands: a hardlink read from a stage or
+    # an archive names its target by source path, and must name the target's copy instead.
+    landed: dict[str, str] = field(default_factory=dict)
+
+    def view_is_dir(self, p: str) -> bool:
+        if self.view is None:
+            return False
+        r = self.view.resolve(p)
+        ans = self.view.is_dir(r)
+        self.facts[f"isdir:{p}"] = [r, ans]
+        return ans
+
+    def view_exists(self, p: str) -> bool:
+        if self.view is None:
+            return False
+        ans = self.view.exists(self.view.resolve(p))
+        self.facts[f"exists:{p}"] = ans
+        return ans
+
+    def put(self, e: Entry) -> None:
+        self.out[e.path] = e
+
+    def not_a_dir(self, p: str) -> None:
         raise InvalidInput(
-            f"cannot copy to /{dest_path}: /{p} is not a directory", file=file, line=line
+            f"cannot copy to /{self.dest_path}: /{p} is not a directory",
+            file=self.file,
+            line=self.line,
         )
 
-    def existing_dir(p: str) -> Entry:
+    def existing_dir(self, p: str) -> Entry:
         """Directory ``p`` of the parent image as it is (``view`` is not None here)."""
-        assert view is not None
-        e = view.get(p)
+        assert self.view is not None
+        e = self.view.get(p)
         if e is None:  # implicit: a lower layer's tar named children but not the directory
             e = Entry(path=p, type="dir", mode=0o755)
-        facts[f"meta:{p}"] = [e.mode, e.uid, e.gid, e.mtime, [[k, v.hex()] for k, v in e.xattrs]]
+        self.facts[f"meta:{p}"] = [
+            e.mode, e.uid, e.gid, e.mtime, [[k, v.hex()] for k, v in e.xattrs]
+        ]
         return replace(e, path=p, offset=-1, source=None)
 
-    def ensure_dirs(path: str) -> None:
+    def ensure_dirs(self, path: str) -> None:
         """Create missing parent directories of ``path`` (0755, root or --chown owner)."""
         parts = path.split("/")[:-1] if path else []
         cur = ""
         for p in parts:
             cur = f"{cur}/{p}" if cur else p
-            if cur in out:
-                if out[cur].type != "dir":
-                    not_a_dir(cur)
+            if cur in self.out:
+                if self.out[cur].type != "dir":
+                    self.not_a_dir(cur)
                 continue
-            if view_exists(cur):
+            if self.view_exists(cur):
                 # A file where a directory must be: Docker refuses, and a layer with
                 # entries below a file is one no runtime can unpack.
-                if not view_is_dir(cur):
-                    not_a_dir(cur)
+                if not self.view_is_dir(cur):
+                    self.not_a_dir(cur)
                 # The layer carries the existing directory with the metadata it has (as
                 # BuildKit's differ does), so applying it never changes the directory.
-                put(existing_dir(cur))
+                self.put(self.existing_dir(cur))
                 continue
-            uid, gid = owner if owner else (0, 0)
-            put(Entry(path=cur, type="dir", mode=0o755, uid=uid, gid=gid, mtime=mtime or 0))
+            uid, gid = self.owner if self.owner else (0, 0)
+            self.put(
+                Entry(path=cur, type="dir", mode=0o755, uid=uid, gid=gid, mtime=self.mtime or 0)
+            )
 
-    hardlinks: dict[tuple[int, int], str] = {}
-    # Where each source path of the current selection lands: a hardlink read from a stage or
-    # an archive names its target by source path, and must name the target's copy instead.
-    landed: dict[str, str] = {}
-
-    def emit(item: Item, target: str, keep: bool, own_time: bool = False) -> None:
+    def emit(self, item: Item, target: str, keep: bool, own_time: bool = False) -> None:
         src = item.entry
         uid, gid = (src.uid, src.gid) if keep else (0, 0)
-        if owner is not None:
-            uid, gid = owner
+        if self.owner is not None:
+            uid, gid = self.owner
         mode = src.mode
-        if chmod is not None and src.type in ("file", "dir", "hardlink"):
-            mode = chmod
+        if self.chmod is not None and src.type in ("file", "dir", "hardlink"):
+            mode = self.chmod
         e = replace(
             src,
             path=target,
             uid=uid,
             gid=gid,
             mode=mode,
-            mtime=src.mtime if mtime is None or own_time else mtime,
+            mtime=src.mtime if self.mtime is None or own_time else self.mtime,
             offset=-1,
         )
         if src.type == "symlink":
             e = replace(e, mode=0o777)
         if item.hardlink_key is not None and src.type == "file":
-            first = hardlinks.get(item.hardlink_key)
+            first = self.hardlinks.get(item.hardlink_key)
             if first is not None:
                 e = replace(e, type="hardlink", link=first, size=0, digest="", source=None)
             else:
-                hardlinks[item.hardlink_key] = target
+                self.hardlinks[item.hardlink_key] = target
         if src.type == "hardlink":
-            to = landed.get(clean(src.link))
+            to = self.landed.get(clean(src.link))
             if to is None:
                 raise InvalidInput(
                     f"hardlink {src.path} points to {src.link}, which is not copied with it",
-                    file=file,
-                    line=line,
+                    file=self.file,
+                    line=self.line,
                 )
             e = replace(e, link=to, size=0, digest="", source=None)
-        put(e)
+        self.put(e)
 
-    for sel in selected:
-        # Ownership: a stage's files keep theirs (as an archive's do, unlike the context's).
-        keep = keep_ownership or sel.archive
-        if sel.is_dir or sel.archive:
-            base = dest_path
-            ensure_dirs(base + "/x" if base else "x")
-            landed.clear()
-            for item in sel.items:
-                if item.rel and item.entry.type in ("file", "hardlink"):
-                    landed[clean(item.entry.path)] = posixpath.join(base, item.rel)
-            for item in sel.items:
-                if item.rel == "":
-                    # The destination directory is never a copy of the source directory:
-                    # BuildKit creates it 0755 (owned by --chown) when missing and leaves an
-                    # existing one alone (ensure_dirs above put it in the layer as it is);
-                    # --chmod gives the mode of a directory it creates (moby/buildkit#585,
-                    # #4945), never one that exists (issue 9).
-                    made = base in out and not (view is not None and view_exists(base))
-                    if base and chmod is not None and not sel.archive and made:
-                        uid, gid = owner if owner else (0, 0)
-                        put(
-                            Entry(
-                                path=base,
-                                type="dir",
-                                mode=chmod,
-                                uid=uid,
-                                gid=gid,
-                                mtime=mtime or 0,
-                            )
+    def place_tree(self, sel: Selected, keep: bool) -> None:
+        """A directory's contents (or an archive's members) below the destination."""
+        base = self.dest_path
+        self.ensure_dirs(base + "/x" if base else "x")
+        self.landed.clear()
+        for item in sel.items:
+            if item.rel and item.entry.type in ("file", "hardlink"):
+                self.landed[clean(item.entry.path)] = posixpath.join(base, item.rel)
+        for item in sel.items:
+            if item.rel == "":
+                # The destination directory is never a copy of the source directory:
+                # BuildKit creates it 0755 (owned by --chown) when missing and leaves an
+                # existing one alone (ensure_dirs above put it in the layer as it is);
+                # --chmod gives the mode of a directory it creates (moby/buildkit#585,
+                # #4945), never one that exists (issue 9).
+                made = base in self.out and not (self.view is not None and self.view_exists(base))
+                if base and self.chmod is not None and not sel.archive and made:
+                    uid, gid = self.owner if self.owner else (0, 0)
+                    self.put(
+                        Entry(
+                            path=base,
+                            type="dir",
+                            mode=self.chmod,
+                            uid=uid,
+                            gid=gid,
+                            mtime=self.mtime or 0,
                         )
-                    continue
-                # An archive's members keep their own times, as docker's ADD does: they are
-                # part of the archive's bytes, hence of the key, so the layer stays a pure
-                # function of its key.
-                emit(
-                    item,
-                    posixpath.join(base, item.rel) if base else item.rel,
-                    keep,
-                    own_time=sel.archive,
-                )
-        else:
-            into_dir = trailing or multi or view_is_dir(dest_path)
-            target = posixpath.join(dest_path, sel.name) if into_dir else dest_path
-            if not target:
-                raise InvalidInput("cannot copy a file onto /", file=file, line=line)
-            ensure_dirs(target)
-            emit(sel.items[0], target, keep)
-    return CopyResult(sorted(out.values(), key=lambda e: e.path.split("/")), facts)
+                    )
+                continue
+            # An archive's members keep their own times, as docker's ADD does: they are
+            # part of the archive's bytes, hence of the key, so the layer stays a pure
+            # function of its key.
+            self.emit(
+                item,
+                posixpath.join(base, item.rel) if base else item.rel,
+                keep,
+                own_time=sel.archive,
+            )
 
 
 def merkle(selected: list[Selected]) -> list[list[Any]]:
