@@ -70,6 +70,40 @@ def bundle_config(
     (only those that can be mounted safely); ``extra``: RUN --mount binds/tmpfs that can.
     """
     caps = sorted(policy.CAPABILITIES)
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {
+                "uid": spec["uid"],
+                "gid": spec["gid"],
+                "additionalGids": list(spec["groups"]),
+            },
+            "args": list(spec["argv"]),
+            "env": [f"{k}={v}" for k, v in spec["env"]],
+            "cwd": spec["cwd"],
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "noNewPrivileges": False,
+        },
+        "root": {"path": rootfs, "readonly": False},
+        "hostname": spec["hostname"],
+        "mounts": _mounts(etc_files, extra),
+        "linux": {
+            # No "network" entry: the container keeps the helper's network namespace (its
+            # own, served by slirp4netns; empty for --network=none; the host's for host).
+            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")],
+            "cgroupsPath": cgroup,
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "maskedPaths": list(policy.MASKED_PATHS),
+            "readonlyPaths": list(policy.READONLY_PATHS),
+            "seccomp": seccomp.oci_profile(),
+        },
+    }
+
+
+def _mounts(etc_files: dict[str, str], extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """/proc, /dev, /dev/pts, /dev/shm, /dev/mqueue, /sys (ro), /sys/fs/cgroup (ro), the
+    generated /etc files, the RUN --mount binds and tmpfs."""
     nsd = ["nosuid", "noexec", "nodev"]
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": nsd},
@@ -123,35 +157,7 @@ def bundle_config(
                     "options": ["rbind", "ro" if m["readonly"] else "rw"],
                 }
             )
-    return {
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": False,
-            "user": {
-                "uid": spec["uid"],
-                "gid": spec["gid"],
-                "additionalGids": list(spec["groups"]),
-            },
-            "args": list(spec["argv"]),
-            "env": [f"{k}={v}" for k, v in spec["env"]],
-            "cwd": spec["cwd"],
-            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "noNewPrivileges": False,
-        },
-        "root": {"path": rootfs, "readonly": False},
-        "hostname": spec["hostname"],
-        "mounts": mounts,
-        "linux": {
-            # No "network" entry: the container keeps the helper's network namespace (its
-            # own, served by slirp4netns; empty for --network=none; the host's for host).
-            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")],
-            "cgroupsPath": cgroup,
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
-            "maskedPaths": list(policy.MASKED_PATHS),
-            "readonlyPaths": list(policy.READONLY_PATHS),
-            "seccomp": seccomp.oci_profile(),
-        },
-    }
+    return mounts
 
 
 def _cgroup_parents() -> list[str]:
