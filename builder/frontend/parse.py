@@ -39,6 +39,11 @@ from builder.frontend.instructions import (
     Volume,
     Workdir,
 )
+from builder.frontend.parse_errors import (
+    first_rejected_line,
+    locate_parse_error,
+    start_of_instruction,
+)
 from builder.frontend.runmount import parse_mount
 from builder.frontend.suggest import did_you_mean
 from cache.errors import InvalidInput, NotFound
@@ -530,63 +535,6 @@ def _directives(text: str, filename: str) -> tuple[str, str]:
     return escape, text
 
 
-def _locate_parse_error(parse_string: Callable[[str], Any], text: str, message: str) -> int | None:
-    """Find the line of a BuildKit parser error (its message carries no line number).
-
-    The parser stops at the first error, so the smallest prefix of the file that fails with
-    the same message ends on the failing line; binary search finds it.
-    """
-    lines = text.splitlines(keepends=True)
-
-    def fails(n: int) -> bool:
-        try:
-            parse_string("".join(lines[:n]))
-        except ValueError as err:
-            return str(err) == message
-        return False
-
-    if not lines or not fails(len(lines)):
-        return None
-    lo, hi = 1, len(lines)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fails(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-def _start_of_instruction(lines: Sequence[str], line: int, escape: str) -> int:
-    """Walk back from line over continuation lines to where the instruction starts."""
-    start = line
-    prev = line - 1
-    while prev >= 1:
-        text = lines[prev - 1].strip()
-        if not text or text.startswith("#"):
-            prev -= 1
-            continue
-        if text.endswith(escape):
-            start = prev
-            prev -= 1
-            continue
-        break
-    return start
-
-
-def _first_rejected_line(buildkit: Any, lines: Sequence[str], escape: str) -> int | None:
-    """The instruction (its first line) where the parser starts rejecting the text."""
-    for n in range(1, len(lines) + 1):
-        try:
-            buildkit.parse_string("\n".join(lines[:n]) + "\n")
-        except UnicodeDecodeError:
-            return _start_of_instruction(lines, n, escape)
-        except buildkit.GoParseError as err:
-            if str(err) != "file with no instructions":
-                return _start_of_instruction(lines, n, escape)
-    return None
-
-
 def parse(text: str, filename: str = "Dockerfile") -> Dockerfile:
     """Parse Dockerfile text into stages of typed instructions.
 
@@ -605,9 +553,9 @@ def parse(text: str, filename: str = "Dockerfile") -> Dockerfile:
         message = str(err)
         line = None
         if message != "file with no instructions":
-            line = _locate_parse_error(buildkit.parse_string, text, message)
+            line = locate_parse_error(buildkit.parse_string, text, message)
             if line is not None:
-                line = _start_of_instruction(lines, line, escape)
+                line = start_of_instruction(lines, line, escape)
         raise InvalidInput(message, file=filename, line=line) from None
     except UnicodeDecodeError:
         # The parser rejected the text, but the `dockerfile` binding could not decode its
@@ -615,7 +563,7 @@ def parse(text: str, filename: str = "Dockerfile") -> Dockerfile:
         raise InvalidInput(
             "invalid instruction (the parser's message about it is not valid UTF-8)",
             file=filename,
-            line=_first_rejected_line(buildkit, lines, escape),
+            line=first_rejected_line(buildkit, lines, escape),
         ) from None
 
     meta_args: list[Arg] = []
@@ -625,7 +573,9 @@ def parse(text: str, filename: str = "Dockerfile") -> Dockerfile:
         c = _Command(cmd, filename, escape, lines)
         build = _PARSERS.get(c.keyword)
         if build is None:
-            raise c.error(f"unknown instruction: {cmd.cmd}{did_you_mean(c.keyword.upper(), _PARSERS)}")
+            raise c.error(
+                f"unknown instruction: {cmd.cmd}{did_you_mean(c.keyword.upper(), _PARSERS)}"
+            )
         instruction = build(c)
         if isinstance(instruction, From):
             if instruction.name is not None:
@@ -678,9 +628,7 @@ def load(path: str | Path) -> Dockerfile:
     return parse(text, filename=str(p))
 
 
-def parse_triggers(
-    triggers: Sequence[str], filename: str, line: int
-) -> tuple[Instruction, ...]:
+def parse_triggers(triggers: Sequence[str], filename: str, line: int) -> tuple[Instruction, ...]:
     """The instructions of ONBUILD triggers, to run right after a FROM that inherits them.
 
     As BuildKit's ``initOnBuildTriggers``: each trigger is parsed on its own (default escape,

@@ -72,6 +72,18 @@ def to_url(url_or_path: str | os.PathLike[str]) -> str:
     return "sqlite:///" + os.path.abspath(text)
 
 
+REPAIR_HINT = "run `lbuild cache verify --repair`"
+"""What to do about a damaged index (``cache/index/repair.py``)."""
+
+_DAMAGE_WORDS = ("malformed", "not a database", "disk image", "corrupt")
+
+
+def is_damage(e: BaseException) -> bool:
+    """Whether a database error means the file itself is damaged (not locked, not missing)."""
+    text = str(getattr(e, "orig", None) or e).lower()
+    return any(w in text for w in _DAMAGE_WORDS)
+
+
 def is_locked_error(exc: BaseException) -> bool:
     """Whether a database error means "another process holds the lock; try again"."""
     text = str(getattr(exc, "orig", None) or exc).lower()
@@ -256,8 +268,6 @@ def retry_locked(fn: Callable[[], T], *, what: str, timeout_s: float = BUSY_TIME
             time.sleep(delay)
             delay = min(delay * 2, 0.25)
         except SQLAlchemyError as e:
-            from cache.index.repair import REPAIR_HINT, is_damage
-
             hint = REPAIR_HINT if is_damage(e) else None
             raise StoreError(f"cache index: {what}: {_short(e)}", hint=hint) from e
 

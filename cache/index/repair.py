@@ -18,19 +18,20 @@ import time
 from pathlib import Path
 
 from cache.errors import StoreError
+from cache.index.db import REPAIR_HINT, is_damage
 
-REPAIR_HINT = "run `lbuild cache verify --repair`"
+__all__ = [
+    "REPAIR_HINT",
+    "damaged_error",
+    "integrity_problems",
+    "is_damage",
+    "repair",
+    "verify_index",
+]
+
 
 SALVAGED_TABLES = ("steps", "step_sites", "compressed", "tags", "tag_blobs", "builds")
 """Tables copied by a repair, parents before children (foreign keys)."""
-
-_DAMAGE_WORDS = ("malformed", "not a database", "disk image", "corrupt")
-
-
-def is_damage(e: BaseException) -> bool:
-    """Whether a database error means the file itself is damaged (not locked, not missing)."""
-    text = str(getattr(e, "orig", None) or e).lower()
-    return any(w in text for w in _DAMAGE_WORDS)
 
 
 def damaged_error(db: Path, e: BaseException | str) -> StoreError:
