@@ -27,7 +27,7 @@ from cache.types import Entry, LayerInfo
 if TYPE_CHECKING:
     from builder.plan.dag import Step
     from builder.solve.events import RunContext
-    from builder.solve.executor import BindSpec
+    from builder.solve.executor import BindSpec, RunSpec
     from cache.layers.view import View
     from cache.snapshots.snapshot import Snapshotter
 
@@ -238,7 +238,7 @@ def make_run_step(env: RunEnv) -> Callable[[RunContext, Step], LayerInfo | None]
     snaps: list[Snapshotter] = []
 
     def run_step(solver: RunContext, step: Step) -> LayerInfo | None:
-        from builder.solve.executor import RunSpec, run
+        from builder.solve.executor import run
         from cache.snapshots.snapshot import ensure_chain
 
         instr = step.instr
@@ -262,37 +262,9 @@ def make_run_step(env: RunEnv) -> Callable[[RunContext, Step], LayerInfo | None]
         try:
             mounts = snap.prepare(key, parent)
             argv, stdin = command_argv(instr, state.shell)
-            env_pairs = list(step.run_env)
-            names = {k for k, _ in env_pairs}
-            if "PATH" not in names:
-                env_pairs.insert(
-                    0, ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-                )
-            if "HOME" not in names:
-                env_pairs.append(("HOME", user_home or "/"))
             binds, targets = mounts_for(instr, env, state.workdir, file, scratch)
-            network = (instr.network or "default").lower()
             check_entitlements([instr], env.allow, file)
-            if network not in ("default", "host", "none"):
-                raise InvalidInput(
-                    f"RUN --network={network} is not supported (use default, host or none)",
-                    file=file,
-                    line=instr.line,
-                )
-            spec = RunSpec(
-                argv=argv,
-                env=tuple(env_pairs),
-                cwd=state.workdir,
-                uid=uid,
-                gid=gid,
-                groups=groups,
-                network=network,  # type: ignore[arg-type]
-                extra_mounts=tuple(binds),
-                stdin_data=stdin,
-                # the hostname RUN sees is fixed ("lbuild"); repro-check varies it through
-                # this internal variable to find Dockerfiles that would bake it in
-                hostname=os.environ.get("LBUILD_RUN_HOSTNAME") or "lbuild",
-            )
+            spec = _spec(step, instr, argv, stdin, (uid, gid, groups, user_home), binds, file)
             code = run(
                 spec,
                 mounts,
@@ -313,25 +285,75 @@ def make_run_step(env: RunEnv) -> Callable[[RunContext, Step], LayerInfo | None]
                     file=file,
                     line=instr.line,
                 )
-            entries = snap.diff(key)
-            if os.geteuid() != 0:  # rootless: the ids a root build would record (issue 9)
-                from builder.solve.rootless import current_map, map_entries
-
-                maps = current_map()
-                assert maps is not None
-                entries = map_entries(entries, *maps, view.get, file=file, line=instr.line)
-            entries = [e for e in entries if not _under(e.path, targets)]
-            if env.clamp_mtime is not None:
-                entries = [replace(e, mtime=min(e.mtime, env.clamp_mtime)) for e in entries]
-            if not entries:
-                return None
-            return solver.write(_sorted(entries))
+            entries = _layer_entries(snap.diff(key), view, targets, env, file, instr.line)
+            return solver.write(_sorted(entries)) if entries else None
         finally:
             with contextlib.suppress(OSError, NotFound):
                 snap.remove(key)
             shutil.rmtree(scratch, ignore_errors=True)
 
     return run_step
+
+
+def _spec(
+    step: Step,
+    instr: df.Run,
+    argv: tuple[str, ...],
+    stdin: bytes | None,
+    user: tuple[int, int, tuple[int, ...], str | None],
+    binds: list[BindSpec],
+    file: str,
+) -> RunSpec:
+    """What the sandbox runs: the command, its environment (PATH and HOME as Docker sets
+    them when the image does not), user, working directory, mounts and network."""
+    from builder.solve.executor import RunSpec
+
+    assert step.state is not None
+    uid, gid, groups, user_home = user
+    env_pairs = list(step.run_env)
+    names = {k for k, _ in env_pairs}
+    if "PATH" not in names:
+        env_pairs.insert(0, ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"))
+    if "HOME" not in names:
+        env_pairs.append(("HOME", user_home or "/"))
+    network = (instr.network or "default").lower()
+    if network not in ("default", "host", "none"):
+        raise InvalidInput(
+            f"RUN --network={network} is not supported (use default, host or none)",
+            file=file,
+            line=instr.line,
+        )
+    return RunSpec(
+        argv=argv,
+        env=tuple(env_pairs),
+        cwd=step.state.workdir,
+        uid=uid,
+        gid=gid,
+        groups=groups,
+        network=network,  # type: ignore[arg-type]
+        extra_mounts=tuple(binds),
+        stdin_data=stdin,
+        # the hostname RUN sees is fixed ("lbuild"); repro-check varies it through
+        # this internal variable to find Dockerfiles that would bake it in
+        hostname=os.environ.get("LBUILD_RUN_HOSTNAME") or "lbuild",
+    )
+
+
+def _layer_entries(
+    entries: list[Entry], view: View, targets: list[str], env: RunEnv, file: str, line: int
+) -> list[Entry]:
+    """The snapshot's diff as layer entries: ids mapped back for a rootless build, mount
+    targets left out, times clamped to SOURCE_DATE_EPOCH when asked."""
+    if os.geteuid() != 0:  # rootless: the ids a root build would record (issue 9)
+        from builder.solve.rootless import current_map, map_entries
+
+        maps = current_map()
+        assert maps is not None
+        entries = map_entries(entries, *maps, view.get, file=file, line=line)
+    entries = [e for e in entries if not _under(e.path, targets)]
+    if env.clamp_mtime is not None:
+        entries = [replace(e, mtime=min(e.mtime, env.clamp_mtime)) for e in entries]
+    return entries
 
 
 def _under(path: str, targets: list[str]) -> bool:
