@@ -108,8 +108,10 @@ def make_resolver(
             else:  # not built here, or pulled and --pull asks the registry again
                 from builder.pull import resolve_remote
 
-                img = resolve_remote(session, ref, refresh=pull, offline=offline, used=used,
-                                     transfer=transfer)
+                digest = resolve_remote(
+                    session, ref, refresh=pull, offline=offline, used=used, transfer=transfer
+                )
+                img = image_from_store(session.store, ref, digest)
         if img is not None:
             loaded[ref] = img
         return img

@@ -15,50 +15,23 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cache.errors import DigestMismatch, NotFound
 from cache.registry.errors import RegistryError
+from cache.registry.progress import Transfer, throttled
 from cache.types import Digest
 
 if TYPE_CHECKING:
-    from builder.plan.dag import ExternalImage
     from cache.registry.pull import PulledImage
     from cache.registry.reference import Reference
     from cache.session import Session
     from cache.store.blobs import BlobStore
 
-Transfer = Callable[[str, str, int, int], None]
-"""``transfer(kind, digest, done, total)``: kind is "pull" or "push"."""
-
-
 def transfer_for(reporter: Any) -> Transfer | None:
     """The reporter's ``transfer`` method when it has one (progress views and JSON do)."""
     fn = getattr(reporter, "transfer", None)
     return fn if callable(fn) else None
-
-
-def _progress(transfer: Transfer | None, kind: str) -> Callable[[str, int, int], None] | None:
-    """Per-blob progress for a reporter: the first and last report of every blob, and at
-    most one in between per 0.25 s per blob (a terminal bar or a JSON consumer needs no more)."""
-    if transfer is None:
-        return None
-    last: dict[str, float] = {}
-    lock = threading.Lock()
-
-    def progress(digest: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        with lock:
-            prev = last.get(digest)
-            if prev is not None and done < total and now - prev < 0.25:
-                return
-            last[digest] = now
-        transfer(kind, digest, done, total)
-
-    return progress
 
 
 def host_platform() -> tuple[str, str, str]:
@@ -93,7 +66,7 @@ def pull_into(session: Session, ref: Reference, *, transfer: Transfer | None = N
     from cache.registry.pull import format_platform, pull
 
     want = platform or host_platform()
-    pulled = pull(session.store, ref, platform=want, progress=_progress(transfer, "pull"))
+    pulled = pull(session.store, ref, platform=want, progress=throttled(transfer, "pull"))
     import_layers(session.store, pulled)
     if ref.digest is None:
         meta = {"source": ref.repository, "index": pulled.index_digest,
@@ -117,8 +90,9 @@ def resolve_remote(
     offline: bool = False,
     used: dict[str, str] | None = None,
     transfer: Transfer | None = None,
-) -> ExternalImage:
-    """The image ``name`` (any reference Docker takes) for FROM / ``COPY --from``.
+) -> Digest:
+    """The manifest digest of image ``name`` (any reference Docker takes) for FROM /
+    ``COPY --from``, with the image's blobs in the store.
 
     ``LBUILD_OFFLINE=1`` in the environment makes every build offline (hermetic CI)."""
     from cache.registry.reference import parse
@@ -143,8 +117,7 @@ def resolve_remote(
 
 def _resolve(session: Session, name: str, ref: Reference, tag_name: str, refresh: bool,
              offline: bool, used: dict[str, str] | None, transfer: Transfer | None,
-             missing: str, hint: str | None) -> ExternalImage:
-    from builder.images import image_from_store
+             missing: str, hint: str | None) -> Digest:
     from cache.registry.pull import remote_digest
 
     if ref.digest is None:
@@ -156,23 +129,30 @@ def _resolve(session: Session, name: str, ref: Reference, tag_name: str, refresh
             current = remote_digest(ref)
             if current != known:
                 rec = None
-        if rec is not None:
-            try:
-                img = image_from_store(session.store, name, rec.manifest_digest)
-            except NotFound:
-                if offline:
-                    raise
-            else:
-                if used is not None:
-                    used[tag_name] = rec.manifest_digest
-                return img
+        if rec is not None and (offline or _complete(session.store, rec.manifest_digest)):
+            if used is not None:
+                used[tag_name] = rec.manifest_digest
+            return rec.manifest_digest  # offline and incomplete: the caller's error says so
         if offline:
             raise NotFound(missing, hint=hint)
         pulled = pull_into(session, ref, transfer=transfer)
         if used is not None:
             used[tag_name] = pulled.manifest_digest
-        return image_from_store(session.store, name, Digest(pulled.manifest_digest))
+        return Digest(pulled.manifest_digest)
     if offline and not session.store.has(Digest(ref.digest)):
         raise NotFound(missing, hint=hint)
     pulled = pull_into(session, ref, transfer=transfer)  # no request when all is stored
-    return image_from_store(session.store, name, Digest(pulled.manifest_digest))
+    return Digest(pulled.manifest_digest)
+
+
+def _complete(store: BlobStore, manifest_digest: Digest) -> bool:
+    """Whether the manifest, its config, its layers and their diff_id blobs are stored."""
+    if not store.has(manifest_digest):
+        return False
+    manifest = json.loads(store.read(manifest_digest))
+    config = Digest(manifest["config"]["digest"])
+    if not store.has(config):
+        return False
+    diff_ids = (json.loads(store.read(config)).get("rootfs") or {}).get("diff_ids") or []
+    blobs = [Digest(x["digest"]) for x in manifest.get("layers") or []]
+    return all(store.has(d) for d in [*blobs, *map(Digest, diff_ids)])

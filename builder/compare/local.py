@@ -105,7 +105,7 @@ class LocalStore:
         """Pull ``name`` into the store (one HEAD when its tag is known); its manifest digest."""
         from builder.pull import resolve_remote
 
-        return str(resolve_remote(self.session(), name, refresh=True).manifest_digest)
+        return str(resolve_remote(self.session(), name, refresh=True))
 
     def _image(self, ref: str, digest: str) -> Image:
         from cache.types import Digest

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from cache.types import Digest
 
 if TYPE_CHECKING:
-    from builder.pull import Transfer
+    from cache.registry.progress import Transfer
     from cache.session import Session
 
 
@@ -56,13 +56,13 @@ def push_image(
     repositories are mount candidates); None looks at every local tag.  ``shared``: blobs a
     ``--cache-from`` registry has (digest -> repository), mounted the same way, so a build
     that only hit its cache sends and downloads none of them."""
-    from builder.pull import _progress
+    from cache.registry.progress import throttled
     from cache.registry.push import push
     from cache.registry.reference import parse
 
     refs = [parse(n) for n in names]  # every name checked before anything is sent
     mounts = {**(shared or {}), **mount_sources(session, sources)}
     results = push(session.store, manifest_digest, refs, mount_from=mounts,
-                   progress=_progress(transfer, "push"))
+                   progress=throttled(transfer, "push"))
     return tuple(f"{r.ref.repository}:{r.ref.tag}@{r.digest}" if r.ref.tag
                  else f"{r.ref.repository}@{r.digest}" for r in results)

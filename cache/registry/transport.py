@@ -350,8 +350,10 @@ class Transport:
                 if ch is not None and (ch.scheme == "bearer" or self._credentials()):
                     resp.close()
                     self._challenge = ch
-                    with self._lock:
-                        self._tokens.pop(scopes, None)
+                    with self._lock:  # drop the token only if it is the one refused
+                        cached = self._tokens.get(scopes)
+                        if auth is not None and cached and auth == f"Bearer {cached[0]}":
+                            del self._tokens[scopes]
                     authed_again = True
                     continue
             if resp.status_code in RETRY_STATUSES and replayable and attempt < self.retries:
