@@ -45,17 +45,19 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from cache.errors import AlreadyExists, InvalidInput, NotFound, StoreError
 from cache.layers.apply import remove_tree
 from cache.snapshots.mount import Mount
-from cache.types import Entry
+from cache.types import Digest, Entry
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,8 +102,39 @@ class Snapshotter(Protocol):
         overlay-style whiteouts (``apply_layer(..., overlay=...)``)."""
         ...
 
+    def name_lock(self, name: str) -> AbstractContextManager[None]:
+        """Hold the lock that serialises making committed snapshot ``name`` (across
+        processes): ``ensure_chain`` extracts a missing layer under it."""
+        ...
+
+    def note_chain(self, key: str, chain: Sequence[Digest]) -> None:
+        """Record which layers active ``key`` will hold once committed (for ``cache verify``
+        and the GC)."""
+        ...
+
     def close(self) -> None:
         """Release what this object holds (locks on its active snapshots)."""
+        ...
+
+
+@runtime_checkable
+class LayerStacks(Protocol):
+    """A snapshotter whose committed snapshots are stacks of per-layer directories shared by
+    content (the overlay snapshotter): ``ensure_chain`` makes each missing layer directory
+    once and commits a stack per chain instead of extracting onto a copy."""
+
+    def ensure_layer(
+        self,
+        diff_id: Digest,
+        parents: Mapping[str, Entry | None],
+        open_layer: Callable[[Digest], BinaryIO],
+        toc: Sequence[Entry] | None = None,
+    ) -> str:
+        """The name of the directory holding layer ``diff_id`` on top of ``parents``."""
+        ...
+
+    def commit_stack(self, name: str, parent: str | None, layer: str) -> None:
+        """Commit snapshot ``name``: layer directory ``layer`` on committed ``parent``."""
         ...
 
 
@@ -302,6 +335,11 @@ class Base(ABC):
         if kind != "active":
             raise InvalidInput(f"snapshot {key!r} is a view")
         return d / "fs", self.overlay_layout
+
+    def note_chain(self, key: str, chain: Sequence[Digest]) -> None:
+        # What the tree holds, for ``cache verify`` and the GC (cache.snapshots.verify).
+        d, _kind, _parent = self._active_info(key)
+        (d / "diff_ids").write_text(json.dumps(list(chain)))
 
 
 def read_parent(d: Path) -> str | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import uuid
 from collections.abc import Callable, Sequence
@@ -13,8 +12,7 @@ from typing import BinaryIO
 from cache.errors import AlreadyExists, InvalidInput
 from cache.layers.apply import apply_layer, layer_parents
 from cache.layers.view import View
-from cache.snapshots.base import Base, Snapshotter
-from cache.snapshots.overlay import OverlaySnapshotter
+from cache.snapshots.base import LayerStacks, Snapshotter
 from cache.types import Digest, Entry, sha256_digest
 
 
@@ -47,13 +45,12 @@ def ensure_chain(
     if not diff_ids:
         raise InvalidInput("ensure_chain needs at least one layer")
     names = [str(chain_id(diff_ids[: i + 1])) for i in range(len(diff_ids))]
-    if isinstance(snap, OverlaySnapshotter):
+    if isinstance(snap, LayerStacks):  # a declared capability (base.py), not a class
         return _ensure_stacks(snap, diff_ids, names, open_layer, toc)
     parent: str | None = None
     for i, name in enumerate(names):
         if not snap.exists(name):
-            lock = snap.name_lock(name) if isinstance(snap, Base) else contextlib.nullcontext()
-            with lock:
+            with snap.name_lock(name):
                 if not snap.exists(name):
                     _extract_one(snap, name, parent, diff_ids[: i + 1], open_layer)
         parent = name
@@ -61,12 +58,14 @@ def ensure_chain(
 
 
 def _ensure_stacks(
-    snap: OverlaySnapshotter,
+    snap: Snapshotter,
     diff_ids: Sequence[Digest],
     names: list[str],
     open_layer: Callable[[Digest], BinaryIO],
     toc: Callable[[Digest], Sequence[Entry]] | None,
 ) -> str:
+    assert isinstance(snap, LayerStacks)
+    stacks = snap
     # The chain exists up to the highest existing name (a stack is committed on its parent).
     have = len(names)
     while have > 0 and not snap.exists(names[have - 1]):
@@ -84,8 +83,8 @@ def _ensure_stacks(
                 applied += 1
             entries = toc(diff_ids[i])
             parents = layer_parents(entries, view.get)
-        layer = snap.ensure_layer(diff_ids[i], parents, open_layer, entries)
-        snap.commit_stack(names[i], names[i - 1] if i else None, layer)
+        layer = stacks.ensure_layer(diff_ids[i], parents, open_layer, entries)
+        stacks.commit_stack(names[i], names[i - 1] if i else None, layer)
     return names[-1]
 
 
@@ -101,9 +100,7 @@ def _extract_one(
     snap.prepare(key, parent)
     try:
         target, overlay = snap.apply_target(key)
-        if isinstance(snap, Base):
-            # What the tree holds, for ``cache verify`` and the GC (cache.snapshots.verify).
-            (target.parent / "diff_ids").write_text(json.dumps(list(chain)))
+        snap.note_chain(key, chain)
         with open_layer(diff_id) as stream:
             apply_layer(stream, target, expected=diff_id, name=f"layer {diff_id}", overlay=overlay)
         snap.commit(name, key)
