@@ -30,7 +30,7 @@ from builder.plan.keys import canonical as canonical_json
 from cache.errors import DigestMismatch, InvalidInput, NotFound, Unsupported
 from cache.layers.tar import import_layer
 from cache.platform import host_platform
-from cache.store.blobs import BlobStore
+from cache.store.contract import ContentStore
 from cache.types import BlobInfo, Digest, LayerInfo, digest_hex, sha256_digest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -58,7 +58,7 @@ class Image:
     diff_ids: tuple[Digest, ...]
 
 
-def make_image(store: BlobStore, config: Mapping[str, Any], layers: Sequence[BlobInfo]) -> Image:
+def make_image(store: ContentStore, config: Mapping[str, Any], layers: Sequence[BlobInfo]) -> Image:
     """Serialise a config and an OCI manifest for ``layers`` and put both in the store.
 
     ``config`` must hold ``architecture``, ``os`` and ``rootfs`` (``type: layers`` and one
@@ -138,7 +138,7 @@ def _platform_of(image: Image) -> dict[str, str]:
     return plat
 
 
-def _image_blobs(store: BlobStore, image: Image) -> list[Digest]:
+def _image_blobs(store: ContentStore, image: Image) -> list[Digest]:
     blobs = [image.config_digest, *(x.digest for x in image.layers), image.manifest_digest]
     for d in blobs:
         if not store.ensure(d):
@@ -150,7 +150,7 @@ def _is_layout(path: Path) -> bool:
     return (path / "oci-layout").is_file()
 
 
-def export_oci_layout(store: BlobStore, image: Image, dest: Path, tag: str = "latest") -> None:
+def export_oci_layout(store: ContentStore, image: Image, dest: Path, tag: str = "latest") -> None:
     """Write ``image`` as an OCI image layout at ``dest`` under ``tag``.
 
     A new ``dest`` is built in a temporary directory beside it and renamed into place.  If
@@ -207,7 +207,7 @@ def _dir_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _new_layout(store: BlobStore, blobs: list[Digest], desc: dict[str, Any], dest: Path) -> None:
+def _new_layout(store: ContentStore, blobs: list[Digest], desc: dict[str, Any], dest: Path) -> None:
     """Create the layout ``dest`` holding one image (its parent directory is locked)."""
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise InvalidInput(f"{dest} exists and is not an OCI image layout")
@@ -233,7 +233,7 @@ def _ref_name(desc: object) -> object:
     return annotations.get(REF_NAME) if isinstance(annotations, dict) else None
 
 
-def _place_blob(store: BlobStore, d: Digest, blobs_dir: Path) -> None:
+def _place_blob(store: ContentStore, d: Digest, blobs_dir: Path) -> None:
     """Put blob ``d`` into a layout's blobs dir: hardlink when possible, else copy + rename."""
     target = blobs_dir / digest_hex(d)
     if target.is_file() and target.stat().st_size == store.size(d):
@@ -269,7 +269,7 @@ def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def export_docker_archive(
-    store: BlobStore, image: Image, dest: Path, repo_tags: Sequence[str]
+    store: ContentStore, image: Image, dest: Path, repo_tags: Sequence[str]
 ) -> None:
     """Write ``image`` as a ``docker load`` tar: manifest.json, the config, uncompressed layers.
 
@@ -324,7 +324,7 @@ def export_docker_archive(
         raise
 
 
-def export_oci_archive(store: BlobStore, image: Image, dest: Path, tag: str = "latest") -> None:
+def export_oci_archive(store: ContentStore, image: Image, dest: Path, tag: str = "latest") -> None:
     """Write ``image`` as an OCI image layout in one tar file (buildx's ``type=oci,tar=true``).
 
     The tar holds ``oci-layout``, ``index.json`` (one manifest, named ``tag``) and
@@ -476,7 +476,7 @@ def _pick_platform(manifests: list[Any], where: str) -> Mapping[str, Any]:
 
 
 def load_oci_layout(
-    store: BlobStore, layout: Path, tag: str = "latest", *, tocs: bool = True
+    store: ContentStore, layout: Path, tag: str = "latest", *, tocs: bool = True
 ) -> tuple[Image, tuple[LayerInfo, ...]]:
     """Bring the image tagged ``tag`` in an OCI layout into the store, verifying every blob.
 
@@ -519,7 +519,7 @@ def load_oci_layout(
 
 
 def _load_manifest(
-    store: BlobStore,
+    store: ContentStore,
     layout: Path,
     what: str,
     manifest_digest: Digest,

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from cache.remote.artifact import Record
     from cache.remote.remote import RemoteCache
     from cache.session import Session
+    from cache.store.contract import ContentStore
     from cache.types import LayerInfo, StepKey
 
 
@@ -193,7 +194,7 @@ class MeteredStore:
 
     def __init__(
         self,
-        store: Any,
+        store: ContentStore,
         progress: Callable[[Digest, int, int], None],
         min_bytes: int = METER_MIN_BYTES,
     ) -> None:

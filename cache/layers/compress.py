@@ -20,7 +20,8 @@ from cache.layers.tarfmt import (
     ZSTD_DEFAULT_LEVEL,
 )
 from cache.layers.tarread import _Input, _scan
-from cache.store.blobs import BlobStore, BlobWriter
+from cache.store.blobs import BlobWriter
+from cache.store.contract import ContentStore
 from cache.types import (
     MEDIA_TYPES,
     BlobInfo,
@@ -127,7 +128,7 @@ def _decompressed(stack: contextlib.ExitStack, src: BinaryIO, codec: str) -> _Re
     return src
 
 
-def import_layer(store: BlobStore, compressed: BinaryIO, media_type: str) -> LayerInfo:
+def import_layer(store: ContentStore, compressed: BinaryIO, media_type: str) -> LayerInfo:
     """Decompress a layer blob into the store as an uncompressed tar; return its diff_id and TOC.
 
     ``media_type`` is an OCI or Docker layer type, or ``"auto"`` to recognise gzip, zstd,
@@ -162,7 +163,7 @@ def import_layer(store: BlobStore, compressed: BinaryIO, media_type: str) -> Lay
 
 
 def compress_layer(
-    store: BlobStore, diff_id: Digest, codec: Compression, level: int | None = None
+    store: ContentStore, diff_id: Digest, codec: Compression, level: int | None = None
 ) -> BlobInfo:
     """Compress a stored layer tar deterministically; returns the compressed blob.
 
@@ -255,7 +256,7 @@ class _Section(io.RawIOBase):
         super().close()
 
 
-def open_member(store: BlobStore, diff_id: Digest, entry: Entry) -> BinaryIO:
+def open_member(store: ContentStore, diff_id: Digest, entry: Entry) -> BinaryIO:
     """Open a regular file's bytes inside a stored layer tar, by its TOC offset and size."""
     if entry.type != "file" or entry.offset < 0:
         raise InvalidInput(f"{entry.path}: not a regular file with a known offset in {diff_id}")

@@ -56,7 +56,8 @@ from cache.layers.tarfmt import (
     _SortKey,
 )
 from cache.layers.tarread import read_toc
-from cache.store.blobs import BlobStore, BlobWriter
+from cache.store.blobs import BlobWriter
+from cache.store.contract import ContentStore
 from cache.types import (
     Digest,
     Entry,
@@ -81,7 +82,7 @@ __all__ = [
 # Writing
 
 
-def write_layer(entries: Iterable[Entry], store: BlobStore) -> LayerInfo:
+def write_layer(entries: Iterable[Entry], store: ContentStore) -> LayerInfo:
     """Write entries as a deterministic uncompressed layer tar into the store.
 
     Entries may come in any order.  Regular files' bytes are streamed from ``entry.source``
@@ -373,7 +374,7 @@ class _BlobFiles:
     blobs; at most ``_MAX_OPEN_BLOBS`` stay open (the oldest opened is closed first).
     """
 
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(self, store: ContentStore) -> None:
         self._store = store
         self._files: dict[Digest, BinaryIO] = {}
 
