@@ -376,7 +376,6 @@ def cmd_build(ns: argparse.Namespace) -> int:
 
     writer = start_writer(ns.home)
     try:
-        from builder.api import build
         from builder.noop import try_fast
         from builder.options import BuildOptions
         from builder.progress import make_reporter
@@ -401,6 +400,8 @@ def cmd_build(ns: argparse.Namespace) -> int:
     if mode == "auto":
         reporter = make_reporter(mode)
         _REPORTER[:] = [reporter]
+    from builder.api import build  # a no-op never imports the builder itself
+
     result = build(opts, reporter, probe, recorder=writer)
     cliargs.write_result(ns, result)
     return 0
