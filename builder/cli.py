@@ -193,6 +193,14 @@ def parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("why", help="explain every cache miss against the last build of the step")
     _build_args(w, plan_only=True)
+    for sp in (pl, w):  # a shared cache answers after the local index, as in a build
+        sp.add_argument(
+            "--cache-from",
+            action="append",
+            default=[],
+            metavar="type=local,src=DIR|type=registry,ref=REF",
+            help="also look steps up in this shared cache (repeatable, in order)",
+        )
 
     home, fmt, csub = _cache_parsers(sub)
     ve = csub.add_parser(
@@ -432,7 +440,7 @@ def cmd_why(ns: argparse.Namespace) -> int:
     with Session.open(opts.home) as session:
         for ps, reasons in why(opts, session):
             if ps.hit:
-                print(f"HIT  {ps.name}")
+                print(f"HIT  {ps.name}" + (f" (from {ps.source})" if ps.source else ""))
             else:
                 print(f"MISS {ps.name}")
                 for r in reasons:

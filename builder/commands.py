@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ class PlannedStep:
     hit: bool
     link: bool
     deps: tuple[str, ...]
+    source: str = ""  # the shared cache (--cache-from) a hit came from; "" for the local index
 
 
 def _visible(step: Step) -> bool:
@@ -58,13 +60,19 @@ def _visible_deps(plan: Plan, sid: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _warn(text: str) -> None:
+    print(f"lbuild: {text}", file=sys.stderr)
+
+
 def planned(opts: BuildOptions, session: Session) -> tuple[Plan, list[PlannedStep]]:
     """Plan a build and look every key up, building nothing."""
     from builder.api import dockerfile_id, no_cache_rule, prepare
+    from builder.cacheshare import open_sources
     from builder.solve.stepcache import IndexCache
 
     plan, _ = prepare(opts, session)
-    cache = IndexCache(session, dockerfile_id(opts))
+    remote = open_sources(opts.cache_from, session, _warn)
+    cache = IndexCache(session, dockerfile_id(opts), remote)
     skip = no_cache_rule(opts, plan)
     out: list[PlannedStep] = []
     for step in plan.order():
@@ -72,7 +80,12 @@ def planned(opts: BuildOptions, session: Session) -> tuple[Plan, list[PlannedSte
             continue
         hit = step.kind == "base" or (not skip(step) and cache.lookup(step) is not None)
         deps = _visible_deps(plan, step.id)
-        out.append(PlannedStep(step.id, step.name, step.kind, step.key, hit, step.link, deps))
+        source = cache.hit_source(step.key) if hit else ""
+        out.append(
+            PlannedStep(step.id, step.name, step.kind, step.key, hit, step.link, deps, source)
+        )
+    if remote is not None:
+        remote.close()
     return plan, out
 
 
@@ -88,6 +101,7 @@ def plan_text(steps: list[PlannedStep], fmt: str) -> str:
                         "kind": s.kind,
                         "key": s.key,
                         "status": "HIT" if s.hit else "MISS",
+                        "source": s.source or None,
                         "link": s.link,
                         "deps": list(s.deps),
                     }
@@ -110,7 +124,8 @@ def plan_text(steps: list[PlannedStep], fmt: str) -> str:
     for s in steps:
         status = "HIT " if s.hit else "MISS"
         link = " (link)" if s.link else ""
-        rows.append(f"{status} {s.key[:12]} {s.name}{link}")
+        source = f" (from {s.source})" if s.source else ""
+        rows.append(f"{status} {s.key[:12]} {s.name}{link}{source}")
     return "\n".join(rows)
 
 

@@ -252,3 +252,73 @@ def test_a_hot_build_pushing_to_the_cache_s_registry_downloads_no_layer(
     assert done["event"] == "done"
     # the pushed image is the one home A exported, digest for digest
     assert [r.rsplit("@", 1)[1] for r in done["pushed"]] == [manifest_digest(tmp_path / "outA")]
+
+
+def test_plan_and_why_read_a_shared_cache_and_name_it(tmp_path: Path) -> None:
+    base = base_layout(tmp_path)
+    cache = tmp_path / "cache"
+    build(context(tmp_path, "p1"), tmp_path / "hA", base, tmp_path / "outA",
+          "--cache-to", f"type=local,dest={cache},mode=max")
+    ctx = context(tmp_path, "p2")
+    args = ("--build-context", f"base=oci-layout://{base}")
+    # an empty home: without the cache every step would be built, so plan --exit-code is 1
+    cold = lbuild("plan", ctx, *args, "--exit-code", home=tmp_path / "hB", env=EPOCH, check=False)
+    assert cold.returncode == 1
+    # with it, every step is covered, and each hit names where it came from
+    p = lbuild("plan", ctx, *args, "--exit-code", "--cache-from", f"type=local,src={cache}",
+               home=tmp_path / "hB", env=EPOCH)
+    rows = [r for r in p.stdout.splitlines() if r.strip()]
+    assert rows and all(r.startswith("HIT") for r in rows)
+    assert all(f"(from type=local,{cache})" in r for r in rows if "FROM" not in r), rows
+    w = lbuild("why", ctx, *args, "--cache-from", f"type=local,src={cache}",
+               home=tmp_path / "hB", env=EPOCH)
+    hits = [r for r in w.stdout.splitlines() if r.startswith("HIT")]
+    assert any("RUN" in r and f"(from type=local,{cache})" in r for r in hits), w.stdout
+
+
+def _artifact_is_whole(cache: Path) -> str:
+    """The artifact index.json names, after checking every blob it needs is there, intact."""
+    import hashlib
+
+    idx = json.loads((cache / "index.json").read_text())
+    digest = idx["manifests"][0]["digest"]
+    man_bytes = (cache / "blobs/sha256" / digest[7:]).read_bytes()
+    assert "sha256:" + hashlib.sha256(man_bytes).hexdigest() == digest
+    man = json.loads(man_bytes)
+    for d in [man["config"], *man["layers"]]:
+        data = (cache / "blobs/sha256" / d["digest"][7:]).read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == d["digest"]
+    return str(digest)
+
+
+def test_a_cache_to_killed_midway_leaves_a_whole_artifact(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    base = base_layout(tmp_path)
+    cache = tmp_path / "cache"
+    ctx = context(tmp_path, "p1")
+    build(ctx, tmp_path / "hA", base, tmp_path / "outA",
+          "--cache-to", f"type=local,dest={cache},mode=max")
+    before = _artifact_is_whole(cache)
+    (ctx / "big.bin").write_bytes(os.urandom(64 << 20))
+    (ctx / "Dockerfile").write_text(DOCKERFILE + "COPY big.bin /big.bin\n")
+    env = {**os.environ, **EPOCH, "LBUILD_HOME": str(tmp_path / "hA")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "builder", "build", str(ctx), "--build-context",
+         f"base=oci-layout://{base}", "--progress", "json",
+         "--cache-to", f"type=local,dest={cache},mode=max"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the last step is done: the export is about to run or running
+        if '"step_done"' in line and "big.bin" in line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # killed while the 64 MiB layer was still being compressed for the export: the ref still
+    # names the previous artifact, and every blob it needs is there and intact
+    assert _artifact_is_whole(cache) == before

@@ -104,7 +104,8 @@ def test_json_shape_and_deps(ctx: Path, home: Path, capsys: pytest.CaptureFixtur
     assert sorted(names) == sorted([*BASES, ASSETS, EARLY, LINK, ENV, FROM_ASSETS, LATE])
     assert not any("unused" in n for n in names)
     for s in steps:
-        assert set(s) == {"id", "name", "kind", "key", "status", "link", "deps"}
+        assert set(s) == {"id", "name", "kind", "key", "status", "link", "deps", "source"}
+        assert s["source"] is None  # no --cache-from: every hit is the local index's
         assert re.fullmatch(r"[0-9a-f]{64}", s["key"]), s
         # listed in dependency order
         assert all(
