@@ -151,6 +151,18 @@ def _image_args(add: Any) -> None:
     )
 
 
+def _cache_from_args(*parsers: argparse.ArgumentParser) -> None:
+    """``--cache-from`` for plan and why: a shared cache answers after the local index."""
+    for sp in parsers:
+        sp.add_argument(
+            "--cache-from",
+            action="append",
+            default=[],
+            metavar="type=local,src=DIR|type=registry,ref=REF",
+            help="also look steps up in this shared cache (repeatable, in order)",
+        )
+
+
 def parser() -> argparse.ArgumentParser:
     p = cliargs.Parser(prog="lbuild", description="incremental container image builder")
     p.add_argument("--version", action=cliargs.Version, nargs=0, help="print the version")
@@ -193,14 +205,7 @@ def parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("why", help="explain every cache miss against the last build of the step")
     _build_args(w, plan_only=True)
-    for sp in (pl, w):  # a shared cache answers after the local index, as in a build
-        sp.add_argument(
-            "--cache-from",
-            action="append",
-            default=[],
-            metavar="type=local,src=DIR|type=registry,ref=REF",
-            help="also look steps up in this shared cache (repeatable, in order)",
-        )
+    _cache_from_args(pl, w)
 
     home, fmt, csub = _cache_parsers(sub)
     ve = csub.add_parser(
