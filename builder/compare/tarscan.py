@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cache.errors import InvalidInput, Unsupported
+from cache.layers.tarread import _check_sum, _cstr, _number  # one header arithmetic
 
 _BLOCK = 512
 _ZERO = bytes(_BLOCK)
@@ -81,32 +82,6 @@ class _Reader:
                     raise InvalidInput(f"truncated tar: {what} ends early at offset {self.pos}")
                 return
             n -= len(got)
-
-
-def _cstr(field: bytes) -> bytes:
-    return field.split(b"\0", 1)[0]
-
-
-def _number(field: bytes, at: int) -> int:
-    if field and field[0] & 0x80:  # GNU base-256
-        if field[0] == 0xFF:
-            return int.from_bytes(field, "big", signed=True)
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = _cstr(field).strip(b" ")
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise InvalidInput(f"invalid tar header at offset {at}: bad number {field!r}") from None
-
-
-def _check_sum(hdr: bytes, at: int) -> None:
-    stored = _number(hdr[148:156], at)
-    unsigned = sum(hdr[:148]) + 8 * 0x20 + sum(hdr[156:])
-    if stored == unsigned:
-        return
-    signed = unsigned - 256 * sum(1 for b in hdr[:148] + hdr[156:] if b >= 0x80)
-    if stored != signed:
-        raise InvalidInput(f"invalid tar header at offset {at}: checksum mismatch")
 
 
 def _pax(data: bytes, at: int) -> dict[str, str]:
