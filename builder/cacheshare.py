@@ -83,8 +83,7 @@ def transferable(
 ) -> Record:
     """A local step record as it travels: its layer compressed with ``codec`` (compressed
     now only if no such blob exists), and its TOC blob."""
-    from builder.solve.stepcache import compressed_blob
-    from cache.layers.tar import GZIP_DEFAULT_LEVEL, ZSTD_DEFAULT_LEVEL, codec_version
+    from builder.solve.stepcache import codec_params, compressed_blob
     from cache.remote.artifact import TOC_MEDIA_TYPE, Blob, Record
 
     layer = toc = None
@@ -92,8 +91,7 @@ def transferable(
     if rec.diff_id is not None:
         info = compressed_blob(session, rec.diff_id, codec, remote)
         layer = Blob(info.digest, info.size, info.media_type)
-        level = {"gzip": GZIP_DEFAULT_LEVEL, "zstd": ZSTD_DEFAULT_LEVEL}.get(codec, 0)
-        version = codec_version(codec)
+        level, version = codec_params(codec)
         if rec.toc_digest is not None and session.store.ensure(rec.toc_digest):
             toc = Blob(rec.toc_digest, session.store.size(rec.toc_digest), TOC_MEDIA_TYPE)
     return Record(

@@ -211,6 +211,15 @@ class MeteredStore:
         return _Counted(f, size, lambda done, total: self._progress(d, done, total))
 
 
+def codec_params(codec: Compression) -> tuple[int, str]:
+    """The level and codec version a layer is compressed with (part of a compressed form's
+    identity in the index and in a shared cache's records)."""
+    from cache.layers.tar import GZIP_DEFAULT_LEVEL, ZSTD_DEFAULT_LEVEL, codec_version
+
+    level = {"gzip": GZIP_DEFAULT_LEVEL, "zstd": ZSTD_DEFAULT_LEVEL}.get(codec, 0)
+    return level, codec_version(codec)
+
+
 def compressed_blob(
     session: Session,
     diff_id: Digest,
@@ -222,15 +231,9 @@ def compressed_blob(
     blob made the same way (codec, level, codec version) is taken as it is, fetched only
     when its bytes are needed.  ``progress(done, total)`` counts the bytes of a long
     compression (a layer of 4 MiB or more)."""
-    from cache.layers.tar import (
-        GZIP_DEFAULT_LEVEL,
-        ZSTD_DEFAULT_LEVEL,
-        codec_version,
-        compress_layer,
-    )
+    from cache.layers.tar import compress_layer
 
-    level = {"gzip": GZIP_DEFAULT_LEVEL, "zstd": ZSTD_DEFAULT_LEVEL}.get(codec, 0)
-    version = codec_version(codec)
+    level, version = codec_params(codec)
     found = session.index.get_compressed(diff_id, codec, level, version)
     if found is not None and session.store.has(found.digest):
         return found
