@@ -198,6 +198,19 @@ def test_existing_symlink_is_replaced_not_followed(tmp_path: Path) -> None:
         [member("hl", tarfile.LNKTYPE, link="../outside")],
         [member("hl", tarfile.LNKTYPE, link="missing")],
         [member("f", data=b"x"), member("f/child", data=b"x")],
+        # a directory already used as a parent, then replaced by a symlink: the applier's
+        # memo of checked directories must forget it (and what is below it)
+        [
+            member("d", D, mode=0o755),
+            member("d/e/x", data=b"x"),
+            member("d", tarfile.SYMTYPE, link="/"),
+            member("d/etc/passwd", data=b"x"),
+        ],
+        [
+            member("d/e/x", data=b"x"),
+            member("d", tarfile.SYMTYPE, link=".."),
+            member("d/e/escape", data=b"x"),
+        ],
     ],
     ids=[
         "dotdot",
@@ -207,6 +220,8 @@ def test_existing_symlink_is_replaced_not_followed(tmp_path: Path) -> None:
         "hardlink-out",
         "hardlink-missing",
         "through-file",
+        "dir-replaced-by-symlink",
+        "implicit-dir-replaced-by-symlink",
     ],
 )
 def test_unsafe_members_are_rejected(tmp_path: Path, members: list[Member]) -> None:

@@ -150,6 +150,11 @@ class _Applier:
         # Directories this layer changes but does not carry: (atime, mtime) to give back.
         self.kept_times: dict[str, tuple[int, int]] = {}
         self.members: set[str] = set()
+        # Directories (absolute paths) already checked to be real directories inside dest,
+        # with every parent: later members below them skip the walk up (a layer of 2,000
+        # files would lstat each parent of each file again).  ``_remove`` forgets a removed
+        # path and everything below it.
+        self.dirs_ok: set[str] = set()
 
     # -- helpers -------------------------------------------------------------------------
     def _abs(self, rel: str) -> str:
@@ -180,6 +185,9 @@ class _Applier:
 
     def _check_parents(self, rel: str, raw: str) -> None:
         """Make sure every parent of ``rel`` is a real directory inside dest (create if missing)."""
+        parent_rel = rel.rpartition("/")[0]
+        if parent_rel and os.path.join(self.dest, parent_rel) in self.dirs_ok:
+            return
         parts = rel.split("/")[:-1]
         cur = str(self.dest)
         cur_rel = ""
@@ -187,18 +195,30 @@ class _Applier:
         for part in parts:
             cur = os.path.join(cur, part)
             cur_rel = f"{cur_rel}/{part}" if cur_rel else part
+            if cur in self.dirs_ok:
+                continue
             try:
                 st = os.lstat(cur)
             except FileNotFoundError:
                 self._make_parent(cur_rel, cur)
+                self.dirs_ok.add(cur)
                 continue
             self._keep_times(cur_rel)
             if stat.S_ISLNK(st.st_mode):
                 raise InvalidInput(f"{self.name}: member {raw!r} passes through a symlink")
             if not stat.S_ISDIR(st.st_mode):
                 raise InvalidInput(f"{self.name}: member {raw!r} passes through a non-directory")
+            self.dirs_ok.add(cur)
+
+    def _forget_dirs(self, path: str) -> None:
+        """``path`` is about to be removed or replaced: it and what is below it are no
+        longer known directories."""
+        if path in self.dirs_ok:
+            below = path + "/"
+            self.dirs_ok = {d for d in self.dirs_ok if d != path and not d.startswith(below)}
 
     def _remove(self, path: str) -> None:
+        self._forget_dirs(path)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
