@@ -13,7 +13,7 @@ the same tests run on both (tests/test_isolation.py):
 
 How a run is laid out (each box is a process; the builder is the caller of ``run``)::
 
-    builder ──(spec on a pipe)──> helper: a fresh ``python -I`` (no threads, safe to fork)
+    builder ──(spec on a pipe)──> helper: a fresh ``python -I -S`` (stdlib only, no threads)
       │                             unshare user? (not root), mount, PID, IPC, UTS, net
       │                             (net: not with --network=host)
       └── slirp4netns (default network: serves the helper's network namespace)
@@ -321,7 +321,7 @@ class _Session:
         )
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _BOOT, str(spec_r), str(status_w), str(go_r)],
+                [sys.executable, "-I", "-S", "-c", _BOOT, str(spec_r), str(status_w), str(go_r)],
                 stdin=stdin,
                 stdout=out_w,
                 stderr=out_w,

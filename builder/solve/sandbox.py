@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.solve import policy
-from cache.snapshots.snapshot import (
+from cache.snapshots.mount import (
     MNT_DETACH,
     MS_BIND,
     MS_NODEV,
