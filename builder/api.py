@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from builder.plan.dag import Plan, Step
     from builder.progress import Reporter
     from builder.solve.events import RunContext
+    from builder.solve.run import RunSteps
     from builder.solve.solver import Solver
     from cache.index.recorder import Recorder
     from cache.remote.artifact import Record
@@ -232,6 +233,7 @@ def _build(
         check_entitlements(plan, opts)
         remote = cacheshare.open_sources(opts.cache_from, session, rep.message, unusable)
         cache = IndexCache(session, dockerfile_id(opts), remote)
+        runner = _LazyRun(opts, session)
         solver = Solver(
             plan,
             session.store,
@@ -241,7 +243,8 @@ def _build(
             no_cache=no_cache_rule(opts, plan),
             epoch=epoch,
             keep_mtime=opts.keep_mtime,
-            run_step=_run_step(opts, session),
+            run_step=runner,
+            prefetch_chain=runner.prefetch,
             _tocs={} if tocs is None else tocs,
             finish_layer=lambda d: compressed_blob(
                 session, d, opts.compression, remote, _counter(rep, "compress", d)
@@ -405,22 +408,29 @@ def assemble(
     return make_image(session.store, config, blobs)
 
 
-def _run_step(
-    opts: BuildOptions, session: Session
-) -> Callable[[RunContext, Step], LayerInfo | None]:
-    """The solver's RUN executor; builder.solve.run is imported by the first RUN, not before."""
-    import threading
+class _LazyRun:
+    """The solver's RUN executor and chain prefetcher; builder.solve.run is imported by the
+    first RUN (or the first chain a RUN will need), not before."""
 
-    run: list[Callable[[RunContext, Step], LayerInfo | None]] = []
-    lock = threading.Lock()
+    def __init__(self, opts: BuildOptions, session: Session) -> None:
+        import threading
 
-    def run_step(solver: RunContext, step: Step) -> LayerInfo | None:
-        with lock:
-            if not run:
-                run.append(_make_run_step(opts, session))
-        return run[0](solver, step)
+        self.opts = opts
+        self.session = session
+        self._run: RunSteps | None = None
+        self._lock = threading.Lock()
 
-    return run_step
+    def _get(self) -> RunSteps:
+        with self._lock:
+            if self._run is None:
+                self._run = _make_run_step(self.opts, self.session)
+            return self._run
+
+    def __call__(self, solver: RunContext, step: Step) -> LayerInfo | None:
+        return self._get()(solver, step)
+
+    def prefetch(self, solver: RunContext, diff_ids: list[Digest]) -> None:
+        self._get().prefetch(solver, diff_ids)
 
 
 def check_entitlements(plan: Plan, opts: BuildOptions) -> None:
@@ -441,9 +451,7 @@ def check_entitlements(plan: Plan, opts: BuildOptions) -> None:
         check([i for i in host if i is not None], frozenset(opts.allow), plan.filename)
 
 
-def _make_run_step(
-    opts: BuildOptions, session: Session
-) -> Callable[[RunContext, Step], LayerInfo | None]:
+def _make_run_step(opts: BuildOptions, session: Session) -> RunSteps:
     from builder.solve.run import RunEnv, make_run_step
 
     clamp = run_clamp(opts)

@@ -12,6 +12,7 @@ import contextlib
 import os
 import posixpath
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ from builder.frontend import dockerfile as df
 from builder.frontend.runmount import parse_mount
 from builder.plan.copyspec import db_entry
 from cache.errors import InvalidInput, NotFound, StepFailed, Unsupported
-from cache.types import Entry, LayerInfo
+from cache.types import Digest, Entry, LayerInfo
 
 if TYPE_CHECKING:
     from builder.plan.dag import Step
@@ -233,20 +234,37 @@ def _sweep_scratch(tmp: Path, older_than_s: float = 6 * 3600) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def make_run_step(env: RunEnv) -> Callable[[RunContext, Step], LayerInfo | None]:
-    """The solver's RUN executor for one build."""
-    snaps: list[Snapshotter] = []
+class RunSteps:
+    """The solver's RUN executor for one build (``__call__``), and the maker of RUN parent
+    chains ahead of time (``prefetch``, see builder/solve/prefetch.py); both use one
+    snapshotter, made on first use."""
 
-    def run_step(solver: RunContext, step: Step) -> LayerInfo | None:
+    def __init__(self, env: RunEnv) -> None:
+        self.env = env
+        self._snap: Snapshotter | None = None
+        self._lock = threading.Lock()
+
+    def snapshotter(self) -> Snapshotter:
+        with self._lock:
+            if self._snap is None:
+                self._snap = _snapshotter(self.env)
+            return self._snap
+
+    def prefetch(self, solver: RunContext, diff_ids: list[Digest]) -> None:
+        """Make the committed snapshot chain of ``diff_ids`` (a RUN will need it)."""
+        from cache.snapshots.snapshot import ensure_chain
+
+        if diff_ids:
+            ensure_chain(self.snapshotter(), diff_ids, solver.store.open, solver.toc)
+
+    def __call__(self, solver: RunContext, step: Step) -> LayerInfo | None:
         from builder.solve.executor import run
         from cache.snapshots.snapshot import ensure_chain
 
         instr = step.instr
         assert isinstance(instr, df.Run) and step.state is not None
         file = solver.plan.filename
-        if not snaps:
-            snaps.append(_snapshotter(env))
-        snap = snaps[0]
+        snap = self.snapshotter()
         view: View = solver.view(step.stage, step.pos)
         state = step.state
         uid, gid, groups, user_home = resolve_user(
@@ -258,12 +276,12 @@ def make_run_step(env: RunEnv) -> Callable[[RunContext, Step], LayerInfo | None]
         )
         key = f"run-{uuid.uuid4().hex}"
         # Only a read-write bind mount needs scratch space (a throwaway copy of its source).
-        scratch = env.home / "tmp" / f"run-{uuid.uuid4().hex}"
+        scratch = self.env.home / "tmp" / f"run-{uuid.uuid4().hex}"
         try:
             mounts = snap.prepare(key, parent)
             argv, stdin = command_argv(instr, state.shell)
-            binds, targets = mounts_for(instr, env, state.workdir, file, scratch)
-            check_entitlements([instr], env.allow, file)
+            binds, targets = mounts_for(instr, self.env, state.workdir, file, scratch)
+            check_entitlements([instr], self.env.allow, file)
             spec = _spec(step, instr, argv, stdin, (uid, gid, groups, user_home), binds, file)
             code = run(
                 spec,
@@ -285,14 +303,17 @@ def make_run_step(env: RunEnv) -> Callable[[RunContext, Step], LayerInfo | None]
                     file=file,
                     line=instr.line,
                 )
-            entries = _layer_entries(snap.diff(key), view, targets, env, file, instr.line)
+            entries = _layer_entries(snap.diff(key), view, targets, self.env, file, instr.line)
             return solver.write(_sorted(entries)) if entries else None
         finally:
             with contextlib.suppress(OSError, NotFound):
                 snap.remove(key)
             shutil.rmtree(scratch, ignore_errors=True)
 
-    return run_step
+
+def make_run_step(env: RunEnv) -> RunSteps:
+    """The solver's RUN executor for one build."""
+    return RunSteps(env)
 
 
 def _spec(

@@ -9,6 +9,7 @@ recorded if the build is failing, and the first failure is the one reported.
 from __future__ import annotations
 
 import errno
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,12 @@ from cache.types import BlobInfo, Digest, Entry, LayerInfo, StepKey
 
 if TYPE_CHECKING:
     from builder.solve.events import RunContext, StepEvents
+    from builder.solve.prefetch import ChainPrefetch, MakeChain
+
+# Steps the scheduler runs itself instead of queueing them behind the pool's work: they
+# take no time (a lookup and a record, or a small WORKDIR layer), and a chain position that
+# waits for one holds back the RUN after it (and the prefetch of its chain).
+_INLINE_KINDS = frozenset({"base", "end", "config", "workdir"})
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,8 @@ class Solver:
     # (compression runs in parallel with the steps after it instead of one layer after
     # another at the end, and a dependent step need not wait for it).
     finish_layer: Callable[[Digest], object] | None = None
+    # Makes a RUN's parent snapshot chain ahead of the RUN (builder/solve/prefetch.py).
+    prefetch_chain: MakeChain | None = None
     results: dict[str, StepResult] = field(default_factory=dict)
     _tocs: dict[Digest, tuple[Entry, ...]] = field(default_factory=dict)
     # diff_id -> TOC blob, for layers whose TOC is not in memory yet (from hit records)
@@ -406,34 +415,54 @@ class Solver:
         failure: BaseException | None = None
         running: dict[Future[StepResult], str] = {}
         finishing: list[Future[object]] = []
-        with ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool:
+        prefetch = self._prefetcher()
+
+        def finished(n: str, get: Callable[[], StepResult]) -> None:
+            nonlocal failure
+            try:
+                self.results[n] = get()
+            except BaseException as e:  # the first failure is the one reported
+                if failure is None:
+                    failure = e
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                return
+            for succ in dependants[n]:
+                indeg[succ] -= 1
+                if indeg[succ] == 0:
+                    ready.append(succ)
+
+        # Compression has a pool of its own: queued on the steps' pool, it held back the
+        # steps after it (a COPY waiting behind two 20 MB layers being compressed).
+        with (
+            ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool,
+            ThreadPoolExecutor(
+                max_workers=max(1, self.jobs - 1), thread_name_prefix="finish"
+            ) as finisher,
+        ):
             try:
                 while ready or running:
                     while ready and failure is None:
                         ready.sort(key=order.__getitem__)
                         n = ready.pop(0)
-                        running[pool.submit(self.run_one, self.plan.steps[n])] = n
+                        step = self.plan.steps[n]
+                        if step.kind in _INLINE_KINDS:
+                            finished(n, functools.partial(self.run_one, step))
+                        else:
+                            running[pool.submit(self.run_one, step)] = n
+                    if prefetch is not None and failure is None:
+                        prefetch.update()
                     if not running:
                         break
                     done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                     for fut in done:
-                        n = running.pop(fut)
-                        try:
-                            self.results[n] = fut.result()
-                        except BaseException as e:  # the first failure is the one reported
-                            if failure is None:
-                                failure = e
-                            continue
-                        for succ in dependants[n]:
-                            indeg[succ] -= 1
-                            if indeg[succ] == 0:
-                                ready.append(succ)
+                        finished(running.pop(fut), fut.result)
                     if failure is not None:
                         ready.clear()
                     with self._lock:
                         todo, self._to_finish = self._to_finish, []
                     if self.finish_layer is not None:
-                        finishing += [pool.submit(self.finish_layer, d) for d in todo]
+                        finishing += [finisher.submit(self.finish_layer, d) for d in todo]
                 for job in finishing:
                     try:
                         job.result()
@@ -445,9 +474,23 @@ class Solver:
                 # steps, or leaving the pool would wait for them to finish.
                 self.cancel.set()
                 raise
+            finally:
+                if prefetch is not None:
+                    prefetch.close()
         if failure is not None:
             raise failure
         return self.results
+
+    def _prefetcher(self) -> ChainPrefetch | None:
+        """A ChainPrefetch when this build has RUN steps that will run."""
+        if self.prefetch_chain is None or not any(
+            st.kind == "run" for st in self.plan.steps.values()
+        ):
+            return None
+        from builder.solve.prefetch import ChainPrefetch
+
+        p = ChainPrefetch(self, self.prefetch_chain)
+        return p if p.wanted else None
 
     # --- the final image ------------------------------------------------------------------------
     def image_state(self, stage: int) -> tuple[ImageState, list[Digest]]:
