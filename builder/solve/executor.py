@@ -350,7 +350,9 @@ class _Session:
             raise
         finally:
             if self.slirp is not None:
-                self.slirp.close()
+                # the helper (and the namespace slirp4netns served) is gone: stop it, and
+                # reap it on a thread while the builder goes on with the diff
+                self.slirp.close(wait=self.exit_code is None)
             for fd in (status_r, out_r, go_w, in_w):
                 if fd >= 0:
                     with contextlib.suppress(OSError):

@@ -17,6 +17,7 @@ import select
 import shutil
 import subprocess
 import tempfile
+import threading
 
 from cache.errors import LbuildError
 
@@ -83,11 +84,20 @@ class Slirp:
             why = "; ".join(lines[-3:]) if lines else f"exit status {self.proc.returncode}"
             raise LbuildError(f"RUN network: slirp4netns failed: {why}")
 
-    def close(self) -> None:
-        """Stop slirp4netns (closing its exit pipe) and reap it."""
+    def close(self, *, wait: bool = True) -> None:
+        """Stop slirp4netns (closing its exit pipe) and reap it; with ``wait=False`` the
+        reaping is left to a thread of its own (the run's namespace is gone already, so
+        nothing waits for slirp4netns to finish exiting; the interpreter joins the thread
+        before it exits, so no process outlives the builder)."""
         if self._exit_w >= 0:
             os.close(self._exit_w)
             self._exit_w = -1
+        if not wait:
+            threading.Thread(target=self._reap, name="slirp-reap").start()
+            return
+        self._reap()
+
+    def _reap(self) -> None:
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
