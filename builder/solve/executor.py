@@ -75,7 +75,7 @@ from cache.snapshots.snapshot import (
 if TYPE_CHECKING:
     from builder.solve.slirp import Slirp
 
-__all__ = ["BindSpec", "RunSpec", "choose_runtime", "run"]
+__all__ = ["BindSpec", "Helper", "RunSpec", "choose_runtime", "run"]
 
 _ROOT = str(Path(__file__).resolve().parents[2])
 _BOOT = f"import sys; sys.path.insert(0, {_ROOT!r}); from builder.solve.sandbox import _helper_main; _helper_main()"
@@ -119,11 +119,14 @@ def run(
     on_output: Callable[[bytes], None],
     cancel: threading.Event | None = None,
     runtime: str | None = None,
+    helper: Helper | None = None,
 ) -> int:
     """Run ``spec`` in the root filesystem shown by ``rootfs_mounts`` (or a directory); return
     its exit code.  Raises ``LbuildError`` when the sandbox cannot be set up, and
     ``Interrupted`` (after killing the sandbox) once ``cancel`` is set.  ``runtime``:
-    ``runc``, ``builtin`` or None (see :func:`choose_runtime`)."""
+    ``runc``, ``builtin`` or None (see :func:`choose_runtime`); ``helper``: one started
+    ahead (:class:`Helper`), used by this run (one started for the wrong stdin is
+    replaced)."""
     _check_spec(spec)
     chosen = choose_runtime(runtime)
     if isinstance(rootfs_mounts, Path):
@@ -153,7 +156,7 @@ def run(
         "cap_last": _cap_last(),
     }
     try:
-        return _Session(payload, spec.stdin_data, idmap, on_output, cancel).run()
+        return _Session(payload, spec.stdin_data, idmap, on_output, cancel).run(helper)
     finally:
         with contextlib.suppress(OSError):
             os.rmdir(run_dir)
@@ -285,6 +288,68 @@ def _write_id_maps(pid: int, idmap: _IdMap) -> None:
         ) from exc
 
 
+class Helper:
+    """The executor's helper process, started before its run is known: a RUN step starts it
+    first and prepares its snapshot while the interpreter starts (``run(helper=...)``).
+
+    Until it gets its spec the helper only waits on a pipe; ``discard`` (or the builder's
+    death) closes that pipe and the helper exits without doing anything."""
+
+    def __init__(self, *, stdin: bool) -> None:
+        self.stdin = stdin
+        spec_r, self._spec_w = os.pipe()
+        status_r, status_w = os.pipe()
+        go_r, self._go_w = os.pipe()
+        self._out_r, out_w = os.pipe()
+        self._status_r = status_r
+        stdin_fd: int = subprocess.DEVNULL
+        self._in_w = -1
+        if stdin:
+            stdin_fd, self._in_w = os.pipe()
+        child_fds = [spec_r, status_w, go_r, out_w] + ([stdin_fd] if stdin else [])
+        mine = [self._spec_w, status_r, self._go_w, self._out_r] + ([self._in_w] if stdin else [])
+        try:
+            self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _BOOT, str(spec_r), str(status_w), str(go_r)],
+                stdin=stdin_fd,
+                stdout=out_w,
+                stderr=out_w,
+                pass_fds=(spec_r, status_w, go_r),
+                start_new_session=True,  # terminal signals go to the builder, which cleans up
+            )
+        except BaseException:
+            for fd in child_fds + mine:
+                os.close(fd)
+            raise
+        for fd in child_fds:
+            os.close(fd)
+
+    def take(self) -> tuple[subprocess.Popen[bytes], int, int, int, int, int]:
+        """The process and the builder's ends of its pipes (spec, status, go, output,
+        stdin or -1), handed over once."""
+        proc = self.proc
+        if proc is None:
+            raise LbuildError("RUN sandbox: the executor helper was already used")
+        self.proc = None
+        return proc, self._spec_w, self._status_r, self._go_w, self._out_r, self._in_w
+
+    def discard(self) -> None:
+        """Stop an unused helper: it reads an empty spec and exits."""
+        proc = self.proc
+        if proc is None:
+            return
+        self.proc = None
+        for fd in (self._spec_w, self._status_r, self._go_w, self._out_r, self._in_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class _Session:
     """One run as seen from the builder: starts the helper, pumps its pipes, cleans up."""
 
@@ -307,33 +372,12 @@ class _Session:
         self.runc_error: str | None = None
         self.slirp: Slirp | None = None
 
-    def run(self) -> int:
-        spec_r, spec_w = os.pipe()
-        status_r, status_w = os.pipe()
-        go_r, go_w = os.pipe()
-        out_r, out_w = os.pipe()
-        stdin: int = subprocess.DEVNULL
-        in_w = -1
-        if self.stdin_data is not None:
-            stdin, in_w = os.pipe()
-        child_fds = [spec_r, status_w, go_r, out_w] + (
-            [stdin] if stdin != subprocess.DEVNULL else []
-        )
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _BOOT, str(spec_r), str(status_w), str(go_r)],
-                stdin=stdin,
-                stdout=out_w,
-                stderr=out_w,
-                pass_fds=(spec_r, status_w, go_r),
-                start_new_session=True,  # terminal signals go to the builder, which cleans up
-            )
-        except BaseException:
-            for fd in [*child_fds, spec_w, status_r, go_w, out_r] + ([in_w] if in_w >= 0 else []):
-                os.close(fd)
-            raise
-        for fd in child_fds:
-            os.close(fd)
+    def run(self, helper: Helper | None = None) -> int:
+        if helper is None or helper.stdin != (self.stdin_data is not None):
+            if helper is not None:
+                helper.discard()
+            helper = Helper(stdin=self.stdin_data is not None)
+        proc, spec_w, status_r, go_w, out_r, in_w = helper.take()
         writer: threading.Thread | None = None
         try:
             with os.fdopen(spec_w, "w") as f:

@@ -28,7 +28,7 @@ from cache.types import Digest, Entry, LayerInfo
 if TYPE_CHECKING:
     from builder.plan.dag import Step
     from builder.solve.events import RunContext
-    from builder.solve.executor import BindSpec, RunSpec
+    from builder.solve.executor import BindSpec, Helper, RunSpec
     from cache.layers.view import View
     from cache.snapshots.snapshot import Snapshotter
 
@@ -258,11 +258,24 @@ class RunSteps:
             ensure_chain(self.snapshotter(), diff_ids, solver.store.open, solver.toc)
 
     def __call__(self, solver: RunContext, step: Step) -> LayerInfo | None:
-        from builder.solve.executor import run
-        from cache.snapshots.snapshot import ensure_chain
+        from builder.solve.executor import Helper
 
         instr = step.instr
         assert isinstance(instr, df.Run) and step.state is not None
+        # The sandbox's helper interpreter starts while the snapshot is made.
+        helper = Helper(stdin=command_argv(instr, step.state.shell)[1] is not None)
+        try:
+            return self._run(solver, step, instr, helper)
+        finally:
+            helper.discard()  # nothing to do when the run took it
+
+    def _run(
+        self, solver: RunContext, step: Step, instr: df.Run, helper: Helper
+    ) -> LayerInfo | None:
+        from builder.solve.executor import run
+        from cache.snapshots.snapshot import ensure_chain
+
+        assert step.state is not None
         file = solver.plan.filename
         snap = self.snapshotter()
         view: View = solver.view(step.stage, step.pos)
@@ -288,6 +301,7 @@ class RunSteps:
                 mounts,
                 on_output=lambda b: solver.reporter.step_log(step, b),
                 cancel=solver.cancel,
+                helper=helper,
             )
             if code != 0:
                 shown = (
