@@ -8,6 +8,7 @@ connection resumes with ``Range`` where the registry answers 206, otherwise star
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -244,39 +245,64 @@ class Repository:
 
     def upload_blob(self, digest: str, size: int, path: Path,
                     progress: Progress | None = None) -> None:
-        """Upload the file at ``path`` as blob ``digest``: POST, then PUT (or PATCHes + PUT)."""
+        """Upload the file at ``path`` as blob ``digest``: POST, then PUT (or PATCHes + PUT).
+
+        The bytes are hashed as they stream out; when they are not ``digest`` (or not
+        ``size`` bytes) the upload is cut off before it completes -- a monolithic PUT's body
+        stops before its last chunk, a chunked upload before its closing PUT -- and
+        cancelled, and ``UploadMismatch`` is raised: the registry never commits them."""
         resp = self.t.request("POST", f"/v2/{self.name}/blobs/uploads/", scopes=self.push_scope,
                               headers={"Content-Length": "0"})
         if resp.status_code not in (202, 201):
             raise self._fail("push", resp)
         loc = self._location(resp)
-        if size > MONOLITHIC_MAX:
-            sent = 0
-            with open(path, "rb") as f:
-                while sent < size:
-                    data = f.read(UPLOAD_CHUNK)
-                    end = sent + len(data) - 1
-                    resp = self.t.request(
-                        "PATCH", loc, scopes=self.push_scope, content=data,
-                        headers={"Content-Type": "application/octet-stream",
-                                 "Content-Range": f"{sent}-{end}"})
-                    if resp.status_code != 202:
-                        raise self._fail("push", resp)
-                    loc = self._location(resp)
-                    sent += len(data)
-                    if progress is not None:
-                        progress(digest, sent, size)
-            body: bytes | Callable[[], Iterator[bytes]] = b""
-        else:
-            body = _file_body(path)
-        resp = self.t.request(
-            "PUT", _with_digest(loc, digest), scopes=self.push_scope, content=body,
-            headers={"Content-Type": "application/octet-stream",
-                     "Content-Length": str(0 if size > MONOLITHIC_MAX else size)})
+        check = _UploadCheck(digest, size)
+        try:
+            if size > MONOLITHIC_MAX:
+                loc = self._patch_chunks(loc, digest, size, path, check, progress)
+                check.done()
+                body: bytes | Callable[[], Iterator[bytes]] = b""
+            else:
+                body = _checked_body(path, check)
+            resp = self.t.request(
+                "PUT", _with_digest(loc, digest), scopes=self.push_scope, content=body,
+                headers={"Content-Type": "application/octet-stream",
+                         "Content-Length": str(0 if size > MONOLITHIC_MAX else size)})
+        except UploadMismatch:
+            self._drop_upload(loc)
+            raise
         if resp.status_code != 201:
             raise self._fail("push", resp)
         if progress is not None:
             progress(digest, size, size)
+
+    def _patch_chunks(self, loc: str, digest: str, size: int, path: Path,
+                      check: _UploadCheck, progress: Progress | None) -> str:
+        """Send ``path`` in PATCH chunks, each hashed before it goes; the next location."""
+        sent = 0
+        with open(path, "rb") as f:
+            while sent < size:
+                data = f.read(min(UPLOAD_CHUNK, size - sent))
+                if not data:
+                    break  # shorter than its size: ``check.done`` says so
+                check.add(data)
+                end = sent + len(data) - 1
+                resp = self.t.request(
+                    "PATCH", loc, scopes=self.push_scope, content=data,
+                    headers={"Content-Type": "application/octet-stream",
+                             "Content-Range": f"{sent}-{end}"})
+                if resp.status_code != 202:
+                    raise self._fail("push", resp)
+                loc = self._location(resp)
+                sent += len(data)
+                if progress is not None:
+                    progress(digest, sent, size)
+        return loc
+
+    def _drop_upload(self, loc: str) -> None:
+        """Best effort: drop an upload session (distribution's DELETE on its location)."""
+        with contextlib.suppress(RegistryError):
+            self.t.request("DELETE", loc, scopes=self.push_scope)
 
     @staticmethod
     def _location(resp: httpx.Response) -> str:
@@ -290,10 +316,52 @@ def _with_digest(url: str, digest: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}digest={digest}"
 
 
-def _file_body(path: Path) -> Callable[[], Iterator[bytes]]:
+class UploadMismatch(DigestMismatch):
+    """The bytes an upload read from the store are not the blob it was pushing."""
+
+    def __init__(self, digest: str, actual: str) -> None:
+        super().__init__(f"upload of blob {digest}", digest, actual)
+        self.digest = digest
+
+
+class _UploadCheck:
+    """sha256 and length of what an upload has read so far, against what it must send."""
+
+    def __init__(self, digest: str, size: int) -> None:
+        self.digest = digest
+        self.size = size
+        self._h = hashlib.sha256()
+        self._n = 0
+
+    def add(self, data: bytes) -> None:
+        self._h.update(data)
+        self._n += len(data)
+        if self._n > self.size:
+            raise UploadMismatch(self.digest, f"more than {self.size} bytes")
+
+    def done(self) -> None:
+        actual = "sha256:" + self._h.hexdigest()
+        if self._n != self.size or actual != self.digest:
+            raise UploadMismatch(self.digest, actual if self._n == self.size
+                                 else f"{self._n} bytes instead of {self.size}")
+
+
+def _checked_body(path: Path, check: _UploadCheck) -> Callable[[], Iterator[bytes]]:
+    """A PUT body (re-made on a retry) that checks the whole blob before its last chunk:
+    a mismatch raises inside the request, so the registry gets a short body, never all."""
     def body() -> Iterator[bytes]:
+        c = _UploadCheck(check.digest, check.size)
         with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                yield chunk
+            chunk = f.read(CHUNK)
+            while True:
+                following = f.read(CHUNK) if chunk else b""
+                c.add(chunk)
+                if not following:
+                    c.done()
+                if chunk:
+                    yield chunk
+                if not following:
+                    return
+                chunk = following
     return body
 

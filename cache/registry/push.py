@@ -2,7 +2,9 @@
 
 For each blob: HEAD first (present -> nothing to send); else a cross-repository mount when
 the caller says the blob came from another repository of the same registry; else an upload
-(monolithic up to 8 MiB, chunked above).  Blobs go in parallel (``jobs`` at a time).  The
+(monolithic up to 8 MiB, chunked above), hashed as it streams: a blob of the store that no
+longer matches its name is cut off before the registry commits it, removed from the store,
+and ``CorruptBlob`` raised (a build then makes it again).  Blobs go in parallel (``jobs`` at a time).  The
 manifest is PUT only after every blob it names is in the registry, so a failed push never
 leaves a manifest pointing at missing blobs.  The manifest's bytes are the store's, so the
 pushed digest is the one the OCI layout output names.
@@ -15,12 +17,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cache.errors import NotFound, Unsupported
-from cache.registry.client import INDEX_TYPES, OCI_INDEX, OCI_MANIFEST, Progress, Repository
+from cache.errors import CorruptBlob, NotFound, Unsupported
+from cache.registry.client import (
+    INDEX_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Progress,
+    Repository,
+    UploadMismatch,
+)
 from cache.registry.errors import RegistryError
 from cache.registry.pull import in_parallel
 from cache.registry.reference import Reference
 from cache.registry.transport import Transport
+from cache.types import Digest
 
 if TYPE_CHECKING:
     from cache.store.blobs import BlobStore
@@ -38,8 +48,6 @@ class PushResult:
 
 
 def _manifest(store: BlobStore, digest: str) -> tuple[bytes, dict[str, Any], str]:
-    from cache.types import Digest
-
     if not store.has(Digest(digest)):
         raise NotFound(f"manifest {digest} is not in the store")
     raw = store.read(Digest(digest))
@@ -70,8 +78,6 @@ class _Pusher:
         self.present: list[str] = []
 
     def blob(self, digest: str, size: int, tick: Progress) -> None:
-        from cache.types import Digest
-
         if self.repo.has_blob(digest, push=True):
             self.present.append(digest)
         else:
@@ -82,11 +88,23 @@ class _Pusher:
             else:
                 if not self.store.ensure(Digest(digest)):
                     raise NotFound(f"push {self.repo.ref}: blob {digest} is not in the store")
-                path = self.store.path(Digest(digest))
-                self.repo.upload_blob(digest, size, path, tick)
+                self._upload(Digest(digest), size, tick)
                 self.uploaded.append(digest)
                 return
         tick(digest, size, size)
+
+    def _upload(self, digest: Digest, size: int, tick: Progress) -> None:
+        """Send a blob of the store, hashed on its way out (issue 11 item 7): bytes that are
+        not ``digest`` are cut off before the registry commits them, the blob is removed
+        from the store and ``CorruptBlob`` raised -- before any manifest is put."""
+        try:
+            self.repo.upload_blob(digest, size, self.store.path(digest), tick)
+        except UploadMismatch as e:
+            self.store.remove(digest)
+            bad = CorruptBlob(digest, e.actual)
+            bad.hint = "it was removed from the store; build the image again to push it"
+            raise bad from None
+        self.store.vouch(digest, digest)
 
     def image(self, digest: str, tag: str | None) -> None:
         """Push manifest ``digest`` (and first everything it names) under ``tag``.
@@ -105,8 +123,6 @@ class _Pusher:
 def _plan(store: BlobStore, digest: str,
           what: str) -> list[tuple[str, bytes, str, list[tuple[str, int]]]]:
     """(manifest digest, raw bytes, media type, blobs) in push order: children first."""
-    from cache.types import Digest
-
     raw, body, media = _manifest(store, digest)
     if media in INDEX_TYPES:
         out = []
