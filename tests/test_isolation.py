@@ -350,3 +350,29 @@ def test_only_stdio_is_open(rootfs: Path, runtime: str) -> None:
     # No descriptor of lbuild, its helper or runc reaches the command (3 is ls's own).
     rc, out = sh(rootfs, runtime, "", argv=("/bin/ls", "/proc/self/fd"))
     assert (rc, out.split()) == (0, ["0", "1", "2", "3"]), out
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_dev_mqueue_and_a_read_only_sys_fs_cgroup(rootfs: Path, runtime: str) -> None:
+    """Docker's /dev/mqueue (mqueue, nosuid,nodev,noexec) and /sys/fs/cgroup (read-only, the
+    RUN's own cgroups): on both paths (the built-in executor had neither)."""
+    script = (
+        "grep -E ' /dev/mqueue | /sys/fs/cgroup(/[^ ]*)? ' /proc/self/mounts | cut -d' ' -f2-4; "
+        "(mkdir /sys/fs/cgroup/lbuild-x) 2>/dev/null && echo cgroup-root-written; "
+        "for d in /sys/fs/cgroup/*/; do "
+        "  (mkdir ${d}lbuild-x) 2>/dev/null && echo cgroup-written; done; "
+        "test -n \"$(ls /sys/fs/cgroup)\" && echo cgroup-listed; "
+        "true"
+    )
+    rc, out = sh(rootfs, runtime, script)
+    assert rc == 0, out
+    lines = out.splitlines()
+    top = {ln.split()[0]: ln.split()[1:] for ln in lines if ln.startswith("/")}  # last wins
+    assert top["/dev/mqueue"][0] == "mqueue", lines
+    assert {"nosuid", "nodev", "noexec"} <= set(top["/dev/mqueue"][1].split(",")), lines
+    cg = {p: m for p, m in top.items() if p.startswith("/sys/fs/cgroup")}
+    assert "/sys/fs/cgroup" in cg, lines
+    assert all(m[1].split(",")[0] == "ro" for m in cg.values()), lines
+    assert any(m[0] in ("cgroup", "cgroup2") for m in cg.values()), lines
+    assert "cgroup-listed" in lines
+    assert not any(ln.endswith("-written") for ln in lines), lines

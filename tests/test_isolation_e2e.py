@@ -53,6 +53,29 @@ def test_security_insecure_is_not_supported(bbhome: Path, tmp_path: Path) -> Non
     assert "Dockerfile:2:" in last and "--security=insecure is not supported yet" in last
 
 
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_run_sees_dev_mqueue_and_a_read_only_sys_fs_cgroup(
+    bbhome: Path, tmp_path: Path, runtime: str
+) -> None:
+    script = (
+        "grep -E ' /dev/mqueue | /sys/fs/cgroup(/[^ ]*)? ' /proc/self/mounts | cut -d' ' -f2-4 > /m; "
+        "mkdir /sys/fs/cgroup/x 2>/dev/null && echo written >> /m; "
+        "for d in /sys/fs/cgroup/*/; do mkdir ${d}x 2>/dev/null && echo written >> /m; done; true"
+    )
+    b = build(tmp_path / "ctx", bbhome, f"FROM busybox:test\nRUN {script}\n",
+              env={"LBUILD_RUNTIME": runtime})
+    got = [m.data for layer in b.layers() for m in layer.members if m.name == "m"]
+    assert len(got) == 1
+    lines = got[0].decode().splitlines()
+    top = {ln.split()[0]: ln.split()[1:] for ln in lines if ln.startswith("/")}  # last wins
+    assert top["/dev/mqueue"][0] == "mqueue", lines
+    assert {"nosuid", "nodev", "noexec"} <= set(top["/dev/mqueue"][1].split(",")), lines
+    cg = {k: v for k, v in top.items() if k.startswith("/sys/fs/cgroup")}
+    assert "/sys/fs/cgroup" in cg and all(v[1].startswith("ro,") for v in cg.values()), lines
+    assert "written" not in lines
+
+
 def start_build(ctx: Path, home: Path, runtime: str) -> subprocess.Popen[str]:
     env = dict(os.environ, LBUILD_HOME=str(home), LBUILD_RUNTIME=runtime)
     env.pop("SOURCE_DATE_EPOCH", None)

@@ -15,11 +15,12 @@ How a run is laid out (each box is a process; the builder is the caller of ``run
 
     builder ──(spec on a pipe)──> helper: a fresh ``python -I -S`` (stdlib only, no threads)
       │                             unshare user? (not root), mount, PID, IPC, UTS, net
-      │                             (net: not with --network=host)
+      │                             (net: not with --network=host), cgroup (built-in)
       └── slirp4netns (default network: serves the helper's network namespace)
                                     built-in:
                                     └── PID 1 of the new PID namespace: mounts the snapshot,
-                                          /proc, /dev, /sys, masked paths, /etc files,
+                                          /proc, /dev (+ mqueue), /sys (+ cgroup, ro),
+                                          masked paths, /etc files,
                                           pivot_root, then setgroups/setgid, drops the
                                           capabilities, loads seccomp, setuid and execs the
                                           command: PID 1 *is* the command, as under runc

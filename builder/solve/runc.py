@@ -95,7 +95,8 @@ def bundle_config(
             "cgroupsPath": cgroup,
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},
             "maskedPaths": list(policy.MASKED_PATHS),
-            "readonlyPaths": list(policy.READONLY_PATHS),
+            # runc 1.1 leaves the tmpfs under a v1 host's /sys/fs/cgroup writable
+            "readonlyPaths": [*policy.READONLY_PATHS, "/sys/fs/cgroup"],
             "seccomp": seccomp.oci_profile(),
         },
     }

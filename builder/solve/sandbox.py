@@ -40,6 +40,7 @@ from cache.snapshots.mount import (
 )
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
@@ -128,6 +129,8 @@ def _helper_main() -> None:
         flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
         if network != "host":
             flags |= CLONE_NEWNET
+        if payload["runtime"] != "runc":  # runc gives the container its own cgroup view
+            flags |= CLONE_NEWCGROUP
         _unshare(flags)
         sys_mount(None, "/", None, MS_REC | MS_PRIVATE, None)
         socket.sethostname(payload["spec"]["hostname"])
@@ -403,6 +406,7 @@ def _setup_rootfs(payload: dict[str, Any]) -> _Stubs:
     with contextlib.suppress(OSError):
         # sysfs needs a network namespace of our own when we are not root on the host.
         stubs.mount("sysfs", "/sys", "sysfs", nsd | MS_NOEXEC | MS_RDONLY, None, is_dir=True)
+        _mount_cgroups(os.path.join(rootfs, "sys", "fs", "cgroup"))
     _mask_paths(rootfs)
     stubs.ensure("/tmp", is_dir=True, mode=0o1777)
     for name in ("hosts", "resolv.conf", "hostname"):
@@ -434,6 +438,51 @@ def _mask_paths(rootfs: str) -> None:
         sys_mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | locked, None)
 
 
+def _host_cgroups() -> dict[str, tuple[str, str]]:
+    """The cgroup filesystems mounted at /sys/fs/cgroup ("") or one level under it (name):
+    (fstype, superblock options without rw/ro), from this mount namespace's mountinfo."""
+    out: dict[str, tuple[str, str]] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            point, fstype, opts = fields[4], fields[sep + 1], fields[sep + 3]
+            if fstype not in ("cgroup", "cgroup2"):
+                continue
+            name = "" if point == "/sys/fs/cgroup" else point.removeprefix("/sys/fs/cgroup/")
+            if name == point or "/" in name:
+                continue
+            out[name] = (fstype, ",".join(o for o in opts.split(",") if o not in ("rw", "ro")))
+    return out
+
+
+def _mount_cgroups(target: str) -> None:
+    """Docker's read-only /sys/fs/cgroup: the host's cgroup hierarchies as seen from the
+    RUN's own cgroup namespace (its cgroups are the roots), nosuid,nodev,noexec,ro.  A
+    cgroup v1 or hybrid host's hierarchies go under a tmpfs, made read-only too."""
+    if not os.path.isdir(target):
+        return
+    found = _host_cgroups()
+    locked = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    if "" in found:  # cgroup v2 only
+        fstype, opts = found[""]
+        sys_mount(fstype, target, fstype, locked | MS_RDONLY, opts or None)
+        return
+    sys_mount("tmpfs", target, "tmpfs", locked, "mode=755")
+    try:
+        for name, (fstype, opts) in sorted(found.items()):
+            os.mkdir(os.path.join(target, name), 0o555)
+            sys_mount(fstype, os.path.join(target, name), fstype, locked | MS_RDONLY, opts or None)
+        with os.scandir("/sys/fs/cgroup") as it:  # cpu -> cpu,cpuacct and the like
+            for de in it:
+                if de.is_symlink() and de.name not in found:
+                    os.symlink(os.readlink(de.path), os.path.join(target, de.name))
+        sys_mount(None, target, None, MS_REMOUNT | MS_BIND | locked | MS_RDONLY, None)
+    except OSError:
+        sys_umount(target, MNT_DETACH)  # never a writable or half-made cgroup tree
+        raise
+
+
 def _populate_dev(dev: str) -> None:
     for name in _DEV_NODES:
         node = os.path.join(dev, name)
@@ -448,6 +497,9 @@ def _populate_dev(dev: str) -> None:
         MS_NOSUID | MS_NODEV | MS_NOEXEC,
         "mode=1777,size=64m",
     )
+    os.mkdir(os.path.join(dev, "mqueue"))
+    with contextlib.suppress(OSError):  # the IPC namespace's own POSIX message queues
+        sys_mount("mqueue", os.path.join(dev, "mqueue"), "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     os.mkdir(os.path.join(dev, "pts"))
     with contextlib.suppress(OSError):
         sys_mount(
