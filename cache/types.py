@@ -59,6 +59,9 @@ class ContentRef:
     blob: Digest | None = None
     offset: int = 0
     data: bytes | None = None
+    ident: tuple[int, int] | None = None
+    """For ``host_path``: the (device, inode) the context walk saw there.  The layer writer
+    opens the path once, without following a symlink, and refuses any other file."""
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,106 @@ def test_layer_writer_does_not_follow_a_symlink_swapped_in(tmp_path: Path, size:
     assert os.listdir(tmp_path / "store" / "tmp") == []
 
 
+
+@pytest.mark.parametrize("size", [4, 3 << 20])  # read whole, and streamed in chunks
+def test_layer_writer_refuses_a_file_that_is_not_the_walked_one(tmp_path: Path, size: int) -> None:
+    """The writer's one descriptor must be the walk's (device, inode) and size: another file
+    renamed over the path is refused even with the very bytes the plan hashed."""
+    data = b"a" * size
+    f = tmp_path / "app.bin"
+    f.write_bytes(data)
+    st = os.lstat(f)
+    entry = Entry("app.bin", "file", 0o644, size=size, digest=blake3.blake3(data).hexdigest(),
+                  source=ContentRef(host_path=str(f), ident=(st.st_dev, st.st_ino)))
+    (tmp_path / "other").write_bytes(data)
+    os.rename(tmp_path / "other", f)
+    store = BlobStore(tmp_path / "store")
+    with pytest.raises(LbuildError, match=r"file changed while being read: .*app\.bin "
+                                          r"\(not the file the context walk saw\)"):
+        write_layer([entry], store)
+    f.write_bytes(data + b"!")  # the walked file itself, grown since
+    entry = Entry("app.bin", "file", 0o644, size=size, digest=entry.digest,
+                  source=ContentRef(host_path=str(f), ident=(st.st_dev, os.lstat(f).st_ino)))
+    with pytest.raises(LbuildError, match=rf"\({size + 1} bytes, not {size}\)"):
+        write_layer([entry], store)
+    assert list(store.digests()) == []
+
+
+def _layer_tars(layout: Path) -> list[bytes]:
+    """Every layer of an OCI layout, decompressed."""
+    import gzip
+    import json
+
+    out: list[bytes] = []
+    index = json.loads((layout / "index.json").read_text())
+    for m in index["manifests"]:
+        man = json.loads((layout / "blobs" / "sha256" / m["digest"][7:]).read_bytes())
+        for layer in man["layers"]:
+            raw = (layout / "blobs" / "sha256" / layer["digest"][7:]).read_bytes()
+            out.append(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+    return out
+
+
+@pytest.mark.slow
+def test_race_a_file_swapped_with_a_symlink_to_a_secret_never_leaks_it(
+    tmp_path: Path, home: Path
+) -> None:
+    """Issue 11 item 5, for real: while a thread renames a context file and a symlink to a
+    secret outside the context over each other in a tight loop, ``COPY . /ctx/`` builds
+    again and again.  No layer of a build that succeeds holds the secret's bytes; a build
+    that fails exits 1 with one line naming the file."""
+    import threading
+
+    from util import lbuild
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"TOP-SECRET-" + os.urandom(16).hex().encode() + b"\n")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY . /ctx/\n")
+    (ctx / ".dockerignore").write_text("Dockerfile\n")
+    aux = tmp_path / "aux"  # the same filesystem, outside the context
+    aux.mkdir()
+    (aux / "file").write_bytes(b"public bytes\n")
+    target = ctx / "data"
+    os.link(aux / "file", target)
+    stop = threading.Event()
+    swaps = [0]
+
+    def swap() -> None:  # each rename() replaces the path atomically: it always exists
+        while not stop.is_set():
+            os.symlink(secret, aux / "l")
+            os.rename(aux / "l", target)
+            os.link(aux / "file", aux / "f")
+            os.rename(aux / "f", target)
+            swaps[0] += 1
+
+    t = threading.Thread(target=swap, daemon=True)
+    t.start()
+    results = []
+    try:
+        for n in range(12):
+            out = tmp_path / f"out{n}"
+            p = lbuild("build", ctx, "--no-cache", "-q", "-o",
+                       f"type=oci,dest={out}", home=home, check=False)
+            results.append((p, out))
+    finally:
+        stop.set()
+        t.join()
+    assert swaps[0] > 20
+    ok = [out for p, out in results if p.returncode == 0]
+    failed = [p for p, _ in results if p.returncode != 0]
+    for p in failed:
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1, p.stderr
+        assert lines[0].startswith("lbuild: error: "), lines
+        assert f"file changed while being read: {target}" in lines[0], lines
+    for out in ok:
+        tars = _layer_tars(out)
+        assert tars and not any(secret.read_bytes() in t for t in tars)
+    print(f"{len(ok)} built, {len(failed)} failed, {swaps[0]} swaps")
+
+
 # --- item 16: what COPY copies -----------------------------------------------------------------
 
 

@@ -183,7 +183,9 @@ class BuildContext:
                 hops += 1
                 if hops > _MAX_SYMLINK_HOPS:
                     raise InvalidInput(f"{logical}: too many levels of symbolic links")
-                target = os.readlink(self._host(cand))
+                target = _readlink(self._host(cand))
+                if target is None:
+                    return None  # removed since the lstat
                 if target.startswith("/"):
                     raise _OutsideContext(cand, target)
                 followed = (cand, target)
@@ -368,10 +370,10 @@ class BuildContext:
             if stat.S_ISLNK(st.st_mode):
                 if excluded:
                     continue
-                try:
-                    link = os.readlink(self._host(child_real))
-                except FileNotFoundError:
+                target = _readlink(self._host(child_real))
+                if target is None:
                     continue  # removed since the scan
+                link = target
             cf = _make_file(child_logical, st, link)
             if cf is None:
                 continue
@@ -457,6 +459,19 @@ class BuildContext:
 
 
 _BIG_CHUNK = 16 << 20
+
+
+def _readlink(path: str) -> str | None:
+    """The target of what an lstat just saw as a symlink; None when it is gone since.  A
+    file renamed over it since is "file changed while being read" (exit 1), not bad input."""
+    try:
+        return os.readlink(path)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno == errno.EINVAL:  # not a symlink any more
+            raise LbuildError(f"file changed while being read: {path}") from None
+        raise
 
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

@@ -217,7 +217,9 @@ def _context_items(
         rel = f.real or f.rel  # a followed top-level symlink is opened where it landed
         return root if rel in ("", ".") else f"{root}/{rel}"
 
-    def item(f: ContextFile, rel: str, digest: str, path: str | None) -> Item:
+    def item(
+        f: ContextFile, rel: str, digest: str, path: str | None, st: os.stat_result | None = None
+    ) -> Item:
         hl = (f.dev, f.ino) if f.type == "file" and f.nlink > 1 else None
         mtime = f.mtime_ns // 1_000_000_000 if keep_mtime else 0
         e = Entry(
@@ -231,7 +233,11 @@ def _context_items(
             link=f.link,
             mtime=mtime,
             xattrs=ctx.xattrs(f),
-            source=ContentRef(host_path=path) if path is not None else None,
+            source=(
+                ContentRef(host_path=path, ident=(st.st_dev, st.st_ino) if st else None)
+                if path is not None
+                else None
+            ),
         )
         return Item(rel, e, hl)
 
@@ -258,8 +264,8 @@ def _context_items(
     items: list[Item] = []
     for f, rel in found:
         if f.type == "file":
-            (path, _st), digest = next(hashed)
-            items.append(item(f, rel, digest, path))
+            (path, st), digest = next(hashed)
+            items.append(item(f, rel, digest, path, st))  # the writer checks it is this file
         else:
             items.append(item(f, rel, "", None))
     return tuple(items)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import errno
 import functools
+import io
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from builder.frontend import dockerfile as df
 from builder.plan.copyspec import Selected, plan_copy, resolve_chown, select_from_view
@@ -347,11 +348,13 @@ class Solver:
         """ADD of a local archive: its decompressed tar goes to the store; items point into it."""
         from builder.plan.archive import archive_items
         from builder.plan.copyspec import Item
-        from cache.layers.tar import import_layer
+        from cache.layers.tar import import_layer, open_host_file
 
         src = sel.items[0].entry.source
         assert src is not None and src.host_path is not None
-        with open(src.host_path, "rb") as f:
+        # the archive the plan hashed: not a symlink or another file swapped in since
+        raw = open_host_file(src.host_path, src.ident, sel.items[0].entry.size)
+        with io.BufferedReader(cast(io.RawIOBase, raw)) as f:
             info = import_layer(self.store, f, "auto")
         items = [Item("", Entry(path="", type="dir", mode=0o755))]
         pairs = archive_items(

@@ -430,7 +430,7 @@ def _copy_content(e: Entry, header: bytes, blobs: _BlobFiles, w: BlobWriter) -> 
     elif e.size > _CHUNK:
         return _stream_content(e, header, padding, blobs, w)
     elif src.host_path is not None:
-        data = _read_host_file(src.host_path, e.size)
+        data = _read_host_file(src.host_path, e.size, src.ident)
         if data is None:
             raise LbuildError(f"file changed while being read: {src.host_path}")
     else:
@@ -452,7 +452,7 @@ def _stream_content(
     h = blake3()
     w.write(header)
     if src.host_path is not None:
-        with _open_host_file(src.host_path) as f:
+        with open_host_file(src.host_path, src.ident, e.size) as f:
             if _copy_exact(f, e.size, w, h) or f.read(1):
                 raise LbuildError(f"file changed while being read: {src.host_path}")
     else:
@@ -472,31 +472,43 @@ def _check_digest(e: Entry, digest: str) -> str:
     return digest
 
 
-def _open_host_file(path: str) -> BinaryIO:
-    """Open a host (context) file for a layer: never through a symlink in its last component
-    (one swapped in since the walk would leak what it points at), never hanging on a fifo.
+def open_host_file(path: str, ident: tuple[int, int] | None = None,
+                   size: int | None = None) -> BinaryIO:
+    """Open a host (context) file for a layer, once: never through a symlink in its last
+    component (one swapped in since the walk would leak what it points at), never hanging on
+    a fifo; the open file must be a regular file with the walk's (device, inode) ``ident``
+    and ``size`` bytes, or it is "file changed while being read: PATH" (exit 1).
 
-    The caller compares what it reads with the entry's content digest, taken from the walk's
-    own file, so a parent directory swapped for a symlink is caught there."""
+    The caller hashes what it reads from this descriptor and compares it with the entry's
+    content digest (the plan's), so a file changed in place is caught too."""
+    changed = f"file changed while being read: {path}"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as err:
         if err.errno in (errno.ELOOP, errno.ENOENT, errno.ENOTDIR):
-            raise LbuildError(f"file changed while being read: {path}") from None
+            raise LbuildError(changed) from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    problem = (
+        "not a regular file" if not stat.S_ISREG(st.st_mode)
+        else "not the file the context walk saw" if ident is not None
+        and (st.st_dev, st.st_ino) != ident
+        else f"{st.st_size} bytes, not {size}" if size is not None and st.st_size != size
+        else ""
+    )
+    if problem:
         os.close(fd)
-        raise LbuildError(f"file changed while being read: {path} (not a regular file)")
+        raise LbuildError(f"{changed} ({problem})")
     return os.fdopen(fd, "rb", buffering=0)
 
 
-def _read_host_file(path: str, size: int) -> bytes | None:
+def _read_host_file(path: str, size: int, ident: tuple[int, int] | None) -> bytes | None:
     """The whole content of a host file that should be ``size`` bytes; None if it is not.
 
     Asks for one byte more than expected, then reads on (a read may return less than asked)
     until the end of the file or that extra byte: a file that grew is seen, as one that shrank.
     """
-    with _open_host_file(path) as f:
+    with open_host_file(path, ident, size) as f:
         data = f.read(size + 1)
         while len(data) <= size:
             more = f.read(size + 1 - len(data))
