@@ -2,31 +2,39 @@
 
 Written for lbuild (not copied from moby): an allowlist.  A system call that is not listed
 fails with EPERM, as in Docker, so a system call added to the kernel later is denied until
-it is listed here.  What it allows, by purpose:
+it is listed here.  ``tests/test_seccomp_moby.py`` compares it, call by call, with moby's
+default profile as it applies on x86_64 with Docker's default capabilities (a list of names
+in ``fixtures/seccomp/``); the differences are ``NOT_DOCKERS_ON_X86_64``.  What it allows,
+by purpose:
 
-- files, directories, xattrs, pipes, polling, inotify, AIO (``io_setup`` ...), memfd;
+- files, directories, xattrs (the ``*xattrat`` calls too), pipes, polling, inotify, AIO
+  (``io_setup`` ...), memfd (``memfd_secret`` too), ``name_to_handle_at`` (a handle is
+  harmless without ``open_by_handle_at``), ``cachestat``, ``statmount``/``listmount``;
 - memory (``mmap``, ``mprotect``, ``mlock``, ``pkey_*``, ``membarrier`` ...);
 - processes and threads: ``fork``/``vfork``, ``clone`` *without* any namespace flag,
-  ``execve``, signals, ids (``setuid`` ...), capabilities (``capget``/``capset``),
-  scheduling, resource limits, ``prctl``, ``seccomp`` (a process may confine itself
-  further), ``ptrace`` and ``process_vm_*`` (as Docker does on kernels from 4.8),
-  ``pidfd_*``, landlock;
-- System V and POSIX IPC; time (reading clocks, timers, sleeping); sockets of every family
-  but ``AF_VSOCK``; ``chroot`` (``CAP_SYS_CHROOT`` is in the default capability set);
-  ``personality`` only for the values Docker allows (Linux, UNAME26, their query).
+  ``execve``, signals (the ``rt_*`` calls; not i386's old ``signal``/``sigaction``...),
+  ids (``setuid`` ...), capabilities (``capget``/``capset``), scheduling, resource limits,
+  ``prctl``, ``seccomp`` (a process may confine itself further), ``ptrace`` and
+  ``process_vm_*`` (as Docker does on kernels from 4.8), ``pidfd_open``/``pidfd_send_signal``,
+  ``process_mrelease``, landlock, ``arch_prctl`` and ``modify_ldt`` (x86, as Docker);
+- System V and POSIX IPC; time (reading clocks, timers, sleeping; ``adjtimex`` and
+  ``clock_adjtime``, which set a clock only with ``CAP_SYS_TIME``, not in RUN's set);
+  sockets of every family but ``AF_ALG`` and ``AF_VSOCK``; ``chroot`` (``CAP_SYS_CHROOT``
+  is in the default capability set); ``personality`` only for the values Docker allows
+  (Linux, UNAME26, their query).
 
 What it denies (EPERM): mounting and namespaces (``mount``, ``umount2``, the new mount API
 ``fsopen``/``fsmount``/``move_mount``/``open_tree``..., ``pivot_root``, ``unshare``, ``setns``,
 ``clone`` with a ``CLONE_NEW*`` flag); kernel modules and kexec; ``bpf``, ``perf_event_open``,
 ``userfaultfd``, ``io_uring_*``; the kernel keyring (``add_key``, ``keyctl``,
-``request_key``); setting clocks (``settimeofday``, ``clock_settime``, ``clock_adjtime``);
-``reboot``, ``swapon``/``swapoff``, ``acct``, ``quotactl``, ``syslog``, ``vhangup``,
-``sethostname``/``setdomainname``; ``open_by_handle_at``/``name_to_handle_at`` (the
-"shocker" escape); NUMA placement (``mbind``, ``set_mempolicy``, ``move_pages``,
-``migrate_pages``: Docker ties them to ``CAP_SYS_NICE``, which RUN lacks); ``kcmp``,
-``modify_ldt``, ``iopl``/``ioperm``, ``lookup_dcookie`` and obsolete calls (``uselib``,
-``ustat``, ``sysfs``, ``_sysctl``, ``nfsservctl``, ``vm86``...).  ``clone3`` fails with ENOSYS
-so that C libraries fall back to ``clone``, whose flags a filter can check.
+``request_key``); setting clocks (``settimeofday``, ``clock_settime``); ``reboot``,
+``swapon``/``swapoff``, ``acct``, ``quotactl``, ``syslog``, ``vhangup``,
+``sethostname``/``setdomainname``; ``open_by_handle_at`` (the "shocker" escape); NUMA
+placement (``mbind``, ``set_mempolicy``, ``move_pages``, ``migrate_pages``: Docker ties them
+to ``CAP_SYS_NICE``, which RUN lacks); ``kcmp``, ``pidfd_getfd``, ``process_madvise``
+(``CAP_SYS_PTRACE`` in Docker), ``iopl``/``ioperm``, ``lookup_dcookie`` and obsolete calls
+(``uselib``, ``ustat``, ``sysfs``, ``_sysctl``, ``nfsservctl``, ``vm86``...).  ``clone3``
+fails with ENOSYS so that C libraries fall back to ``clone``, whose flags a filter can check.
 
 Both RUN paths use these lists: :func:`oci_profile` for runc's config.json, and
 :func:`load` (libseccomp through ctypes) for the built-in executor.
@@ -56,8 +64,10 @@ ALLOWED: tuple[str, ...] = tuple(
     chown32 fchown fchown32 fchownat lchown lchown32 umask utime utimes utimensat
     utimensat_time64 futimesat mknod mknodat chroot
     setxattr lsetxattr fsetxattr getxattr lgetxattr fgetxattr listxattr llistxattr
-    flistxattr removexattr lremovexattr fremovexattr
+    flistxattr removexattr lremovexattr fremovexattr setxattrat getxattrat listxattrat
+    removexattrat name_to_handle_at cachestat statmount listmount
     inotify_init inotify_init1 inotify_add_watch inotify_rm_watch fanotify_mark memfd_create
+    memfd_secret
     io_setup io_destroy io_getevents io_pgetevents io_pgetevents_time64 io_submit io_cancel
     eventfd eventfd2 signalfd signalfd4 timerfd_create timerfd_settime timerfd_gettime
     timerfd_settime64 timerfd_gettime64 epoll_create epoll_create1 epoll_ctl epoll_ctl_old
@@ -69,7 +79,7 @@ ALLOWED: tuple[str, ...] = tuple(
     fork vfork execve execveat exit exit_group wait4 waitid waitpid kill tkill tgkill
     rt_sigaction rt_sigprocmask rt_sigreturn sigreturn rt_sigpending rt_sigsuspend
     rt_sigtimedwait rt_sigtimedwait_time64 rt_sigqueueinfo rt_tgsigqueueinfo sigaltstack
-    sigaction signal sigprocmask sigpending sigsuspend pause alarm restart_syscall
+    sigprocmask pause alarm restart_syscall
     getpid getppid gettid getpgid setpgid getpgrp getsid setsid
     getuid getuid32 geteuid geteuid32 getgid getgid32 getegid getegid32 setuid setuid32
     setgid setgid32 setreuid setreuid32 setregid setregid32 setresuid setresuid32 setresgid
@@ -77,13 +87,13 @@ ALLOWED: tuple[str, ...] = tuple(
     setfsgid32 getgroups getgroups32 setgroups setgroups32 capget capset
     prctl arch_prctl set_tid_address set_robust_list get_robust_list futex futex_time64
     futex_waitv futex_wake futex_wait futex_requeue rseq get_thread_area set_thread_area
-    set_tls cacheflush breakpoint
+    set_tls cacheflush breakpoint modify_ldt uretprobe riscv_hwprobe
     sched_yield sched_getaffinity sched_setaffinity sched_getparam sched_setparam
     sched_getscheduler sched_setscheduler sched_get_priority_max sched_get_priority_min
     sched_rr_get_interval sched_rr_get_interval_time64 sched_getattr sched_setattr
     getpriority setpriority ioprio_get ioprio_set getrlimit setrlimit prlimit64 ugetrlimit
     getrusage times uname sysinfo getcpu getrandom seccomp
-    ptrace process_vm_readv process_vm_writev pidfd_open pidfd_send_signal pidfd_getfd
+    ptrace process_vm_readv process_vm_writev pidfd_open pidfd_send_signal process_mrelease
     landlock_create_ruleset landlock_add_rule landlock_restrict_self
     mq_open mq_unlink mq_timedsend mq_timedsend_time64 mq_timedreceive
     mq_timedreceive_time64 mq_notify mq_getsetattr shmget shmat shmdt shmctl semget semop
@@ -91,7 +101,7 @@ ALLOWED: tuple[str, ...] = tuple(
     time gettimeofday clock_gettime clock_gettime64 clock_getres clock_getres_time64
     clock_nanosleep clock_nanosleep_time64 nanosleep timer_create timer_settime
     timer_gettime timer_getoverrun timer_delete timer_settime64 timer_gettime64 getitimer
-    setitimer adjtimex
+    setitimer adjtimex clock_adjtime clock_adjtime64
     socketpair bind listen accept accept4 connect getsockname getpeername sendto recvfrom
     send recv sendmsg recvmsg sendmmsg recvmmsg recvmmsg_time64 shutdown setsockopt
     getsockopt socketcall
@@ -99,8 +109,18 @@ ALLOWED: tuple[str, ...] = tuple(
 )
 """Allowed with any arguments."""
 
+NOT_DOCKERS_ON_X86_64: dict[str, str] = {
+    name: "ARM only (Docker allows it there): no such call on x86_64, x86 or x32"
+    for name in ("arm_fadvise64_64", "arm_sync_file_range", "breakpoint", "cacheflush", "set_tls")
+} | {
+    "sync_file_range2": "ARM and ppc64le only (Docker allows it there): no such call on x86",
+}
+"""What ``ALLOWED`` holds that Docker's default profile does not allow on x86_64, and why
+(``tests/test_seccomp_moby.py`` checks the list against moby's, docs/hardening.md shows it)."""
+
 CLONE_NAMESPACE_FLAGS = 0x7E020000
 """CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET: ``clone`` passes only without them."""
+AF_ALG = 38
 AF_VSOCK = 40
 PERSONALITY_ALLOWED = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
 """PER_LINUX, PER_LINUX32, UNAME26 (and with PER_LINUX32), and the query value."""
@@ -111,7 +131,10 @@ PERSONALITY_ALLOWED = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
 _Cond = tuple[tuple[int, str, int], ...]
 _CONDITIONAL: tuple[tuple[str, _Cond], ...] = (
     ("clone", ((0, "SCMP_CMP_MASKED_EQ", CLONE_NAMESPACE_FLAGS),)),
-    ("socket", ((0, "SCMP_CMP_NE", AF_VSOCK),)),
+    # every address family but AF_ALG (the kernel's crypto API) and AF_VSOCK, as Docker
+    ("socket", ((0, "SCMP_CMP_LT", AF_ALG),)),
+    ("socket", ((0, "SCMP_CMP_EQ", AF_ALG + 1),)),
+    ("socket", ((0, "SCMP_CMP_GT", AF_VSOCK),)),
     *(("personality", ((0, "SCMP_CMP_EQ", v),)) for v in PERSONALITY_ALLOWED),
 )
 _ENOSYS = ("clone3",)
@@ -158,7 +181,8 @@ def oci_profile() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 _SCMP_ACT_ALLOW = 0x7FFF0000
 _SCMP_FLTATR_CTL_NNP = 3
-_CMP_OPS = {"SCMP_CMP_NE": 1, "SCMP_CMP_EQ": 4, "SCMP_CMP_MASKED_EQ": 7}
+_CMP_OPS = {"SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_EQ": 4, "SCMP_CMP_GT": 6,
+            "SCMP_CMP_MASKED_EQ": 7}
 
 
 def _act_errno(err: int) -> int:
