@@ -427,7 +427,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
     opts = options_from(ns)
     assert isinstance(opts, BuildOptions)
-    with Session.open(opts.home) as session:
+    with Session.read_only(opts.home) as session:  # plan writes nothing
         _, steps = planned(opts, session)
     print(plan_text(steps, ns.format))
     if ns.exit_code and not all(s.hit for s in steps):
@@ -442,7 +442,7 @@ def cmd_why(ns: argparse.Namespace) -> int:
 
     opts = options_from(ns)
     assert isinstance(opts, BuildOptions)
-    with Session.open(opts.home) as session:
+    with Session.read_only(opts.home) as session:  # nor does why
         for ps, reasons in why(opts, session):
             if ps.hit:
                 print(f"HIT  {ps.name}" + (f" (from {ps.source})" if ps.source else ""))

@@ -133,9 +133,11 @@ def why(opts: BuildOptions, session: Session) -> list[tuple[PlannedStep, list[st
     """For every MISS, the reasons against the last record of the same step."""
     from builder.api import dockerfile_id, no_cache_rule
     from builder.why import explain
+    from cache.index.readonly import ReadOnlyIndex
 
     plan, steps = planned(opts, session)
     did = dockerfile_id(opts)
+    index = session.index if isinstance(session.index, ReadOnlyIndex) else session.full_index
     skip = no_cache_rule(opts, plan)
     out: list[tuple[PlannedStep, list[str]]] = []
     for ps in steps:
@@ -150,7 +152,7 @@ def why(opts: BuildOptions, session: Session) -> list[tuple[PlannedStep, list[st
             stage = plan.stages[step.stage].name or str(step.stage)
             out.append((ps, [f"--no-cache-filter {stage}"]))
             continue
-        rec = session.full_index.last_record_at(did, str(step.stage), step.pos)
+        rec = index.last_record_at(did, str(step.stage), step.pos)
         old = json.loads(rec.inputs) if rec is not None else None
         label = step.instr.original.split("\n", 1)[0].strip() if step.instr else step.name
         reasons = explain(old, step.inputs, label)

@@ -88,3 +88,32 @@ class Session:
                 raise
             index.close()
 
+    @classmethod
+    @contextmanager
+    def read_only(cls, home: Path | None) -> Iterator[Session]:
+        """Open the cache home for a command that changes nothing in it (``plan``, ``why``).
+
+        No file or directory under the home is created, written or removed, and a home that
+        does not exist is not created (its index is then empty): the index is read without
+        touching the database files, its writes are dropped, and blobs the command fetches
+        (a base image's manifest, a ``--cache-from`` source's records) go to a private
+        scratch directory removed on leaving (see :mod:`cache.index.readonly`,
+        :mod:`cache.store.scratch`).  No lock is taken: a build running meanwhile may make a
+        read fail (``StoreError``), never the home change.
+        """
+        import shutil
+        import tempfile
+
+        from cache.index.readonly import ReadOnlyIndex, open_reader
+        from cache.store.scratch import ScratchStore
+
+        h = Home(home_dir(home))
+        scratch = Path(tempfile.mkdtemp(prefix="lbuild-readonly-"))
+        try:
+            index = ReadOnlyIndex(open_reader(h.db, scratch))
+            try:
+                yield cls(h.root, ScratchStore(scratch / "store", h.blobs), index)
+            finally:
+                index.close()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)

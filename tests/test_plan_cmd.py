@@ -9,6 +9,7 @@ Negative cases live in fixtures/plan-negative/<case>/ with the exact error line 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -170,6 +171,45 @@ def test_plan_builds_nothing(ctx: Path, home: Path, capsys: pytest.CaptureFixtur
     assert cli(capsys, "cache", "du", "--home", home)[1] == du
     assert cli(capsys, "cache", "ls", "--home", home)[1] == ls
     assert misses(plan_json(capsys, ctx, home)) == {EARLY, ENV, FROM_ASSETS, LATE}
+
+
+def home_listing(home: Path) -> dict[str, tuple[int, int, str]] | None:
+    """Every path under the home: (size, mtime_ns, sha256 of a file's bytes); None if absent."""
+    if not home.exists():
+        return None
+    out: dict[str, tuple[int, int, str]] = {}
+    for p in sorted(home.rglob("*")):
+        st = p.lstat()
+        data = p.read_bytes() if p.is_file() and not p.is_symlink() else b""
+        out[p.relative_to(home).as_posix()] = (
+            st.st_size, st.st_mtime_ns, hashlib.sha256(data).hexdigest()
+        )
+    return out
+
+
+def test_plan_and_why_change_nothing_in_the_home(ctx: Path, tmp_path: Path) -> None:
+    """Real CLI: plan and why create no home, and leave an existing one (its database and
+    write-ahead log included) exactly as it was."""
+    home = tmp_path / "new-home"
+    for cmd in ("plan", "why"):
+        p = lbuild(cmd, ctx, home=home)
+        assert "MISS" in p.stdout
+    assert not home.exists()
+    assert "MISS" in lbuild("plan", ctx, "--exit-code", home=home, check=False).stdout
+    assert not home.exists()
+
+    build(ctx, home)
+    (ctx / "late.txt").write_text("late 2\n")
+    build(ctx, home)  # a second build leaves lbuild.db-wal behind: plan must not touch it
+    (ctx / "late.txt").write_text("late 3\n")
+    (ctx / "new.txt").write_text("never hashed before\n")
+    before = home_listing(home)
+    assert before is not None and "lbuild.db" in before
+    p = lbuild("plan", ctx, "--exit-code", home=home, check=False)
+    assert p.returncode == 1 and "MISS" in p.stdout and LATE in p.stdout, p.stdout + p.stderr
+    p = lbuild("why", ctx, home=home)
+    assert "late.txt content changed" in p.stdout, p.stdout
+    assert home_listing(home) == before
 
 
 def test_text_format_real_cli(ctx: Path, home: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -145,6 +145,18 @@ class FastIndex:
             )
         return out
 
+    def last_record_at(self, dockerfile_id: str, stage: str, position: int) -> StepRecord | None:
+        """The record most recently used at this site (same answer as ``Index.last_record_at``)."""
+        cols = ", ".join(f"steps.{c.strip()}" for c in _STEP_COLUMNS.split(","))
+        row = self._conn.execute(
+            f"SELECT {cols} FROM steps JOIN step_sites ON step_sites.key = steps.key"
+            " WHERE step_sites.dockerfile_id = ? AND step_sites.stage = ?"
+            " AND step_sites.position = ?"
+            " ORDER BY step_sites.last_used DESC, steps.created DESC, steps.key LIMIT 1",
+            (dockerfile_id, stage, position),
+        ).fetchone()
+        return _step(row) if row is not None else None
+
     # -- compressed layers -------------------------------------------------------------
 
     def get_compressed(
