@@ -111,7 +111,12 @@ def prepare(
 
 
 def dockerfile_id(opts: BuildOptions) -> str:
-    """Identity of "the same Dockerfile" across builds (for why): its resolved path."""
+    """Identity of "the same Dockerfile" across builds (for why): its resolved path; for
+    ``-f -`` (stdin, kept in a new temporary file each time) ``CONTEXT/-``."""
+    from builder.frontend.parse import shown_name
+
+    if opts.dockerfile is not None and shown_name(opts.dockerfile) == "-":
+        return str(opts.context.resolve() / "-")
     return str((opts.dockerfile or opts.context / "Dockerfile").resolve())
 
 

@@ -116,6 +116,49 @@ def test_dockerfile_from_stdin(tmp_path: Path, home: Path) -> None:
     assert list(tmp.iterdir()) == []  # the Dockerfile's temporary copy is gone
 
 
+def _stdin(tmp_path: Path, home: Path, df: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, LBUILD_HOME=str(home))
+    return subprocess.run([sys.executable, "-m", "builder", *args], input=df,
+                          capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize(("command", "df", "message"), [
+    ("build", "FROM scratch\nCOPY a.txt /a\nCOPY --bogus=1 a.txt /b\n",
+     "-:3: unknown flag for COPY: --bogus"),
+    ("plan", "FROM scratch\n\nCOPPY a.txt /a\n",
+     "-:3: unknown instruction: COPPY (did you mean COPY?)"),
+    ("why", "FROM scratch AS base\nFROM base\nCOPY missing.txt /a\n",
+     "-:3: COPY source not found: missing.txt"),
+    ("build", "FROM scratch\nCOPY a.txt\n",
+     "-:2: COPY requires at least two arguments, but only one was provided. "
+     "Destination could not be determined"),
+])
+def test_stdin_dockerfile_errors_name_it_dash(
+    tmp_path: Path, home: Path, command: str, df: str, message: str
+) -> None:
+    """``-f -``: every message names the Dockerfile ``-``, never its temporary copy."""
+    c = ctx(tmp_path)
+    p = _stdin(tmp_path, home, df, command, "-f", "-", str(c))
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == f"lbuild: error: {message}"
+    assert "lbuild-stdin" not in p.stdout + p.stderr
+
+
+def test_stdin_dockerfile_json_error_and_why(tmp_path: Path, home: Path) -> None:
+    c = ctx(tmp_path)
+    p = _stdin(tmp_path, home, "FROM scratch\nCOPY nope /n\n",
+               "build", "-f", "-", str(c), "--progress", "json")
+    last = json.loads(p.stdout.strip().splitlines()[-1])
+    assert (last["event"], last["file"], last["line"]) == ("error", "-", 2), p.stdout
+    assert "lbuild-stdin" not in p.stdout + p.stderr
+    df = "FROM scratch\nCOPY a.txt /a\n"
+    assert _stdin(tmp_path, home, df, "build", "-f", "-", str(c)).returncode == 0
+    (c / "a.txt").write_text("changed\n")
+    # the same Dockerfile from stdin again is "the same Dockerfile" for why
+    p = _stdin(tmp_path, home, df, "why", "-f", "-", str(c))
+    assert "a.txt content changed" in p.stdout, p.stdout + p.stderr
+
+
 def _usage_error(p: subprocess.CompletedProcess[str], command: str, message: str) -> None:
     assert p.returncode == 2
     assert p.stderr.startswith(f"usage: lbuild {command} ")

@@ -55,7 +55,7 @@ from builder.frontend.instructions import (
     resolved_to_json,
     to_json,
 )
-from builder.frontend.parse import load, parse, parse_triggers
+from builder.frontend.parse import load, parse, parse_triggers, show_as, shown_name
 from builder.frontend.resolve import (
     DEFAULT_PATH,
     global_args,
@@ -100,6 +100,8 @@ __all__ = [
     "resolve_platform",
     "resolve_stage",
     "resolved_to_json",
+    "show_as",
+    "shown_name",
     "to_json",
     "unused_build_args",
 ]

@@ -9,6 +9,7 @@ directives, turns each command into one frozen dataclass of
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -608,24 +609,39 @@ def parse(text: str, filename: str = "Dockerfile") -> Dockerfile:
     )
 
 
+_SHOWN_AS: dict[str, str] = {}
+
+
+def show_as(path: str | Path, name: str) -> None:
+    """Name the Dockerfile at ``path`` ``name`` in every message about it (``-f -``: the
+    temporary file stdin was saved to is ``-``, as the user gave it)."""
+    _SHOWN_AS[os.path.abspath(path)] = name
+
+
+def shown_name(path: str | Path) -> str:
+    """How messages name the Dockerfile at ``path``: as :func:`show_as` said, else its path."""
+    return _SHOWN_AS.get(os.path.abspath(path), str(path))
+
+
 def load(path: str | Path) -> Dockerfile:
     """Read and parse a Dockerfile from disk (UTF-8, an optional BOM is ignored)."""
     p = Path(path)
+    name = shown_name(p)
     try:
         data = p.read_bytes()
     except FileNotFoundError:
-        raise NotFound(f"Dockerfile not found: {p}") from None
+        raise NotFound(f"Dockerfile not found: {name}") from None
     except IsADirectoryError:
-        raise InvalidInput(f"cannot read Dockerfile {p}: it is a directory") from None
+        raise InvalidInput(f"cannot read Dockerfile {name}: it is a directory") from None
     except OSError as err:
-        raise InvalidInput(f"cannot read Dockerfile {p}: {err.strerror or err}") from None
+        raise InvalidInput(f"cannot read Dockerfile {name}: {err.strerror or err}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise InvalidInput(
-            f"cannot read Dockerfile {p}: not UTF-8 text (byte {err.start})"
+            f"cannot read Dockerfile {name}: not UTF-8 text (byte {err.start})"
         ) from None
-    return parse(text, filename=str(p))
+    return parse(text, filename=name)
 
 
 def parse_triggers(triggers: Sequence[str], filename: str, line: int) -> tuple[Instruction, ...]:
