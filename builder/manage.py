@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from builder.plan.keys import LAYER_OP
 from cache.errors import InvalidInput, NotFound
-from cache.home import Home
+from cache.home import USED, Home, last_used, mount_marker
 
 if TYPE_CHECKING:
     from cache.index.records import StepRecord, TagRecord
@@ -243,10 +243,10 @@ def _committed_snapshots(home: Path) -> list[_Dir]:
                 parent_name: str | None = (d / "parent").read_text()
             except OSError:
                 parent_name = None
-            st = d.lstat()
             label = f"{kind_dir.name}/{d.name}"
             parent = quote(parent_name, safe="") if parent_name is not None else None
-            out.append(_Dir(d, "snapshot", label, _tree_bytes(d), st.st_mtime, parent))
+            used = last_used(d / USED, d)
+            out.append(_Dir(d, "snapshot", label, _tree_bytes(d), used, parent))
     return out
 
 
@@ -255,8 +255,9 @@ def _cache_mounts(home: Path) -> list[_Dir]:
     if not root.is_dir():
         return []
     return [
-        _Dir(d, "cache-mount", d.name, _tree_bytes(d), d.lstat().st_mtime)
+        _Dir(d, "cache-mount", d.name, _tree_bytes(d), last_used(mount_marker(d), d))
         for d in sorted(root.iterdir())
+        if d.is_dir() and not d.is_symlink()  # not the <dir>.used markers
     ]
 
 
@@ -302,6 +303,9 @@ def _remove(d: _Dir) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             d.path.unlink()
+    if d.kind == "cache-mount":
+        with contextlib.suppress(FileNotFoundError):
+            mount_marker(d.path).unlink()
 
 
 def _children_first(doomed: list[_Dir], every: list[_Dir]) -> list[_Dir]:

@@ -8,8 +8,10 @@ Layout of a home (``$LBUILD_HOME``, else ``$XDG_CACHE_HOME/lbuild``, else
     lock                flock: builds hold it shared, prune/verify exclusive
     blobs/sha256/<hex>  the content store
     memo/<key>.json     no-op memos
-    snapshots/          committed and active snapshots (RUN)
-    cache-mounts/       RUN --mount=type=cache directories
+    snapshots/          committed and active snapshots (RUN); a committed one's ``used``
+                        file's mtime is its last use
+    cache-mounts/       RUN --mount=type=cache directories, each with ``<name>.used`` beside
+                        it (mtime: its last use)
     tmp/                in-flight files, swept on start
 
 Every other module asks :class:`Home` for these paths instead of spelling them out.
@@ -68,6 +70,39 @@ class Home:
     @property
     def cache_mounts(self) -> Path:
         return self.root / "cache-mounts"
+
+
+USED = "used"
+"""A committed snapshot's last-use marker (inside its directory: only ``fs``/``layer`` is
+ever mounted); a cache mount's is ``<dir>.used`` beside it (the directory itself is mounted)."""
+
+
+def mount_marker(mount_dir: Path) -> Path:
+    """The last-use marker of cache-mount directory ``mount_dir``: ``<dir>.used`` beside it."""
+    return mount_dir.with_name(mount_dir.name + "." + USED)
+
+
+def mark_used(marker: Path, now: float | None = None) -> None:
+    """Record a use now (or at ``now``): ``marker``'s mtime, the file created if need be.
+    Best effort: a home that refuses it only makes the thing look older to ``cache prune``."""
+    try:
+        try:
+            os.utime(marker, None if now is None else (now, now))
+        except FileNotFoundError:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644))
+            if now is not None:
+                os.utime(marker, (now, now))
+    except OSError:
+        pass
+
+
+def last_used(marker: Path, fallback: Path) -> float:
+    """When the thing ``marker`` stands for was last used: its mtime; without one (made
+    before lbuild kept markers), ``fallback``'s mtime."""
+    try:
+        return marker.stat().st_mtime
+    except OSError:
+        return fallback.lstat().st_mtime
 
 
 def default_home() -> Path:

@@ -101,6 +101,56 @@ def test_du_by_kind_and_prune_of_leftovers_snapshots_and_cache_mounts(
         "blobs", "snapshots", "cache-mounts", "tmp", "db", "memo", "other", "total"]
 
 
+def _age(home: Path, *, markers: float, dirs: float) -> tuple[list[Path], list[Path]]:
+    """Set the last-use markers of every committed snapshot and cache mount to ``markers``
+    and their directories' mtimes to ``dirs``; returns (snapshots, cache mounts)."""
+    snaps = sorted(home.glob("snapshots/*/committed/*"))
+    mounts = sorted(p for p in (home / "cache-mounts").iterdir() if p.is_dir())
+    for d, marker in [(s, s / "used") for s in snaps] + [
+        (m, m.with_name(m.name + ".used")) for m in mounts
+    ]:
+        marker.touch()
+        os.utime(marker, (markers, markers))
+        os.utime(d, (dirs, dirs))
+    return snaps, mounts
+
+
+def _aged_out(home: Path) -> list[str]:
+    out = cache(home, "prune", "--keep-duration", "7d", "--dry-run").stdout.splitlines()
+    return [x for x in out if x.startswith(("would remove snapshot", "would remove cache-mount"))]
+
+
+@needs_root
+@pytest.mark.slow
+def test_snapshots_and_cache_mounts_age_by_last_use_not_directory_mtime(
+    tmp_path: Path, bbhome: Path
+) -> None:
+    ctx = _run_build(tmp_path, bbhome)
+    recent, long_ago = 2_000_000_000.0, 1_000_000_000.0  # 2033 and 2001: no clock involved
+    # used recently, directories old: prune --keep-duration keeps them
+    snaps, mounts = _age(bbhome, markers=recent, dirs=long_ago)
+    assert snaps and len(mounts) == 1
+    out = cache(bbhome, "prune", "--keep-duration", "7d").stdout
+    assert "snapshot" not in out and "cache-mount" not in out, out
+    assert all(p.is_dir() for p in snaps + mounts)
+    # used long ago, directories new: all of them would go, by age
+    _age(bbhome, markers=long_ago, dirs=recent)
+    gone = _aged_out(bbhome)
+    assert len(gone) == len(snaps) + 1 and all(x.endswith("(age)") for x in gone), gone
+    # a build that runs on a snapshot and mounts the cache marks them used
+    lbuild("build", ctx, "--progress", "plain", "--no-cache", home=bbhome)
+    after = _aged_out(bbhome)
+    assert not any("cache-mount" in x for x in after), after
+    assert len(after) < len(snaps), after
+    # and prune really removes what was used long ago (markers, not directories, decide)
+    _age(bbhome, markers=long_ago, dirs=recent)
+    out = cache(bbhome, "prune", "--keep-duration", "7d").stdout
+    assert "removed snapshot " in out and "removed cache-mount " in out, out
+    d = du(bbhome)
+    assert d["snapshots"] == 0 and d["cache_mounts"] == 0
+    assert list((bbhome / "cache-mounts").iterdir()) == []  # the markers went with them
+
+
 def test_ls_shows_dockerfile_line_and_instruction(tmp_path: Path, home: Path) -> None:
     ctx = tmp_path / "ctx"
     write_files(ctx, {"Dockerfile": "FROM scratch\n# a comment\nCOPY a.txt /a.txt\nENV E=1\n",

@@ -23,6 +23,7 @@ from builder.frontend import dockerfile as df
 from builder.frontend.runmount import parse_mount
 from builder.plan.copyspec import db_entry
 from cache.errors import InvalidInput, NotFound, StepFailed, Unsupported
+from cache.home import mark_used, mount_marker
 from cache.types import Digest, Entry, LayerInfo
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ def mounts_for(
             safe = uuid.uuid5(uuid.NAMESPACE_URL, cid).hex
             d = env.home / "cache-mounts" / safe
             d.mkdir(parents=True, exist_ok=True)
+            mark_used(mount_marker(d))  # cache prune ages mounts by their last use
             out.append(
                 BindSpec(str(d), target, "bind", readonly=m.readonly)
             )

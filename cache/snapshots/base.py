@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from cache.errors import AlreadyExists, InvalidInput, NotFound, StoreError
+from cache.home import USED, mark_used
 from cache.layers.apply import remove_tree
 from cache.snapshots.mount import Mount
 from cache.types import Digest, Entry
@@ -230,6 +231,8 @@ class Base(ABC):
             raise AlreadyExists(f"active snapshot {key!r} already exists")
         if parent is not None and not self._cdir(parent).is_dir():
             raise NotFound(f"no committed snapshot {parent!r}")
+        if parent is not None:
+            self.mark_used(parent)
         work = self._tmp / f"new-{uuid.uuid4().hex}"
         work.mkdir()
         fd = lock_fd(work / "lock", blocking=True)
@@ -283,7 +286,13 @@ class Base(ABC):
                 raise AlreadyExists(f"snapshot {name!r} already exists") from None
             raise
         self._after_commit(final)
+        self.mark_used(name)
         self._release(key)
+
+    def mark_used(self, name: str) -> None:
+        """Record that committed snapshot ``name`` was used now (``cache prune`` ages
+        snapshots by it: ``cache.home.USED``)."""
+        mark_used(self._cdir(name) / USED)
 
     def _before_commit(self, d: Path) -> None:  # noqa: B027 (an optional hook, empty by default)
         """Leave a committed snapshot nothing but its files."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cache.errors import InvalidInput, Unsupported
+from cache.home import USED
 from cache.layers.apply import apply_layer, remove_tree
 from cache.layers.tocapply import apply_toc, toc_extractable
 from cache.snapshots.base import Base, lock_fd
@@ -118,6 +119,7 @@ class OverlaySnapshotter(Base):
         """Commit snapshot ``name``: layer directory ``layer`` on committed ``parent``."""
         final = self._cdir(name)
         if final.exists():
+            self.mark_used(name)
             return
         work = self._tmp / f"stack-{uuid.uuid4().hex}"
         work.mkdir()
@@ -125,6 +127,7 @@ class OverlaySnapshotter(Base):
             if parent is not None:
                 (work / "parent").write_text(parent)
             (work / "layer").write_text(layer)
+            (work / USED).touch()
             os.rename(work, final)
         except OSError as exc:
             remove_tree(work)
