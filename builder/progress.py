@@ -111,6 +111,9 @@ class PlainReporter:
         else:
             self._print(f"{step.name} DONE {seconds:.2f}s")
 
+    def step_bytes(self, step: Step, done: int, total: int) -> None:
+        """Bytes a long COPY/ADD has written so far: nothing here (its DONE line follows)."""
+
     def transfer(self, kind: str, digest: str, done: int, total: int) -> None:
         """Bytes moved by a long operation (kind "pull", "push", "compress", "export"): one
         line when it is complete."""
@@ -177,6 +180,12 @@ class JsonReporter:
             if interrupted(error):
                 obj["interrupted"] = True
         self._emit(obj)
+
+    def step_bytes(self, step: Step, done: int, total: int) -> None:
+        """A long COPY/ADD's bytes: ``{"event": "copy", "id", "name", "done", "total"}``."""
+        self._emit(
+            {"event": "copy", "id": step.id, "name": step.name, "done": done, "total": total}
+        )
 
     def transfer(self, kind: str, digest: str, done: int, total: int) -> None:
         """Bytes moving: ``{"event": kind, "digest", "done", "total"}``."""
@@ -265,6 +274,14 @@ class RichReporter(PlainReporter):
                 self.progress.refresh()  # else the next print redraws the removed line
         super().step_done(step, cached=cached, seconds=seconds, error=error)
 
+    def step_bytes(self, step: Step, done: int, total: int) -> None:
+        """A long COPY/ADD's byte counter, on its own step line."""
+        with self.lock:
+            task = self.tasks.get(step.id)
+            if task is not None and not self.closed:
+                self.progress.update(task, completed=done, total=total, bytes=True)
+                self.progress.refresh()  # drawn now: a copy may end before the next tick
+
     def transfer(self, kind: str, digest: str, done: int, total: int) -> None:
         key = f"{kind} {digest}"
         with self.lock:
@@ -273,7 +290,9 @@ class RichReporter(PlainReporter):
             task = self.tasks.get(key)
             if task is None:
                 label = f"{kind} {digest[7:19]}"
-                task = self.tasks[key] = self.progress.add_task(label, total=total, bytes=True)
+                task = self.tasks[key] = self.progress.add_task(
+                    label, total=total, bytes=True, transfer=True
+                )
             self.progress.update(task, completed=done, total=total)
             if done >= total:
                 self.progress.remove_task(self.tasks.pop(key))
@@ -289,7 +308,7 @@ class RichReporter(PlainReporter):
             self.tasks.clear()
         if interrupt:
             for t in running:
-                if not t.fields.get("bytes"):
+                if not t.fields.get("transfer"):  # a step, with or without a byte counter
                     self.out.write(f"{t.description} INTERRUPTED {t.elapsed or 0.0:.2f}s\n")
             self.out.flush()
 

@@ -255,7 +255,7 @@ def test_failed_json_build_ends_with_one_error_event(tmp_path: Path, home: Path)
     assert ok[-1]["event"] == "done" and not any(e["event"] == "error" for e in ok)
 
 
-def test_a_long_compression_shows_a_byte_counter(tmp_path: Path, home: Path) -> None:
+def test_a_long_copy_and_compression_show_byte_counters(tmp_path: Path, home: Path) -> None:
     c = ctx(tmp_path, {"Dockerfile": "FROM scratch\nCOPY big /big\n",
                        "big": os.urandom(9 << 20)})
     archive = tmp_path / "image.tar"
@@ -266,4 +266,10 @@ def test_a_long_compression_shows_a_byte_counter(tmp_path: Path, home: Path) -> 
         assert len(counts) >= 2, kind  # on the way, and at the end
         done = [int(str(e["done"])) for e in counts]
         assert done == sorted(done) and done[-1] == counts[-1]["total"] > 9 << 20
+    # the COPY writing the layer counts the file's bytes, on its step (a few events, not one
+    # per file or per read)
+    copies = [e for e in evs if e["event"] == "copy"]
+    assert [(e["id"], e["total"]) for e in copies] == [("0:0", 9 << 20)] * len(copies)
+    assert 2 <= len(copies) <= 65 and copies[-1]["done"] == 9 << 20
+    assert copies[0]["done"] < 9 << 20
     assert evs[-1]["event"] == "done" and archive.stat().st_size > 9 << 20

@@ -125,6 +125,18 @@ def test_an_interrupted_step_is_shown_interrupted(tmp_path: Path, bbhome: Path) 
     assert not re.search(re.escape(step) + r"\s+\d+\.\ds", after)  # no live line redrawn
 
 
+def test_a_long_copy_shows_a_byte_counter_on_its_line(tmp_path: Path, home: Path) -> None:
+    ctx = tmp_path / "ctx"
+    write_files(ctx, {"Dockerfile": "FROM scratch\nCOPY big /big\n", "big": os.urandom(20 << 20)})
+    t = Pty(["build", str(ctx)], home)
+    assert t.finish() == 0, t.text()
+    shown = re.findall(r"COPY big /big\s+(\d+\.\d) MiB/20\.0 MiB", t.text())
+    # the first count is drawn when it comes (8 MiB of the 20 written), before the copy ends
+    assert "8.0" in shown, t.text()[-2000:]
+    assert any(line.startswith("[stage-0 1/1] COPY big /big DONE ")
+               for line in t.text().replace("\r", "\n").splitlines())
+
+
 def test_a_no_op_rebuild_on_a_terminal_does_not_import_rich(tmp_path: Path, home: Path) -> None:
     ctx = tmp_path / "ctx"
     write_files(ctx, {"Dockerfile": "FROM scratch\nCOPY a /a\n", "a": "a\n"})

@@ -69,6 +69,7 @@ def test_from_registry_equals_from_oci_layout_and_push(registry: Registry, tmp_p
     digest = layout_digest(out1)
     assert done["digest"] == digest and done["pushed"] == [f"{target}@{digest}"]
     assert any(e["event"] == "pull" and e["done"] == e["total"] for e in events)
+    assert any(e["event"] == "push" and e["done"] == e["total"] for e in events)
     # the same build from the OCI layout of that image gives the same image
     ctx2 = context(tmp_path, "FROM base", run=True)
     out2 = tmp_path / "out2"

@@ -238,7 +238,9 @@ class Solver:
             )
         return entries
 
-    def write(self, entries: list[Entry], *, by_content: bool = False) -> LayerInfo:
+    def write(
+        self, entries: list[Entry], *, by_content: bool = False, step: Step | None = None
+    ) -> LayerInfo:
         """Write a layer of ``entries`` (or, with ``by_content``, reuse an identical one).
 
         Every layer gets a TOC blob (:mod:`cache.layers.toc`), so later builds that hit its record
@@ -249,6 +251,9 @@ class Solver:
         finds a layer written from the same entries before — by this step when it missed
         only because a step below it changed, or by any other — and that layer is used as
         it is: no file is read, tarred, hashed or compressed again.
+
+        With ``step`` (COPY, ADD), a long copy shows a byte counter: the reporter's
+        ``step_bytes(step, done, total)`` when it has one.
         """
         from cache.layers.tar import write_layer
 
@@ -258,7 +263,14 @@ class Solver:
             if hit is not None and hit.diff_id is not None:
                 self._note_toc_blob(hit.diff_id, hit.toc_digest)
                 return LayerInfo(hit.diff_id, hit.size, self.toc(hit.diff_id))
-        layer = write_layer(entries, self.store)
+        counter = getattr(self.reporter, "step_bytes", None) if step is not None else None
+        progress = None
+        if counter is not None:
+
+            def progress(done: int, total: int) -> None:
+                counter(step, done, total)
+
+        layer = write_layer(entries, self.store, progress)
         self.remember(layer)
         toc_digest = self._store_toc(layer)
         if ck is not None:
@@ -326,7 +338,7 @@ class Solver:
             file=file,
             line=instr.line,
         )
-        return self.write(res.entries, by_content=True)
+        return self.write(res.entries, by_content=True, step=step)
 
     def _with_blob_sources(self, sel: Selected, view: View) -> Selected:
         from dataclasses import replace

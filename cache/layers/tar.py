@@ -18,7 +18,7 @@ import dataclasses
 import errno
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 from blake3 import blake3
@@ -82,7 +82,41 @@ __all__ = [
 # Writing
 
 
-def write_layer(entries: Iterable[Entry], store: ContentStore) -> LayerInfo:
+METER_MIN_BYTES = 4 << 20
+"""A layer whose files hold fewer bytes is written too fast for a byte counter to be seen."""
+METER_STEP = 8 << 20
+METER_REPORTS = 64
+"""A metered layer reports every ``max(METER_STEP, total / METER_REPORTS)`` bytes and at the
+end: a few dozen reports at most, however many files and bytes."""
+
+
+class _Meter:
+    """The tar being written, counting what goes in as ``progress(done, total)`` (``done``
+    counts the tar's bytes, headers included, capped at ``total``: the files' bytes)."""
+
+    def __init__(self, w: BlobWriter, total: int, progress: Callable[[int, int], None]) -> None:
+        self.w, self.total, self.progress = w, total, progress
+        self.step = max(METER_STEP, total // METER_REPORTS)
+        self.done = self.told = 0
+
+    @property
+    def size(self) -> int:
+        return self.w.size
+
+    def write(self, b: bytes | bytearray | memoryview) -> int:
+        n = self.w.write(b)
+        self.done += len(b)
+        if self.done - self.told >= self.step and self.done < self.total:
+            self.told = self.done
+            self.progress(self.done, self.total)
+        return n
+
+
+def write_layer(
+    entries: Iterable[Entry],
+    store: ContentStore,
+    progress: Callable[[int, int], None] | None = None,
+) -> LayerInfo:
     """Write entries as a deterministic uncompressed layer tar into the store.
 
     Entries may come in any order.  Regular files' bytes are streamed from ``entry.source``
@@ -90,10 +124,20 @@ def write_layer(entries: Iterable[Entry], store: ContentStore) -> LayerInfo:
     ``digest`` when the caller left it empty (a different non-empty digest means the file
     changed).  Returns the layer's diff_id, tar size and TOC (entries in tar order, with the
     data ``offset`` of each regular file and ``source=None``).
+
+    ``progress(done, total)`` is the byte counter of a long copy: told now and then while
+    files of ``METER_MIN_BYTES`` or more in all are written, and ``(total, total)`` at the
+    end (``_Meter``); not called for a smaller layer.
     """
     planned = _plan(entries)
     toc: list[Entry] = []
-    with _BlobFiles(store) as blobs, store.ingest() as w:
+    total = sum(e.size for _, e in planned if e.type == "file")
+    metered = progress is not None and total >= METER_MIN_BYTES
+    with _BlobFiles(store) as blobs, store.ingest() as ingest:
+        w: BlobWriter | _Meter = ingest
+        if metered:
+            assert progress is not None
+            w = _Meter(ingest, total, progress)
         for name, e in planned:
             header = _headers(name, e)
             if e.type != "file":
@@ -121,7 +165,10 @@ def write_layer(entries: Iterable[Entry], store: ContentStore) -> LayerInfo:
                 )
             )
         w.write(_ZERO_BLOCK * 2)
-    return LayerInfo(diff_id=w.digest, size=w.size, toc=tuple(toc))
+    if metered:
+        assert progress is not None
+        progress(total, total)
+    return LayerInfo(diff_id=ingest.digest, size=ingest.size, toc=tuple(toc))
 
 
 def _split(path: str) -> tuple[str, ...]:
@@ -407,7 +454,7 @@ class _BlobFiles:
         return data
 
 
-def _copy_content(e: Entry, header: bytes, blobs: _BlobFiles, w: BlobWriter) -> str:
+def _copy_content(e: Entry, header: bytes, blobs: _BlobFiles, w: BlobWriter | _Meter) -> str:
     """Write a regular file's member (header, bytes from ``entry.source``, padding) to the
     tar; return the blake3 hex of the bytes.
 
@@ -444,7 +491,7 @@ def _copy_content(e: Entry, header: bytes, blobs: _BlobFiles, w: BlobWriter) -> 
 
 
 def _stream_content(
-    e: Entry, header: bytes, padding: bytes, blobs: _BlobFiles, w: BlobWriter
+    e: Entry, header: bytes, padding: bytes, blobs: _BlobFiles, w: BlobWriter | _Meter
 ) -> str:
     """``_copy_content`` for a file bigger than ``_CHUNK``, from a host file or a blob."""
     src = e.source
@@ -519,7 +566,7 @@ def _read_host_file(path: str, size: int, ident: tuple[int, int] | None) -> byte
 
 
 
-def _copy_exact(f: BinaryIO, size: int, w: BlobWriter, h: _Hasher) -> bool:
+def _copy_exact(f: BinaryIO, size: int, w: BlobWriter | _Meter, h: _Hasher) -> bool:
     """Copy ``size`` bytes from f to w through h; True if f ended early."""
     buf = bytearray(min(_CHUNK, max(size, 1)))
     view = memoryview(buf)
