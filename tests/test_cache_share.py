@@ -274,6 +274,9 @@ def test_plan_and_why_read_a_shared_cache_and_name_it(tmp_path: Path) -> None:
                home=tmp_path / "hB", env=EPOCH)
     hits = [r for r in w.stdout.splitlines() if r.startswith("HIT")]
     assert any("RUN" in r and f"(from type=local,{cache})" in r for r in hits), w.stdout
+    # the base layout's blobs and the shared cache's records were read, never stored: plan and
+    # why made no home
+    assert not (tmp_path / "hB").exists()
 
 
 def _artifact_is_whole(cache: Path) -> str:
