@@ -144,6 +144,13 @@ def test_stdin_dockerfile_errors_name_it_dash(
     assert "lbuild-stdin" not in p.stdout + p.stderr
 
 
+def test_repro_check_refuses_a_dockerfile_from_stdin(tmp_path: Path, home: Path) -> None:
+    p = _stdin(tmp_path, home, "FROM scratch\n", "repro-check", "-f", "-", str(ctx(tmp_path)))
+    assert p.returncode == 2
+    assert p.stderr.strip() == (
+        "lbuild: error: repro-check -f - (the Dockerfile from stdin) is not supported yet")
+
+
 def test_stdin_dockerfile_json_error_and_why(tmp_path: Path, home: Path) -> None:
     c = ctx(tmp_path)
     p = _stdin(tmp_path, home, "FROM scratch\nCOPY nope /n\n",

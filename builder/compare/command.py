@@ -105,6 +105,10 @@ def cmd_repro(ns: argparse.Namespace) -> int:
     from builder.compare.repro import ReproSpec, parse_variations, repro_check
     from builder.options import parse_kv
 
+    if ns.dockerfile == "-":  # each run is a build of its own, reading the file again
+        from cache.errors import Unsupported
+
+        raise Unsupported("repro-check -f - (the Dockerfile from stdin) is not supported yet")
     contexts = parse_kv(getattr(ns, "build_context", []) or [], "--build-context", from_env=False)
     spec = ReproSpec(
         context=Path(ns.context),
