@@ -187,6 +187,7 @@ def home_listing(home: Path) -> dict[str, tuple[int, int, str]] | None:
     return out
 
 
+@pytest.mark.slow
 def test_plan_and_why_change_nothing_in_the_home(ctx: Path, tmp_path: Path) -> None:
     """Real CLI: plan and why create no home, and leave an existing one (its database and
     write-ahead log included) exactly as it was."""
