@@ -213,6 +213,19 @@ def test_plan_and_why_change_nothing_in_the_home(ctx: Path, tmp_path: Path) -> N
     assert home_listing(home) == before
 
 
+def test_plan_leaves_an_index_it_cannot_read_alone(ctx: Path, tmp_path: Path) -> None:
+    """An index of another schema (or not one) is a build's to migrate or repair, not plan's:
+    plan says so and changes nothing (an empty answer, every step a MISS, would be wrong)."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    (home / "lbuild.db").write_bytes(b"not a database\n")
+    before = home_listing(home)
+    p = lbuild("plan", ctx, home=home, check=False)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.startswith(f"lbuild: error: cannot read the cache index {home}/lbuild.db ")
+    assert home_listing(home) == before
+
+
 def test_text_format_real_cli(ctx: Path, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     build(ctx, home)
     (ctx / "late.txt").write_text("changed\n")

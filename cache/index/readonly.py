@@ -5,8 +5,9 @@ build would make (stat rows, records, tags) is dropped.  Opening must not change
 either, and a plain read-only SQLite connection does: on a WAL database it creates (and leaves)
 ``lbuild.db-wal`` and ``lbuild.db-shm`` and writes its read marks into the latter.  So:
 
-- no database, a database of another schema version, or a file that is not one: an empty
-  index (every step is a miss; nothing is migrated or repaired);
+- no database: an empty index (every step is a miss);
+- a database of another schema version, or a file that is not one: ``StoreError`` (migrating
+  or repairing it is a build's job, and an empty answer would be a wrong one);
 - no ``lbuild.db-wal`` (or an empty one): the file is opened ``immutable``, which takes no
   locks and creates no files.  Everything committed is in the main file; a build that starts
   writing meanwhile can make a read fail, which is then reported as a ``StoreError``;
@@ -52,9 +53,21 @@ def _connect(path: Path, query: str) -> FastIndex | None:
 
 
 def open_reader(db: Path, scratch: Path) -> FastIndex | None:
-    """A reader of ``db`` that changes no file next to it (see the module doc), or None."""
+    """A reader of ``db`` that changes no file next to it (see the module doc); None when
+    there is no database."""
     if not db.is_file():
         return None
+    found = _open_reader(db, scratch)
+    if found is None:
+        raise StoreError(
+            f"cannot read the cache index {db} without changing it: it is not a database of"
+            f" schema version {SCHEMA_VERSION}",
+            hint="a build migrates or repairs it: run `lbuild build`, then this again",
+        )
+    return found
+
+
+def _open_reader(db: Path, scratch: Path) -> FastIndex | None:
     wal = db.with_name(db.name + "-wal")
     try:
         logged = wal.stat().st_size > 0
