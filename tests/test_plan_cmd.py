@@ -222,7 +222,9 @@ def test_plan_leaves_an_index_it_cannot_read_alone(ctx: Path, tmp_path: Path) ->
     before = home_listing(home)
     p = lbuild("plan", ctx, home=home, check=False)
     assert p.returncode == 1 and p.stdout == ""
-    assert p.stderr.startswith(f"lbuild: error: cannot read the cache index {home}/lbuild.db ")
+    assert p.stderr.strip() == (
+        f"lbuild: error: cannot read the cache index {home}/lbuild.db: it is not a database"
+        " (hint: run `lbuild cache verify --repair`)")
     assert home_listing(home) == before
 
 

@@ -29,8 +29,11 @@ from cache.index.reader import FastIndex
 from cache.index.values import BuildRecord, Site, StatEntry, StepRecord, TagRecord
 from cache.types import BlobInfo, Digest, StepKey
 
+_NOT_A_DB = "not a database"
 
-def _connect(path: Path, query: str) -> FastIndex | None:
+
+def _connect(path: Path, query: str) -> FastIndex | str:
+    """The reader, or why there is none: ``_NOT_A_DB`` or the schema version found."""
     try:
         conn = sqlite3.connect(
             path.as_uri() + query,
@@ -40,15 +43,15 @@ def _connect(path: Path, query: str) -> FastIndex | None:
             check_same_thread=False,
         )
     except sqlite3.Error:
-        return None
+        return _NOT_A_DB
     try:
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.Error:
         conn.close()
-        return None
+        return _NOT_A_DB
     if row is None or row[0] != str(SCHEMA_VERSION):
         conn.close()
-        return None
+        return f"schema version {row[0] if row is not None else 'unknown'}"
     return FastIndex(conn, path)
 
 
@@ -58,16 +61,21 @@ def open_reader(db: Path, scratch: Path) -> FastIndex | None:
     if not db.is_file():
         return None
     found = _open_reader(db, scratch)
-    if found is None:
+    if isinstance(found, FastIndex):
+        return found
+    if found == _NOT_A_DB:
         raise StoreError(
-            f"cannot read the cache index {db} without changing it: it is not a database of"
-            f" schema version {SCHEMA_VERSION}",
-            hint="a build migrates or repairs it: run `lbuild build`, then this again",
+            f"cannot read the cache index {db}: it is not a database",
+            hint="run `lbuild cache verify --repair`",
         )
-    return found
+    raise StoreError(
+        f"cannot read the cache index {db} without changing it: it has {found},"
+        f" this lbuild reads {SCHEMA_VERSION}",
+        hint="a build migrates it (`lbuild build`); then run this again",
+    )
 
 
-def _open_reader(db: Path, scratch: Path) -> FastIndex | None:
+def _open_reader(db: Path, scratch: Path) -> FastIndex | str:
     wal = db.with_name(db.name + "-wal")
     try:
         logged = wal.stat().st_size > 0
