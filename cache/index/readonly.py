@@ -68,10 +68,14 @@ def open_reader(db: Path, scratch: Path) -> FastIndex | None:
             f"cannot read the cache index {db}: it is not a database",
             hint="run `lbuild cache verify --repair`",
         )
+    version = found.rsplit(" ", 1)[-1]
+    older = version.isdigit() and int(version) < SCHEMA_VERSION
     raise StoreError(
         f"cannot read the cache index {db} without changing it: it has {found},"
         f" this lbuild reads {SCHEMA_VERSION}",
-        hint="a build migrates it (`lbuild build`); then run this again",
+        hint="run `lbuild build` to migrate it, then this again"
+        if older
+        else "it was written by another lbuild version",
     )
 
 
