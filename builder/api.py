@@ -111,13 +111,11 @@ def prepare(
 
 
 def dockerfile_id(opts: BuildOptions) -> str:
-    """Identity of "the same Dockerfile" across builds (for why): its resolved path; for
-    ``-f -`` (stdin, kept in a new temporary file each time) ``CONTEXT/-``."""
-    from builder.frontend.parse import shown_name
+    """Identity of "the same Dockerfile" across builds (for why): its resolved path, or
+    ``CONTEXT/-`` for ``-f -`` (:func:`builder.frontend.names.identity`)."""
+    from builder.frontend.names import identity
 
-    if opts.dockerfile is not None and shown_name(opts.dockerfile) == "-":
-        return str(opts.context.resolve() / "-")
-    return str((opts.dockerfile or opts.context / "Dockerfile").resolve())
+    return identity(opts.dockerfile, opts.context)
 
 
 def no_cache_rule(opts: BuildOptions, plan: Plan) -> Callable[[Step], bool]:

@@ -262,9 +262,9 @@ def dockerfile_path(given: str | None, context: Path) -> Path | None:
         _STDIN_DIRS.append(d)
         path = Path(d) / "Dockerfile"
         path.write_bytes(sys.stdin.buffer.read())
-        from builder.frontend.parse import show_as
+        from builder.frontend.names import STDIN, show_as
 
-        show_as(path, "-")  # messages name it as the user did, never the temporary file
+        show_as(path, STDIN)  # messages name it as the user did, never the temporary file
         return path
     if given:
         return Path(given)

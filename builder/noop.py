@@ -111,6 +111,7 @@ def fingerprint(
 def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
     """(key, ignore-rules) for a build, or None when the fast path must not be tried."""
     from builder.frontend.dockerignore import load_ignore
+    from builder.frontend.names import identity
     from builder.options import oci_layout_ref, run_clamp
     from builder.plan.keys import KEY_FORMAT
 
@@ -134,7 +135,7 @@ def memo_key(opts: BuildOptions, epoch: int) -> tuple[str, Path, Any] | None:
     ident = {
         "memo": MEMO_FORMAT,
         "layer_format": KEY_FORMAT,
-        "dockerfile": str(dfile),
+        "dockerfile": identity(opts.dockerfile, opts.context),  # -f -: CONTEXT/-
         "dockerfile_b3": _b3(data),
         "context": str(ctx),
         "ignore": str(ignore_path) if ignore_path else None,

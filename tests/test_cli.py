@@ -159,7 +159,10 @@ def test_stdin_dockerfile_json_error_and_why(tmp_path: Path, home: Path) -> None
     assert (last["event"], last["file"], last["line"]) == ("error", "-", 2), p.stdout
     assert "lbuild-stdin" not in p.stdout + p.stderr
     df = "FROM scratch\nCOPY a.txt /a\n"
-    assert _stdin(tmp_path, home, df, "build", "-f", "-", str(c)).returncode == 0
+    for _ in range(2):
+        assert _stdin(tmp_path, home, df, "build", "-f", "-", str(c)).returncode == 0
+    # one no-op memo for the two: its key does not name the temporary file
+    assert len(list((home / "memo").iterdir())) == 1
     (c / "a.txt").write_text("changed\n")
     # the same Dockerfile from stdin again is "the same Dockerfile" for why
     p = _stdin(tmp_path, home, df, "why", "-f", "-", str(c))

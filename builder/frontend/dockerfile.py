@@ -55,7 +55,8 @@ from builder.frontend.instructions import (
     resolved_to_json,
     to_json,
 )
-from builder.frontend.parse import load, parse, parse_triggers, show_as, shown_name
+from builder.frontend.names import show_as, shown_name
+from builder.frontend.parse import load, parse, parse_triggers
 from builder.frontend.resolve import (
     DEFAULT_PATH,
     global_args,

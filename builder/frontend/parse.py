@@ -9,7 +9,6 @@ directives, turns each command into one frozen dataclass of
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ from builder.frontend.instructions import (
     Volume,
     Workdir,
 )
+from builder.frontend.names import shown_name
 from builder.frontend.parse_errors import (
     first_rejected_line,
     locate_parse_error,
@@ -607,20 +607,6 @@ def parse(text: str, filename: str = "Dockerfile") -> Dockerfile:
             for i, (base, body) in enumerate(stages)
         ),
     )
-
-
-_SHOWN_AS: dict[str, str] = {}
-
-
-def show_as(path: str | Path, name: str) -> None:
-    """Name the Dockerfile at ``path`` ``name`` in every message about it (``-f -``: the
-    temporary file stdin was saved to is ``-``, as the user gave it)."""
-    _SHOWN_AS[os.path.abspath(path)] = name
-
-
-def shown_name(path: str | Path) -> str:
-    """How messages name the Dockerfile at ``path``: as :func:`show_as` said, else its path."""
-    return _SHOWN_AS.get(os.path.abspath(path), str(path))
 
 
 def load(path: str | Path) -> Dockerfile:
