@@ -167,8 +167,9 @@ def _archive(
 
 def check_archive(data: bytes, root: Path) -> None:
     """Read an archive as a layer (what ADD and an image import do), then, when it reads,
-    extract it with the layer applier into ``root/rootfs``: only LbuildError, and nothing
-    ever appears in ``root`` outside ``rootfs``."""
+    extract it with the layer applier into ``root/rootfs``; read it as ``lbuild diff`` does
+    too: only LbuildError, and nothing ever appears in ``root`` outside ``rootfs``."""
+    from builder.compare.tarscan import scan
     from builder.plan.archive import archive_items
     from cache.layers.apply import apply_layer
     from cache.layers.tar import import_layer
@@ -178,6 +179,9 @@ def check_archive(data: bytes, root: Path) -> None:
     rootfs = root / "rootfs"
     rootfs.mkdir()
     before = _outside(root)
+    with contextlib.suppress(LbuildError):
+        for _ in scan(io.BytesIO(data)):
+            pass
     for blob in (data, _gz(data)):
         try:
             info = import_layer(store, io.BytesIO(blob), "auto")

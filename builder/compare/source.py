@@ -11,8 +11,8 @@
   lbuild's store).
 
 Nothing is unpacked to disk: ``iter_members`` streams a layer (gzip, zstd or plain, recognised
-by its first bytes) through ``tarfile`` in stream mode and hashes each regular file's bytes
-with blake3 as they pass.  Manifests, configs and indexes read from a layout are checked
+by its first bytes) through the layer tar reader (``builder.compare.tarscan``) and hashes each
+regular file's bytes with blake3 as they pass.  Manifests, configs and indexes read from a layout are checked
 against their digests; layer blobs are not (the comparison reads them once, and a layer whose
 diff_id equals the other side's is not read at all).
 """
@@ -470,7 +470,7 @@ def iter_members(layer: Layer, what: str = "") -> Iterator[Member]:
         with contextlib.ExitStack() as stack:
             raw = stack.enter_context(layer.opener())
             plain = _plain(stack, raw)
-            yield from scan(plain.read)
+            yield from scan(plain)
     except FileNotFoundError as e:
         raise NotFound(f"{where}: blob {layer.digest or layer.diff_id} is missing ({e})") from None
     except (EOFError, zlib.error, OSError) as e:

@@ -19,7 +19,7 @@ from cache.layers.tarfmt import (
     GZIP_DEFAULT_LEVEL,
     ZSTD_DEFAULT_LEVEL,
 )
-from cache.layers.tarread import _Input, _scan
+from cache.layers.tarread import TarInput, _scan
 from cache.store.blobs import BlobWriter
 from cache.store.contract import ContentStore
 from cache.types import (
@@ -152,7 +152,7 @@ def import_layer(store: ContentStore, compressed: BinaryIO, media_type: str) -> 
             plain = _decompressed(stack, src, codec)
             w = stack.enter_context(store.ingest())
             tee = _Tee(plain, w)
-            toc = _scan(_Input(cast(BinaryIO, tee)))
+            toc = _scan(TarInput(cast(BinaryIO, tee)))
             while tee.read(_CHUNK):
                 pass  # keep the end-of-archive blocks and padding: diff_id covers all bytes
     except bad as e:

@@ -7,6 +7,7 @@ back from the stored tar without unpacking it (``cache.layers.compress.open_memb
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from blake3 import blake3
@@ -27,7 +28,7 @@ from cache.types import (
 )
 
 
-class _Input:
+class TarInput:
     """A forward-only reader that counts its position (works on pipes and decompressors)."""
 
     def __init__(self, src: BinaryIO) -> None:
@@ -76,15 +77,27 @@ def read_toc(stream: BinaryIO) -> tuple[Entry, ...]:
     Whiteout members become ``whiteout``/``opaque`` entries; file contents are hashed with
     blake3 into ``digest``.  The stream is read forward only (a pipe is fine).
     """
-    return _scan(_Input(stream))
+    return _scan(TarInput(stream))
 
 
 _MAX_META = 1 << 20
 """Largest PAX or GNU long-name/long-link header data read (Go's archive/tar: 1 MiB)."""
 
+RawHeader = tuple[int, bytes, bytes, int, dict[str, bytes], bytes, bytes]
+"""One member as :func:`read_headers` yields it: ``(offset, header, typeflag, size, fields,
+name, link)``: where its 512-byte header block starts, that block, its typeflag, its data size
+(a PAX ``size`` applied), its PAX records (global ones, then its own; never modify them), and
+its name and link target as raw bytes (from PAX, GNU long names or the ustar fields)."""
 
-def _scan(src: _Input) -> tuple[Entry, ...]:
-    entries: list[Entry] = []
+
+def read_headers(src: TarInput) -> Iterator[RawHeader]:
+    """The members of an uncompressed tar, header by header, checked as they stream by.
+
+    Checksums, numbers, PAX records and GNU long names are read and verified here; sparse
+    members are refused.  The caller consumes each member's data (and padding) from ``src``
+    before asking for the next header.  The one tar header reader: the TOC reader below and
+    the comparisons of ``lbuild diff`` (builder/compare/tarscan.py) both read through it.
+    """
     global_pax: dict[str, bytes] = {}
     pax: dict[str, bytes] = {}
     long_name: bytes | None = None
@@ -93,7 +106,7 @@ def _scan(src: _Input) -> tuple[Entry, ...]:
         start = src.pos
         hdr = src.read(_BLOCK)
         if not hdr or hdr == _ZERO_BLOCK:
-            break  # end of archive (a missing end marker is tolerated, as Go's reader does)
+            return  # end of archive (a missing end marker is tolerated, as Go's reader does)
         if len(hdr) < _BLOCK:
             raise InvalidInput(f"truncated layer tar: partial header at offset {start}")
         _check_sum(hdr, start)
@@ -120,13 +133,20 @@ def _scan(src: _Input) -> tuple[Entry, ...]:
             continue
         fields = {**global_pax, **pax} if global_pax or pax else _NO_FIELDS
         pax = {}
-        name_b = fields.get("path") or long_name or _ustar_name(hdr)
-        link_b = fields.get("linkpath") or long_link or _cstr(hdr[157:257])
+        name = fields.get("path") or long_name or _ustar_name(hdr)
+        link = fields.get("linkpath") or long_link or _cstr(hdr[157:257])
         long_name = long_link = None
         if typeflag == b"S" or (fields and any(k.startswith("GNU.sparse.") for k in fields)):
             raise Unsupported(f"sparse files in layer tars are not supported (at offset {start})")
         if "size" in fields:
             size = _pax_int(fields["size"], start)
+        yield start, hdr, typeflag, size, fields, name, link
+
+
+def _scan(src: TarInput) -> tuple[Entry, ...]:
+    """The TOC entries of the members :func:`read_headers` reads from ``src``."""
+    entries: list[Entry] = []
+    for start, hdr, typeflag, size, fields, name_b, link_b in read_headers(src):
         uid = _pax_int(fields["uid"], start) if "uid" in fields else _number(hdr[108:116], start)
         gid = _pax_int(fields["gid"], start) if "gid" in fields else _number(hdr[116:124], start)
         mtime = (
@@ -159,7 +179,7 @@ def _scan(src: _Input) -> tuple[Entry, ...]:
         digest, offset, link, major, minor = "", -1, "", 0, 0
         if kind == "file":
             offset = src.pos
-            digest = _read_data(src, size, name)
+            digest = read_data(src, size, name)
         else:
             size = 0
             if kind in ("char", "block"):
@@ -194,7 +214,7 @@ _NO_FIELDS: dict[str, bytes] = {}
 """The PAX fields of a member that has none (never modified)."""
 
 
-def _read_data(src: _Input, size: int, name: str) -> str:
+def read_data(src: TarInput, size: int, name: str) -> str:
     """Consume a regular file's data and padding; return the data's blake3 hex."""
     padding = -size % _BLOCK
     if size >= 0 and size + padding <= _CHUNK:  # the usual small file: one read
