@@ -163,10 +163,25 @@ def _cache_from_args(*parsers: argparse.ArgumentParser) -> None:
         )
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``lbuild`` parser; for an ``argv`` that starts with ``build``, only its subcommand.
+
+    ``lbuild build ...`` reads nothing before or beside the ``build`` subparser (its usage,
+    help and errors are its own), so the no-op path neither builds the other subcommands'
+    parsers nor imports their modules (warm, compare, registry and cache sharing).
+    """
     p = cliargs.Parser(prog="lbuild", description="incremental container image builder")
     p.add_argument("--version", action=cliargs.Version, nargs=0, help="print the version")
     sub = p.add_subparsers(dest="command", required=True)
+    _build_parser(sub)
+    if argv is not None and argv[:1] == ["build"]:
+        return p
+    _other_parsers(sub)
+    return p
+
+
+def _build_parser(sub: Any) -> None:
+    """The ``build`` subcommand."""
     b = sub.add_parser("build", help="build an image from a Dockerfile")
     _build_args(b)
     b.add_argument(
@@ -194,6 +209,9 @@ def parser() -> argparse.ArgumentParser:
         help="export the step records and their blobs (replaces what is there)",
     )
 
+
+def _other_parsers(sub: Any) -> None:
+    """Every subcommand but ``build``, in the order ``lbuild --help`` lists them."""
     pl = sub.add_parser("plan", help="print the step DAG with keys and HIT/MISS, building nothing")
     _build_args(pl, plan_only=True)
     pl.add_argument("--format", choices=["text", "json", "dot"], default="text")
@@ -236,7 +254,6 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("image", metavar="IMAGE", help="a local tag, or oci-layout://DIR[:TAG]")
     u.add_argument("dest", metavar="DIR", type=Path, help="must not exist, or be empty")
     u.add_argument("--home", type=Path, help="cache directory (default $LBUILD_HOME)")
-    return p
 
 
 def _cache_parsers(sub: Any) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, Any]:
@@ -525,7 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    ns = cliargs.parse(parser(), list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    ns = cliargs.parse(parser(args), args)
     try:
         if ns.command == "build":
             return cmd_build(ns)

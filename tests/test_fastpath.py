@@ -129,3 +129,43 @@ def test_the_stored_order_is_networkx_order(tmp_path: Path) -> None:
     assert plan({**stored, "nodes": stored["nodes"][:-1]}).known_order is None  # type: ignore[attr-defined]
     for bad_order in (None, "x", order[:-1], [*order[:-1], "0:9"]):
         assert plan({**stored, "order": bad_order}).known_order is None  # type: ignore[attr-defined]
+
+
+def test_a_noop_build_imports_no_other_command(tmp_path: Path) -> None:
+    """``lbuild build`` builds only its own subparser: a no-op loads none of the modules of
+    warm, diff/repro-check, pull/push or cache export/import (``-X importtime`` tells)."""
+    import os
+    import time
+
+    from builder.noop import RACY_NS
+
+    ctx, home = tmp_path / "ctx", tmp_path / "home"
+    write_files(ctx, {"Dockerfile": "FROM scratch\nCOPY a /a\n", "a": "a\n"})
+    for p in (ctx / "a", ctx / "Dockerfile", ctx):  # older than the memo's racy-file window
+        os.utime(p, (1_000_000_000, 1_000_000_000))
+    # utime sets ctime to now: wait until every ctime is out of builder.noop.RACY_NS (a
+    # condition, not a timing margin), so the first build writes a memo the second can use
+    newest = max(p.lstat().st_ctime_ns for p in (ctx / "a", ctx / "Dockerfile", ctx))
+    while time.time_ns() - newest <= RACY_NS:
+        time.sleep(0.1)
+    lbuild("build", ctx, "--progress", "plain", home=home)
+    env = dict(os.environ, LBUILD_HOME=str(home))
+    p = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "builder", "build", str(ctx), "-q"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    loaded = {
+        line.rsplit("|", 1)[1].strip()
+        for line in p.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert {"builder.cli", "builder.noop"} <= loaded
+    assert "builder.api" not in loaded  # the no-op path answered: the builder never loaded
+    others = sorted(
+        m
+        for m in loaded
+        if m in ("builder.warm", "builder.registrycmd", "builder.sharecmd")
+        or m.startswith("builder.compare")
+    )
+    assert others == []
