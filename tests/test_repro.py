@@ -136,3 +136,29 @@ def test_source_date_epoch_flags(busybox_home: Path, tmp_path: Path) -> None:
     assert layer["files"][0]["changes"]["mtime"][1] > 100  # RUN's own time kept
     p = lbuild("build", "--build-arg", "SOURCE_DATE_EPOCH=soon", ctx, home=busybox_home, check=False)
     assert p.returncode == 2 and "SOURCE_DATE_EPOCH must be an integer" in p.stderr
+
+
+def test_clock_gate_holds_every_run_step_back(busybox_home: Path, tmp_path: Path) -> None:
+    """The builds run together; every RUN step of build 1 starts >= 2 s (wall clock) after the
+    same step of build 0 started: checked on the gate's records and on the times the RUN
+    commands themselves wrote into the images."""
+    keep = tmp_path / "keep"
+    code, out = repro(busybox_home, "--keep", keep, "--variations", "clock",
+                      FIXTURES / "repro" / "clock")
+    assert code == 1
+    (cmp,) = out["comparisons"]
+    assert {f["path"] for layer in cmp["layers"] for f in layer["files"]} == {"early", "t1", "t2"}
+    gate = keep / "gate"
+    r0 = {p.name: float(p.read_text()) for p in (gate / "0").iterdir() if p.name != "done"}
+    r1 = {p.name: float(p.read_text()) for p in (gate / "1").iterdir() if p.name != "done"}
+    assert len(r0) == 3 and set(r1) == set(r0)
+    assert all(r1[step] >= r0[step] + 2 for step in r0), (r0, r1)
+    stamps = []
+    for run in ("run-0", "run-1"):
+        files = {m.name: int(m.data) for layer in run_fixtures.image_layers(keep / run / "image")
+                 for m in layer.members if m.name in ("early", "t1", "t2")}
+        stamps.append(files)
+    by_file = dict(zip(("early", "t1", "t2"), sorted(r0, key=r0.__getitem__), strict=True))
+    for name, step in by_file.items():  # steps in start order: early, t1, t2 (one chain)
+        assert stamps[0][name] >= int(r0[step])  # build 0's command ran after its record
+        assert stamps[1][name] >= int(r0[step]) + 2  # build 1's >= 2 s after build 0's step

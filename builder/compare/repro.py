@@ -18,8 +18,13 @@ home        HOME is another (empty) directory
 hostname    the hostname RUN sees (``LBUILD_RUN_HOSTNAME``) is repro-N instead of ``lbuild``
 jobs        ``--jobs 1`` instead of the default parallelism
 snapshotter ``--snapshotter copy`` instead of the automatic choice (overlay where possible)
-clock       run N starts 2·N seconds after run 0 (the builds overlap on the other core)
+clock       every RUN step of run N starts >= 2 s after the same step of run N-1 (wall
+            clock): the builds run together and ``builder/solve/clockgate.py`` holds each RUN
+            step of a later run back until its turn
 =========== ================================================================================
+
+The builds start together (run N as soon as its context copy is made, which overlaps the
+builds already started).
 
 Local base images (``FROM NAME`` where NAME is a tag in the caller's home) are exported once
 as OCI layouts and given to every build as ``--build-context NAME=oci-layout://...``.
@@ -40,7 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from builder.compare.diff import DiffOptions, DiffResult, FieldDiff, diff_images
 from builder.compare.source import Image, LocalResolver, open_image
@@ -137,8 +142,8 @@ class Run:
     env: dict[str, str]
     umask: int | None
     flags: list[str]
-    delay: float
     used: dict[str, str]
+    prepare: Callable[[], None] | None = None  # makes the context copy (just before starting)
     seconds: float = 0.0
     returncode: int | None = None
     log: str = ""
@@ -292,55 +297,93 @@ def external_bases(context: Path, dockerfile: Path | None) -> list[str]:
 
 
 def _copy_context(
-    src: Path, dest: Path, *, reverse: bool, shuffle: int | None, umask: int | None
+    src: Path,
+    dest: Path,
+    *,
+    reverse: bool,
+    shuffle: int | None,
+    umask: int | None,
+    mtime: float | None = None,
 ) -> None:
     """Copy a context keeping symlinks and contents, creating entries in sorted, reversed or
     shuffled order (directories are made when their first entry is).  Modes are kept, or with
     ``umask`` made as a git checkout under that umask makes them (0666/0777 minus the umask,
-    git keeping only the executable bit)."""
-    entries: list[tuple[str, bool]] = []  # (relative path, is a real directory)
-    for dirpath, dirnames, filenames in os.walk(src):
-        rel = os.path.relpath(dirpath, src)
-        for n in dirnames:
-            real = not os.path.islink(os.path.join(dirpath, n))
-            entries.append((os.path.normpath(os.path.join(rel, n)), real))
-        for n in filenames:
-            entries.append((os.path.normpath(os.path.join(rel, n)), False))
+    git keeping only the executable bit).  With ``mtime``, every entry gets another time from
+    there on (one second apart, in creation order)."""
+    entries: list[tuple[str, int, int]] = []  # (relative path, kind, mode)
+    _scan(str(src), "", entries)
     entries.sort()
     if reverse:
         entries.reverse()
     if shuffle is not None:
         random.Random(shuffle).shuffle(entries)
-    dest.mkdir(parents=True)
-    for rel, is_dir in entries:
-        s, d = src / rel, dest / rel
-        d.parent.mkdir(parents=True, exist_ok=True)
-        if is_dir:
-            d.mkdir(exist_ok=True)
-        elif s.is_symlink():
+    root = str(dest)
+    os.makedirs(root)
+    made = {root}
+    dirs: list[tuple[str, int]] = [(root, stat.S_IMODE(src.stat().st_mode))]
+
+    def mode_of(kind: int, mode: int) -> int:
+        if umask is None:
+            return mode
+        return (0o777 if kind == _DIR or mode & 0o111 else 0o666) & ~umask
+
+    for k, (rel, kind, mode) in enumerate(entries):
+        s, d = os.path.join(src, rel), os.path.join(root, rel)
+        parent = os.path.dirname(d)
+        if parent not in made:
+            os.makedirs(parent, exist_ok=True)
+            made.add(parent)
+        times = None if mtime is None else (mtime + k, mtime + k)
+        if kind == _DIR:
+            if d not in made:
+                os.makedirs(d, exist_ok=True)
+                made.add(d)
+            dirs.append((d, mode))  # mode and time once every entry exists
+        elif kind == _LINK:
             os.symlink(os.readlink(s), d)
-        elif s.is_file():
-            shutil.copyfile(s, d, follow_symlinks=False)
-        # sockets, fifos and devices are not copied (a build context cannot send them)
-    # modes once every entry exists (a 0555 directory could not have been filled)
-    for rel, is_dir in [*entries, (".", True)]:
-        s = src / rel
-        if s.is_symlink() or not (dest / rel).exists():
-            continue
-        mode = stat.S_IMODE(s.lstat().st_mode)
-        if umask is not None:
-            mode = (0o777 if is_dir or mode & 0o111 else 0o666) & ~umask
-        os.chmod(dest / rel, mode)
+            if times is not None:
+                os.utime(d, times, follow_symlinks=False)
+        else:
+            _copy_file(s, d, mode_of(kind, mode), times)
+    # directory modes once every entry exists (a 0555 directory could not have been filled)
+    for k, (d, mode) in enumerate(reversed(dirs)):
+        os.chmod(d, mode_of(_DIR, mode))
+        if mtime is not None:
+            os.utime(d, (mtime - k - 1, mtime - k - 1))
 
 
-def _vary_mtimes(root: Path, run: int) -> None:
-    base = time.time() - 86400 * (10 + run)
-    for i, (dirpath, dirnames, filenames) in enumerate(os.walk(root, topdown=False)):
-        for j, n in enumerate(filenames + dirnames):
-            t = base + 7919 * run + i * 13 + j
-            with contextlib.suppress(OSError):
-                os.utime(os.path.join(dirpath, n), (t, t), follow_symlinks=False)
-        os.utime(dirpath, (base, base))
+_FILE, _DIR, _LINK = 0, 1, 2
+
+
+def _scan(src: str, rel: str, out: list[tuple[str, int, int]]) -> None:
+    """Regular files, directories and symlinks under ``src/rel`` (sockets, fifos and devices
+    are not copied: a build context cannot send them)."""
+    with os.scandir(os.path.join(src, rel) if rel else src) as it:
+        for e in it:
+            r = os.path.join(rel, e.name) if rel else e.name
+            if e.is_symlink():
+                out.append((r, _LINK, 0))
+            elif e.is_dir():
+                out.append((r, _DIR, stat.S_IMODE(e.stat().st_mode)))
+                _scan(src, r, out)
+            elif e.is_file():
+                out.append((r, _FILE, stat.S_IMODE(e.stat().st_mode)))
+
+
+def _copy_file(s: str, d: str, mode: int, times: tuple[float, float] | None) -> None:
+    fi = os.open(s, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fo = os.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            while os.sendfile(fo, fi, None, 1 << 30) > 0:
+                pass
+            os.fchmod(fo, mode)
+            if times is not None:
+                os.utime(fo, times)
+        finally:
+            os.close(fo)
+    finally:
+        os.close(fi)
 
 
 def _tmpfs_dir(work: Path, name: str) -> Path:
@@ -372,6 +415,7 @@ def plan_runs(spec: ReproSpec, work: Path, cleanup: list[Path]) -> list[Run]:
         context, dockerfile = ctx, df
         home = rdir / "home"
         needs_copy = vary and bool(v & {"path", "mtime", "order", "umask"})
+        prepare: Callable[[], None] | None = None
         if needs_copy:
             if "order" in v:
                 base = _tmpfs_dir(work, f"run{i}")
@@ -384,17 +428,10 @@ def plan_runs(spec: ReproSpec, work: Path, cleanup: list[Path]) -> list[Run]:
                 base = rdir
             depth = "/".join(["x" * (i + 2)] * (i + 1)) if "path" in v else "ctx"
             context = base / depth / "context"
-            _copy_context(
-                ctx,
-                context,
-                reverse="order" in v and i % 2 == 1,
-                shuffle=i if "order" in v and i % 2 == 0 else None,
-                umask=_UMASKS[i % 2] if "umask" in v else None,
-            )
+            prepare = _copier(ctx, context, i, v)
             if "path" in v:
                 used["path"] = str(context)
             if "mtime" in v:
-                _vary_mtimes(context, i)
                 used["mtime"] = "shifted"
             if df is not None and df.is_relative_to(ctx):
                 dockerfile = context / df.relative_to(ctx)
@@ -426,14 +463,32 @@ def plan_runs(spec: ReproSpec, work: Path, cleanup: list[Path]) -> list[Run]:
             used["snapshotter"] = "copy"
         elif spec.snapshotter:
             flags += ["--snapshotter", spec.snapshotter]
-        delay = 0.0
-        if "clock" in v and i > 0:
-            delay = CLOCK_GAP_S * i
-            used["clock"] = f"+{delay:g}s"
+        if "clock" in v and spec.against is None:
+            from builder.solve.clockgate import ENV, gate_value
+
+            env[ENV] = gate_value(work / "gate", i, CLOCK_GAP_S)
+            if i > 0:
+                used["clock"] = f"RUN steps >= {CLOCK_GAP_S * i:g}s after run 0's"
         runs.append(
-            Run(i, context, dockerfile, home, rdir / "image", env, umask, flags, delay, used)
+            Run(i, context, dockerfile, home, rdir / "image", env, umask, flags, used, prepare)
         )
     return runs
+
+
+def _copier(ctx: Path, context: Path, i: int, v: set[str]) -> Callable[[], None]:
+    """Run ``i``'s context copy, made when the run starts (after the earlier runs started)."""
+
+    def prepare() -> None:
+        _copy_context(
+            ctx,
+            context,
+            reverse="order" in v and i % 2 == 1,
+            shuffle=i if "order" in v and i % 2 == 0 else None,
+            umask=_UMASKS[i % 2] if "umask" in v else None,
+            mtime=time.time() - 86400 * (10 + i) if "mtime" in v else None,
+        )
+
+    return prepare
 
 
 def _argv(spec: ReproSpec, run: Run, bases: dict[str, str]) -> list[str]:
@@ -447,16 +502,18 @@ def _argv(spec: ReproSpec, run: Run, bases: dict[str, str]) -> list[str]:
     return argv
 
 
-def execute(spec: ReproSpec, runs: list[Run], bases: dict[str, str]) -> None:
-    """Start every build (run N after its delay), wait for all of them."""
-    t0 = time.monotonic()
+def execute(spec: ReproSpec, runs: list[Run], bases: dict[str, str], work: Path) -> None:
+    """Start every build (run N once its context copy is made: the copy overlaps the builds
+    already running), wait for all of them.  A build's exit is marked for the clock gate, so
+    a later build waiting for a step the earlier one never ran goes on."""
+    from builder.solve.clockgate import mark_done
+
     procs: list[tuple[Run, subprocess.Popen[bytes], float]] = []
     logs = []
     try:
-        for run in sorted(runs, key=lambda r: r.delay):
-            wait = t0 + run.delay - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
+        for run in runs:
+            if run.prepare is not None:
+                run.prepare()
             log = open(run.out.parent / "build.log", "wb")  # noqa: SIM115 (closed below)
             logs.append(log)
             p = subprocess.Popen(
@@ -468,9 +525,11 @@ def execute(spec: ReproSpec, runs: list[Run], bases: dict[str, str]) -> None:
                 umask=run.umask if run.umask is not None else -1,
             )
             procs.append((run, p, time.monotonic()))
-        for run, p, started in procs:
+        for run, p, started in procs:  # run N's gate waits for run N-1 only: in order
             run.returncode = p.wait()
             run.seconds = time.monotonic() - started
+            if (work / "gate").is_dir():
+                mark_done(work / "gate", run.index)
     except BaseException:
         for _, p, _ in procs:
             if p.poll() is None:
@@ -527,14 +586,14 @@ def repro_check(
         bases = export_bases(spec, work, export)
         runs = plan_runs(spec, work, cleanup)
         say(f"building {len(runs)} time(s) in {work}")
-        execute(spec, runs, bases)
+        execute(spec, runs, bases, work)
         for run in runs:
             if run.returncode != 0:
                 tail = [ln for ln in run.log.strip().splitlines() if ln.strip()][-1:] or ["?"]
                 raise StepFailed(
                     f"repro-check: build {run.index} failed (exit {run.returncode}): {tail[0]}"
                 )
-        images = [open_image(f"oci-layout://{r.out}:latest") for r in runs]
+        images = [_plain_layers(open_image(f"oci-layout://{r.out}:latest"), r.home) for r in runs]
         diffs: list[tuple[int, DiffResult]] = []
         if against is not None:
             diffs.append((0, diff_images(against, images[0], spec.options)))
@@ -550,6 +609,33 @@ def repro_check(
             _remove(d)
         if not keep:
             _remove(work)
+
+
+def _plain_layers(image: Image, home: Path) -> Image:
+    """``image`` with each layer read from the uncompressed tar its build left in its home
+    (named by its diff_id), when it is there: a differing layer is then not decompressed."""
+    from dataclasses import replace
+
+    from cache.store.blobs import BlobStore
+    from cache.types import Digest
+
+    if not home.is_dir():
+        return image
+    store = BlobStore(home)
+    layers = []
+    for layer in image.layers:
+        path = store.path(Digest(layer.diff_id)) if layer.diff_id else None
+        if path is not None and path.is_file():
+            layer = replace(layer, opener=_file_opener(path))
+        layers.append(layer)
+    return replace(image, layers=tuple(layers))
+
+
+def _file_opener(path: Path) -> Callable[[], BinaryIO]:
+    def opener() -> BinaryIO:
+        return open(path, "rb")
+
+    return opener
 
 
 def _remove(path: Path) -> None:

@@ -242,7 +242,10 @@ class RunSteps:
     snapshotter, made on first use."""
 
     def __init__(self, env: RunEnv) -> None:
+        from builder.solve.clockgate import from_env
+
         self.env = env
+        self._gate = from_env()  # repro-check's clock variation, else None
         self._snap: Snapshotter | None = None
         self._lock = threading.Lock()
 
@@ -298,6 +301,8 @@ class RunSteps:
             binds, targets = mounts_for(instr, self.env, state.workdir, file, scratch)
             check_entitlements([instr], self.env.allow, file)
             spec = _spec(step, instr, argv, stdin, (uid, gid, groups, user_home), binds, file)
+            if self._gate is not None:  # repro-check's clock variation (solve/clockgate.py)
+                self._gate.pass_step(step.stage, step.pos, cancel=solver.cancel)
             code = run(
                 spec,
                 mounts,
