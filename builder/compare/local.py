@@ -143,15 +143,18 @@ class LocalStore:
     def export_base(self, ref: str, dest: Path) -> bool:
         """Write the image tagged ``ref`` as an OCI layout at ``dest`` (tag ``latest``);
         False when the store has no such tag."""
-        from builder.export.oci import Image as OciImage
-        from builder.export.oci import export_oci_layout
-        from builder.images import image_from_store
         from cache.types import Digest
 
         digest = self.manifest_digest(ref)
         if digest is None:
             return False
         store = self.store()
+        if _link_layout(store, digest, dest):
+            return True
+        from builder.export.oci import Image as OciImage
+        from builder.export.oci import export_oci_layout
+        from builder.images import image_from_store
+
         ext = image_from_store(store, ref, Digest(digest))
         manifest_bytes = store.read(Digest(digest))
         manifest: dict[str, Any] = json.loads(manifest_bytes)
@@ -166,6 +169,48 @@ class LocalStore:
         )
         export_oci_layout(store, image, dest, "latest")
         return True
+
+
+def _link_layout(store: BlobStore, digest: str, dest: Path) -> bool:
+    """Write the image as an OCI layout (tag ``latest``) whose blobs are hard links to the
+    store's (copies across filesystems); False, with nothing written, when a blob the
+    manifest names is not in the store (``export_oci_layout`` then makes it again)."""
+    import os
+    import shutil
+
+    from cache.types import Digest
+
+    manifest_bytes = store.read(Digest(digest))
+    manifest: dict[str, Any] = json.loads(manifest_bytes)
+    config = json.loads(store.read(Digest(manifest["config"]["digest"])))
+    blobs = [Digest(digest), Digest(manifest["config"]["digest"])]
+    blobs += [Digest(x["digest"]) for x in manifest.get("layers", [])]
+    if not all(store.has(b) for b in blobs):
+        return False
+    out = dest / "blobs" / "sha256"
+    out.mkdir(parents=True)
+    for b in dict.fromkeys(blobs):
+        src, to = store.path(b), out / b.split(":", 1)[1]
+        try:
+            os.link(src, to)
+        except OSError:
+            shutil.copyfile(src, to)
+    platform = {k: config.get(k) for k in ("architecture", "os", "variant")}
+    desc = {
+        "annotations": {"org.opencontainers.image.ref.name": "latest"},
+        "digest": str(digest),
+        "mediaType": manifest.get("mediaType", "application/vnd.oci.image.manifest.v1+json"),
+        "platform": {k: v for k, v in platform.items() if v},
+        "size": len(manifest_bytes),
+    }
+    index = {
+        "manifests": [desc],
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "schemaVersion": 2,
+    }
+    (dest / "index.json").write_text(json.dumps(index, sort_keys=True))
+    (dest / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    return True
 
 
 def _names_a_registry(ref: str) -> bool:

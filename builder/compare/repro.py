@@ -45,11 +45,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from builder.compare.diff import DiffOptions, DiffResult, FieldDiff, diff_images
 from builder.compare.source import Image, LocalResolver, open_image
 from cache.errors import InvalidInput, StepFailed
+
+if TYPE_CHECKING:
+    from builder.frontend.dockerfile import Dockerfile
 
 __all__ = ["VARIATIONS", "ReproReport", "ReproSpec", "StepSite", "parse_variations", "repro_check"]
 
@@ -246,12 +249,28 @@ _CONFIG_WORDS = {
 # Dockerfile steps
 
 
-def chain_steps(context: Path, dockerfile: Path | None, target: str | None) -> list[StepSite]:
-    """The instructions of the final image's stage chain, in history order."""
+def _parsed(path: Path) -> Dockerfile:
+    """The Dockerfile at ``path``, parsed once per content (steps and bases both read it)."""
     from builder.frontend.dockerfile import load
 
+    try:
+        st = path.stat()
+    except OSError:
+        return load(path)  # its own message (not found, a directory, unreadable)
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if _PARSED.get(key) is None:
+        _PARSED.clear()
+        _PARSED[key] = load(path)
+    return _PARSED[key]
+
+
+_PARSED: dict[tuple[str, int, int], Dockerfile] = {}
+
+
+def chain_steps(context: Path, dockerfile: Path | None, target: str | None) -> list[StepSite]:
+    """The instructions of the final image's stage chain, in history order."""
     path = dockerfile if dockerfile is not None else context / "Dockerfile"
-    df = load(path)
+    df = _parsed(path)
     if not df.stages:
         return []
     stage = df.stage(target) if target else df.stages[-1]
@@ -274,9 +293,7 @@ def chain_steps(context: Path, dockerfile: Path | None, target: str | None) -> l
 
 def external_bases(context: Path, dockerfile: Path | None) -> list[str]:
     """FROM and COPY --from names that are not stages (nor scratch, nor ARG-expanded)."""
-    from builder.frontend.dockerfile import load
-
-    df = load(dockerfile if dockerfile is not None else context / "Dockerfile")
+    df = _parsed(dockerfile if dockerfile is not None else context / "Dockerfile")
     names: list[str] = []
     for st in df.stages:
         refs = [st.base.image]
@@ -644,7 +661,8 @@ def _remove(path: Path) -> None:
     def onerror(func: Callable[..., Any], p: str, _exc: Any) -> None:
         with contextlib.suppress(OSError):
             os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):  # never a file: it may be a
+                os.chmod(p, 0o700)  # hard link to a blob of the caller's store
             func(p)
 
     shutil.rmtree(path, onerror=onerror)
