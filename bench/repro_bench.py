@@ -9,7 +9,11 @@
    stagger is a fixed cost) and without the umask one (the app's COPY steps keep the checkout's
    modes, so the default check finds every file differing and diffs every layer; without it the
    two images are equal and the comparison is one digest).
-2. ``lbuild diff`` of two 2,000-file images whose every layer differs (the app image built with
+2. The same context with a RUN step after the COPY steps (``run_bench.RUN_DOCKERFILE``, on the
+   busybox base): one cold build, repro-check with the default variations and without the
+   clock one.  The clock variation holds each RUN step of the second build back until the
+   first build's same step is 2 s old, so a build whose RUN comes early pays about 2 s more.
+3. ``lbuild diff`` of two 2,000-file images whose every layer differs (the app image built with
    SOURCE_DATE_EPOCH=0 and =1: every file's mtime differs, so every tar is streamed and every
    file compared).  Goal: <= 1 s.  The whole command (interpreter start included) and the
    in-process comparison are both timed.
@@ -77,6 +81,16 @@ def main() -> None:
     ctx_arg = ["--build-context", f"base=oci-layout://{base}:latest"]
 
     cold, repro, repro_noclock, repro_noumask = [], [], [], []
+    run_cold, run_repro, run_noclock = [], [], []
+    from run_bench import RUN_DOCKERFILE
+
+    (s.context / "run.Dockerfile").write_text(RUN_DOCKERFILE)
+    bb_ctx, bb = work / "busybox", work / "busybox-layout"
+    subprocess.run(["sh", str(ROOT / "fixtures/busybox/prepare-context.sh"), str(bb_ctx)],
+                   check=True)
+    lbuild("build", bb_ctx, "--home", work / "bbhome", "-o", f"type=oci,dest={bb}")
+    run_arg = ["-f", s.context / "run.Dockerfile", "--build-context",
+               f"base=oci-layout://{bb}:latest"]
     for r in range(ns.rounds):
         fresh = work / f"cold-{r}"
         cold.append(lbuild("build", *ctx_arg, "--home", fresh, "-o",
@@ -86,6 +100,12 @@ def main() -> None:
                                     s.context, ok=(0, 1), label="noclock"))
         repro_noumask.append(lbuild("repro-check", "--home", home, "--variations", "all,-umask",
                                     s.context, ok=(0,), label="noumask"))
+        run_cold.append(lbuild("build", *run_arg, "--home", work / f"run-cold-{r}", "-o",
+                               f"type=oci,dest={work / f'run-cold-out-{r}'}", s.context,
+                               label="run-cold"))
+        run_repro.append(lbuild("repro-check", *run_arg, s.context, ok=(1,), label="run-repro"))
+        run_noclock.append(lbuild("repro-check", *run_arg, "--variations", "all,-clock",
+                                  s.context, ok=(1,), label="run-noclock"))
     a, b = work / "img-a", work / "img-b"
     lbuild("build", *ctx_arg, "--home", work / "ha", "-o", f"type=oci,dest={a}", s.context,
            env={"SOURCE_DATE_EPOCH": "0"})
@@ -118,11 +138,20 @@ def main() -> None:
     ):
         print(f"| {name} | {med(xs):.2f} | {med(xs) / med(cold):.2f}x | {cpu[key]:.2f} | "
               f"{cpu[key] / cpu['cold']:.2f}x |")
+    print(f"| with a RUN step: one cold build (fresh home) | {med(run_cold):.2f} | 1.00x | "
+          f"{cpu['run-cold']:.2f} | 1.00x |")
+    for name, xs, key in (
+        ("with a RUN step: repro-check, default variations", run_repro, "run-repro"),
+        ("with a RUN step: repro-check, all but clock", run_noclock, "run-noclock"),
+    ):
+        print(f"| {name} | {med(xs):.2f} | {med(xs) / med(run_cold):.2f}x | {cpu[key]:.2f} | "
+              f"{cpu[key] / cpu['run-cold']:.2f}x |")
     print(f"| lbuild diff, 2 images x {len(res.a.layers)} layers, {files} files differ (command) "
           f"| {med(diff_cmd):.2f} | | {cpu['diff']:.2f} | |")
     print(f"| the same comparison in process | {med(inproc):.2f} | | {med(inproc_cpu):.2f} | |")
     print(f"\nraw: cold {cold}, repro {repro}, repro-no-clock {repro_noclock}, "
-          f"repro-no-umask {repro_noumask}, diff {diff_cmd}, in-process {inproc}")
+          f"repro-no-umask {repro_noumask}, run-cold {run_cold}, run-repro {run_repro}, "
+          f"run-repro-no-clock {run_noclock}, diff {diff_cmd}, in-process {inproc}")
 
 
 if __name__ == "__main__":
