@@ -24,6 +24,7 @@ from typing import BinaryIO
 import pytest
 
 from cache.errors import AlreadyExists, DigestMismatch, InvalidInput, NotFound, StoreError
+from cache.snapshots.base import LayerStacks
 from cache.snapshots.snapshot import (
     CopySnapshotter,
     OverlaySnapshotter,
@@ -443,13 +444,38 @@ def test_ensure_chain(snap: Snapshotter, tmp_path: Path) -> None:
 
     top = ensure_chain(snap, ids, open_layer)
     assert top == chain_id(ids)
-    assert snap.exists(chain_id(ids[:1]))
+    # overlay: a stack per prefix (they share the layer directories); copy: one tree, made
+    # once, with no copy of the tree per prefix on the way
+    assert snap.exists(chain_id(ids[:1])) == isinstance(snap, LayerStacks)
     assert ensure_chain(snap, ids, open_layer) == top
     assert opened == ids  # the second call opened nothing
     snap.view("v", top)
     with mounted(snap, "v", tmp_path / "m") as r:
         assert sorted(os.listdir(r)) == ["a", "c", "d"]
         assert os.listdir(r / "d") == []
+
+
+def test_copy_chain_is_made_from_the_longest_committed_prefix(tmp_path: Path) -> None:
+    """The copy snapshotter copies the longest committed prefix once and applies only the
+    layers above it."""
+    layers = [_tar({"a": b"1"}), _tar({"b": b"2"}), _tar({"c": b"3"})]
+    ids = [_digest(t) for t in layers]
+    by_id = dict(zip(ids, layers, strict=True))
+    opened: list[Digest] = []
+
+    def open_layer(d: Digest) -> BinaryIO:
+        opened.append(d)
+        return io.BytesIO(by_id[d])
+
+    snap = CopySnapshotter(tmp_path / "copy")
+    assert ensure_chain(snap, ids[:1], open_layer) == chain_id(ids[:1])
+    opened.clear()
+    top = ensure_chain(snap, ids, open_layer)
+    assert opened == ids[1:]
+    assert not snap.exists(chain_id(ids[:2]))
+    snap.view("v", top)
+    with mounted(snap, "v", tmp_path / "m") as r:
+        assert sorted(os.listdir(r)) == ["a", "b", "c"]
 
 
 def test_ensure_chain_digest_mismatch_commits_nothing(snap: Snapshotter, tmp_path: Path) -> None:
@@ -492,7 +518,7 @@ def test_ensure_chain_concurrent_processes(tmp_path: Path) -> None:
         outs = [p.communicate(timeout=60)[0].strip() for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0]
         assert outs == [chain_id(ids)] * 3
-        assert len(os.listdir(root / "committed")) == 2
+        assert len(os.listdir(root / "committed")) == (2 if kind == "overlay" else 1)
         assert os.listdir(root / "active") == []
 
 

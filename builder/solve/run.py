@@ -256,11 +256,15 @@ class RunSteps:
             return self._snap
 
     def prefetch(self, solver: RunContext, diff_ids: list[Digest]) -> None:
-        """Make the committed snapshot chain of ``diff_ids`` (a RUN will need it)."""
+        """Make the committed snapshot chain of ``diff_ids`` (a RUN will need it).  Only
+        for per-layer snapshots: a copy snapshot of a prefix is a whole tree the RUN would
+        copy again, so the copy snapshotter makes its chain when the RUN starts."""
+        from cache.snapshots.base import LayerStacks
         from cache.snapshots.snapshot import ensure_chain
 
-        if diff_ids:
-            ensure_chain(self.snapshotter(), diff_ids, solver.store.open, solver.toc)
+        snap = self.snapshotter()
+        if diff_ids and isinstance(snap, LayerStacks):
+            ensure_chain(snap, diff_ids, solver.store.open, solver.toc)
 
     def __call__(self, solver: RunContext, step: Step) -> LayerInfo | None:
         from builder.solve.executor import Helper

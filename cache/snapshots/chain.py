@@ -32,11 +32,12 @@ def ensure_chain(
     open_layer: Callable[[Digest], BinaryIO],
     toc: Callable[[Digest], Sequence[Entry]] | None = None,
 ) -> str:
-    """Make sure committed snapshots exist for every prefix of ``diff_ids``; return the top name.
+    """Make sure a committed snapshot of ``diff_ids`` exists; return its name (its chain id).
 
-    Each snapshot is committed under its chain id.  The copy snapshotter extracts each missing
-    layer (once opened, verified against its diff_id) onto a copy of the snapshot below.  The
-    overlay snapshotter stacks layer directories shared by content (``ensure_layer``): only a
+    Each snapshot is committed under its chain id.  The copy snapshotter copies the longest
+    prefix of the chain that is committed and extracts every missing layer onto that one copy
+    (each verified against its diff_id as it streams); the prefixes in between are not
+    committed.  The overlay snapshotter stacks layer directories shared by content (``ensure_layer``): only a
     layer whose directory is missing is extracted.  ``toc`` gives a layer's table of contents:
     with it, the directories a layer does not carry get the metadata the layers below give
     them (without it, 0755 root).  Another process doing the same at once is fine: per-name
@@ -47,14 +48,21 @@ def ensure_chain(
     names = [str(chain_id(diff_ids[: i + 1])) for i in range(len(diff_ids))]
     if isinstance(snap, LayerStacks):  # a declared capability (base.py), not a class
         return _ensure_stacks(snap, diff_ids, names, open_layer, toc)
-    parent: str | None = None
-    for i, name in enumerate(names):
-        if not snap.exists(name):
-            with snap.name_lock(name):
-                if not snap.exists(name):
-                    _extract_one(snap, name, parent, diff_ids[: i + 1], open_layer)
-        parent = name
-    return names[-1]
+    # A copy snapshot is a whole tree: the chain is made once, from the longest prefix that
+    # exists, by applying every missing layer onto one copy of it (committing each prefix
+    # on the way copied the tree once per layer).
+    top = names[-1]
+    if snap.exists(top):
+        return top
+    with snap.name_lock(top):
+        if snap.exists(top):
+            return top
+        have = len(names) - 1
+        while have > 0 and not snap.exists(names[have - 1]):
+            have -= 1
+        parent = names[have - 1] if have else None
+        _extract_onto(snap, top, parent, diff_ids, have, open_layer)
+    return top
 
 
 def _ensure_stacks(
@@ -88,21 +96,27 @@ def _ensure_stacks(
     return names[-1]
 
 
-def _extract_one(
+def _extract_onto(
     snap: Snapshotter,
     name: str,
     parent: str | None,
     chain: Sequence[Digest],
+    start: int,
     open_layer: Callable[[Digest], BinaryIO],
 ) -> None:
+    """Commit ``name`` (the snapshot of ``chain``): ``parent`` (the snapshot of
+    ``chain[:start]``) with the layers ``chain[start:]`` applied, each verified against its
+    diff_id as it streams."""
     key = f"extract-{os.getpid()}-{uuid.uuid4().hex}"
-    diff_id = chain[-1]
     snap.prepare(key, parent)
     try:
         target, overlay = snap.apply_target(key)
         snap.note_chain(key, chain)
-        with open_layer(diff_id) as stream:
-            apply_layer(stream, target, expected=diff_id, name=f"layer {diff_id}", overlay=overlay)
+        for diff_id in chain[start:]:
+            with open_layer(diff_id) as stream:
+                apply_layer(
+                    stream, target, expected=diff_id, name=f"layer {diff_id}", overlay=overlay
+                )
         snap.commit(name, key)
     except AlreadyExists:
         snap.remove(key)
