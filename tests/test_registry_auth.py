@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import ssl
 import stat
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from registry_server import (
     Registry,
     add_image,
     docker_config,
+    free_port,
     put_image,
+    registry_fixture,  # noqa: F401 (a fixture)
     tls_registry_fixture,  # noqa: F401 (a fixture)
     token_registry_fixture,  # noqa: F401 (a fixture)
     unique_repo,
@@ -142,6 +145,47 @@ def test_tls_basic_auth(
     with pytest.raises(RegistryError) as err:
         pull(BlobStore(tmp_path / "home2"), ref, platform=AMD64)
     assert "wrong-pw-123" not in str(err.value) and PASSWORD not in str(err.value)
+
+
+def test_the_scheme_of_a_loopback_registry_is_told_without_loading_the_trust_store(
+    registry: Registry, tls_registry: Registry, no_creds: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cache.registry import transport
+
+    assert transport.speaks_tls(registry.host) is False
+    assert transport.speaks_tls(tls_registry.host) is True
+    assert transport.speaks_tls(f"127.0.0.1:{free_port()}") is None  # nothing listens
+    made: list[ssl.SSLContext] = []
+    real = transport.ssl_context
+
+    def keep(host: str) -> ssl.SSLContext:
+        made.append(real(host))
+        return made[-1]
+
+    monkeypatch.setattr(transport, "ssl_context", keep)
+    monkeypatch.setenv("LBUILD_CERTS_D", str(tls_registry.certs_d))
+    for reg in (registry, tls_registry):
+        transport._SCHEMES.pop(reg.host, None)  # as in a new process
+        with Transport(reg.host) as t:
+            assert t.request("GET", "/v2/", scopes=()).status_code in (200, 401)
+            assert t.requests == [("GET", "/v2/")]  # one request: no failed HTTPS attempt
+    plain, tls = made
+    assert isinstance(plain, transport._Trust) and isinstance(tls, transport._Trust)
+    assert plain._loaded is False  # plain HTTP: the system bundle was never loaded
+    assert tls._loaded is True
+
+
+def test_the_http_stack_leaves_out_the_async_loop_and_the_httpx_command() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; import cache.registry.transport; "
+            "print(sorted(m for m in ('trio', 'httpx._main', 'rich') if m in sys.modules)); "
+            "import importlib.util; print(importlib.util.find_spec('httpx._main') is not None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "True"  # importable again afterwards: only skipped for httpx's own import
 
 
 # -- Bearer tokens ------------------------------------------------------------------------------

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urljoin
 
-import httpx
-
 from cache.errors import DigestMismatch, Unsupported
 from cache.registry.errors import RegistryError
+from cache.registry.httplib import httpx
 from cache.registry.reference import Reference
 from cache.registry.transport import Transport, error_text
 

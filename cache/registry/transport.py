@@ -30,10 +30,9 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from cache.registry.auth import Credentials, credentials_for
 from cache.registry.errors import RegistryError
+from cache.registry.httplib import httpx
 
 CERTS_D = "/etc/docker/certs.d"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -106,6 +105,46 @@ class _Trust(ssl.SSLContext):
     def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
         self._load()
         return super().wrap_bio(*args, **kwargs)
+
+
+def speaks_tls(host: str, timeout: float = 15.0) -> bool | None:
+    """Whether ``host[:port]`` answers a TLS handshake as a TLS server (None: no connection).
+
+    For hosts that may use plain HTTP, whose scheme is not known yet: the handshake runs with
+    a context that trusts nothing, so it never completes and nothing is sent over it.  A TLS
+    server fails it on its certificate; anything else (a plain HTTP server answers the
+    ClientHello with a 400, or closes) is not TLS.  This spares loading the system trust
+    store (``_Trust``) for a registry that does not speak TLS at all."""
+    import socket
+
+    name = _hostname(host)
+    try:
+        sock = socket.create_connection((name, _port(host)), timeout=timeout)
+    except OSError:
+        return None
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # hostname checked, certificate required
+    try:
+        with probe.wrap_socket(sock, server_hostname=name):
+            return True  # unreachable with an empty trust store; a TLS server if it happens
+    except ssl.SSLCertVerificationError:
+        return True
+    except OSError:  # ssl.SSLError included: not TLS
+        return False
+    finally:
+        sock.close()
+
+
+def _port(host: str) -> int:
+    """The port ``host[:port]`` names (443 when none)."""
+    if host.startswith("["):
+        rest = host[host.index("]") + 1 :]
+        return int(rest[1:]) if rest.startswith(":") else 443
+    return int(host.rsplit(":", 1)[1]) if host.count(":") == 1 else 443
+
+
+def _proxied() -> bool:
+    """Whether httpx may send requests through a proxy (then only a request tells)."""
+    return any(k.lower() in ("http_proxy", "https_proxy", "all_proxy") for k in os.environ)
 
 
 def ssl_context(host: str) -> ssl.SSLContext:
@@ -312,6 +351,8 @@ class Transport:
         Returns the response whatever its status (the caller judges it); with ``stream`` the
         caller reads and closes it.  Raises RegistryError when the registry cannot be reached.
         """
+        if self._scheme is None and not path.startswith(("http://", "https://")):
+            self._choose_scheme()
         attempt = 0
         authed_again = False
         replayable = method in IDEMPOTENT
@@ -366,6 +407,18 @@ class Transport:
                 resp.read()
                 resp.close()
             return resp
+
+    def _choose_scheme(self) -> None:
+        """A host that may use plain HTTP: HTTPS if it speaks TLS, else HTTP (``speaks_tls``);
+        left open (the first request tries HTTPS, then HTTP) when that cannot be told."""
+        if _proxied():
+            return
+        with self._lock:
+            if self._scheme is not None:
+                return
+            tls = speaks_tls(self.host)
+            if tls is not None:
+                self._scheme = _SCHEMES[self.host] = "https" if tls else "http"
 
     def _sleep(self, attempt: int, retry_after: float | None) -> None:
         delay = retry_after if retry_after is not None else self.backoff_s * (2**attempt)
