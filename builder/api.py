@@ -219,22 +219,11 @@ def _build(
     collect: list[Record] | None = None,
     unusable: set[Digest] | None = None,
 ) -> BuildResult:
-    from builder import noop
-    from builder.solve.solver import Solver
-
     with Session.open(opts.home, deferred=deferred, recorder=recorder) as session:
-        probed = probe or (noop.probe(opts, epoch) if memo else None)
         tags_used: dict[str, str] = {}
-        plan, _ctx = prepare(
-            opts,
-            session,
-            tags_used,
-            probed.scans if probed is not None else None,
-            probed.dag if probed is not None else None,
-            reporter=rep,
-        )
-        check_entitlements(plan, opts)
-        remote = cacheshare.open_sources(opts.cache_from, session, rep.message, unusable)
+        plan, probed, remote = _plan(opts, session, rep, probe, memo, epoch, tags_used, unusable)
+        from builder.solve.solver import Solver
+
         cache = IndexCache(session, dockerfile_id(opts), remote)
         runner = _LazyRun(opts, session)
         solver = Solver(
@@ -286,6 +275,39 @@ def _build(
             _save_memo(session, probed, plan, result, tags_used, pins)
     rep.finish(result)
     return result
+
+
+def _plan(
+    opts: BuildOptions,
+    session: Session,
+    rep: Reporter,
+    probe: noop.Probe | None,
+    memo: bool,
+    epoch: int,
+    tags_used: dict[str, str],
+    unusable: set[Digest] | None,
+) -> tuple[Plan, noop.Probe | None, RemoteCache | None]:
+    """The plan, the no-op probe it reused, and the ``--cache-from`` sources, read on a
+    thread while the context is walked and hashed and the base images resolved."""
+    from builder import noop
+
+    pending = cacheshare.start_sources(opts.cache_from, session, unusable)
+    try:
+        probed = probe or (noop.probe(opts, epoch) if memo else None)
+        plan, _ctx = prepare(
+            opts,
+            session,
+            tags_used,
+            probed.scans if probed is not None else None,
+            probed.dag if probed is not None else None,
+            reporter=rep,
+        )
+        check_entitlements(plan, opts)
+    except BaseException:
+        if pending is not None:
+            pending.abandon()
+        raise
+    return plan, probed, pending.wait(rep.message) if pending is not None else None
 
 
 def _write_outputs(opts: BuildOptions, session: Session, image: Any, rep: Reporter) -> None:

@@ -1,7 +1,8 @@
 """``--cache-from`` and ``--cache-to`` around one build (DESIGN.md "Sharing the cache").
 
 Before solving, :func:`open_sources` reads the records of every ``--cache-from`` (a source that
-cannot be read is a warning) and lets the content store fetch their blobs on demand.  After
+cannot be read is a warning) and lets the content store fetch their blobs on demand; a build
+starts that on a thread (:func:`start_sources`) so it overlaps planning.  After
 the image is made, :func:`export` writes the records of the steps ``mode`` asks for
 (``min``: the stages the image is made of, through FROM; ``max``: every step built) with
 their compressed layer and TOC blobs.  A failed ``--cache-to`` fails the build unless it says
@@ -41,6 +42,73 @@ def open_sources(
     remote = RemoteCache.open(specs, session.store, lambda t: warn(f"warning: {t}"), failed)
     session.store.fallback = remote
     return remote
+
+
+class PendingSources:
+    """``--cache-from`` sources being read on a thread of their own while the build plans.
+
+    Reading a registry cache's records is a few requests (and, in a new process, importing
+    the HTTP client): they overlap the context walk, the hashing and the base image's
+    resolution instead of waiting for them.  Nothing else changes: the records are used only
+    after :meth:`wait`, which also says the warnings in the order they came and hands the
+    store its fallback; blobs are still fetched and verified when a step needs their bytes."""
+
+    def __init__(self, specs: Sequence[CacheSpec], session: Session, failed: set[Digest] | None):
+        import threading
+
+        self._session = session
+        self._warnings: list[str] = []
+        self._remote: RemoteCache | None = None
+        self._error: BaseException | None = None
+        self._abandoned = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._open, args=(specs, failed), name="lbuild-cache-from", daemon=True
+        )
+        self._thread.start()
+
+    def _open(self, specs: Sequence[CacheSpec], failed: set[Digest] | None) -> None:
+        try:
+            from cache.remote.remote import RemoteCache
+
+            remote = RemoteCache.open(
+                specs, self._session.store, lambda t: self._warnings.append(f"warning: {t}"), failed
+            )
+        except BaseException as e:  # raised again in the build's thread by wait()
+            self._error = e
+            return
+        with self._lock:
+            self._remote = remote
+            if not self._abandoned:
+                return
+        remote.close()
+
+    def wait(self, warn: Callable[[str], None]) -> RemoteCache | None:
+        """The opened sources (their warnings said now), the store's fallback set."""
+        self._thread.join()
+        for text in self._warnings:
+            warn(text)
+        if self._error is not None:
+            raise self._error
+        self._session.store.fallback = self._remote
+        return self._remote
+
+    def abandon(self) -> None:
+        """The build failed before it needed the sources: they are closed, now or when the
+        thread ends, which is not waited for (a slow or unreachable registry must not hold
+        back the build's own error)."""
+        with self._lock:
+            self._abandoned = True
+            remote = self._remote
+        if remote is not None:
+            remote.close()
+
+
+def start_sources(
+    specs: Sequence[CacheSpec], session: Session, failed: set[Digest] | None = None
+) -> PendingSources | None:
+    """Start reading the ``--cache-from`` sources (None when there are none)."""
+    return PendingSources(specs, session, failed) if specs else None
 
 
 def steps_for(plan: Plan, mode: str) -> list[Step]:

@@ -16,6 +16,7 @@ from registry_server import (
     FaultProxy,
     Registry,
     add_image,
+    free_port,
     registry_fixture,  # noqa: F401 (a fixture)
     unique_repo,
     write_layout,
@@ -183,6 +184,17 @@ def test_cache_flags_lbuild_does_not_implement_are_exit_2(tmp_path: Path, flag: 
     p = lbuild("build", tmp_path, "--cache-to", flag, home=tmp_path / "h", check=False)
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and "--cache-to" in p.stderr
+
+
+def test_a_build_that_fails_while_planning_says_its_own_error(tmp_path: Path) -> None:
+    # the sources are read on a thread while the build plans: a Dockerfile error is still the
+    # one line said, and an unreachable cache is not waited for
+    ctx = context(tmp_path, "p1", "FROM scratch\nBOGUS x\n")
+    dead = f"127.0.0.1:{free_port()}"
+    p = lbuild("build", ctx, "--cache-from", f"type=registry,ref={dead}/c:main",
+               home=tmp_path / "h", check=False)
+    assert p.returncode == 2
+    assert p.stderr.splitlines() == [f"lbuild: error: {ctx / 'Dockerfile'}:2: unknown instruction: BOGUS"]
 
 
 def test_registry_cache_and_warm_with_a_matrix(registry: Registry, tmp_path: Path) -> None:
