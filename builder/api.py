@@ -249,6 +249,10 @@ def _build(
             from builder.export.decorate import decorate
 
             image = decorate(session.store, image, opts.labels, opts.annotations)
+        if remote is not None and _keeps_or_writes(opts):
+            # a tagged image is whole in the store (push, unpack, export it later without the
+            # cache); a file output needs every layer: fetched side by side, each verified
+            remote.prefetch(Digest(b.digest) for b in image.layers)
         _write_outputs(opts, session, image, rep)
         pins = [
             image.manifest_digest,
@@ -308,6 +312,13 @@ def _plan(
             pending.abandon()
         raise
     return plan, probed, pending.wait(rep.message) if pending is not None else None
+
+
+def _keeps_or_writes(opts: BuildOptions) -> bool:
+    """Whether the image must be whole in the store: it is tagged (and the tags are not just
+    what ``--push`` sends, which mounts the layers from a cache's repository instead of
+    downloading them), or written to a file output."""
+    return bool(opts.tags and not opts.push) or any(o.type != "registry" for o in opts.outputs)
 
 
 def _write_outputs(opts: BuildOptions, session: Session, image: Any, rep: Reporter) -> None:

@@ -266,6 +266,44 @@ def test_a_hot_build_pushing_to_the_cache_s_registry_downloads_no_layer(
     assert [r.rsplit("@", 1)[1] for r in done["pushed"]] == [manifest_digest(tmp_path / "outA")]
 
 
+def _layers(layout: Path) -> list[str]:
+    idx = json.loads((layout / "index.json").read_text())
+    man = json.loads((layout / "blobs/sha256" / idx["manifests"][0]["digest"][7:]).read_text())
+    return [d["digest"] for d in man["layers"]]
+
+
+def test_a_hot_build_into_the_store_fetches_its_layers_once_and_keeps_a_whole_image(
+    registry: Registry, tmp_path: Path
+) -> None:
+    base = base_layout(tmp_path)
+    repo = unique_repo("cache")
+    build(context(tmp_path, "p1"), tmp_path / "hA", base, tmp_path / "outA",
+          "--cache-to", f"type=registry,ref={registry.host}/{repo}:main,mode=max")
+    proxy = FaultProxy(registry.host).start()  # records every request B makes
+    try:
+        p = lbuild("build", context(tmp_path, "p2"), "--build-context",
+                   f"base=oci-layout://{base}", "--progress", "json", "-t", "app",
+                   "--cache-from", f"type=registry,ref={proxy.host}/{repo}:main",
+                   home=tmp_path / "hB", env=EPOCH)
+    finally:
+        proxy.stop()
+    b = cached([json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")])
+    assert b and all(b.values()), b
+    got = [path.rsplit("/", 1)[1] for method, path, _ in proxy.log
+           if method == "GET" and "/blobs/" in path]
+    # the records blob, and the compressed layers of the app's three steps (the base's two
+    # come from its --build-context layout): each once, side by side; never a TOC blob
+    app_layers = _layers(tmp_path / "outA")[2:]
+    assert len(got) == 4 and len(set(got)) == 4
+    assert set(app_layers) < set(got)
+    assert all(in_store(tmp_path / "hB", d) for d in got)
+    # the tagged image is whole: it unpacks, and pushes as home A's image, without the cache
+    lbuild("unpack", "app", tmp_path / "rootfs", home=tmp_path / "hB")
+    assert (tmp_path / "rootfs" / "built").read_text() == "a\nbase\n"
+    p = lbuild("push", "app", f"{registry.host}/{unique_repo('app')}:v1", home=tmp_path / "hB")
+    assert p.stdout.strip().rsplit("@", 1)[1] == manifest_digest(tmp_path / "outA")
+
+
 def test_plan_and_why_read_a_shared_cache_and_name_it(tmp_path: Path) -> None:
     base = base_layout(tmp_path)
     cache = tmp_path / "cache"

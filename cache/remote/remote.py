@@ -4,7 +4,9 @@
 order after the local index; the first source that has a key wins), fetched once per build and
 kept in the content store by digest.  Nothing is downloaded for a hit until something needs
 its bytes: the content store asks :meth:`RemoteCache.fetch` for a blob it lacks (a RUN's
-parent chain, a ``COPY --from`` read, an export), and the blob is fetched and verified then.
+parent chain, a ``COPY --from`` read, an export), and the blob is fetched and verified then;
+an image the build keeps (``-t``) or writes out has its layer blobs fetched all at once
+(:meth:`RemoteCache.prefetch`, in parallel) before it is tagged or written.
 A record enters the local index only once its layer is committed to the local store.  A
 source that cannot be read is a warning; a blob that cannot be fetched or does not verify
 makes its step a miss (rebuilt), never a failure and never a wrong image.
@@ -70,6 +72,9 @@ class RemoteCache:
     """Blobs that could not be used: records that need one are misses (shared with the
     build's second attempt)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _blob_locks: dict[Digest, threading.Lock] = field(default_factory=dict)
+    """One lock per blob being fetched: different blobs download side by side, the same
+    blob once."""
 
     @classmethod
     def open(
@@ -144,27 +149,53 @@ class RemoteCache:
     def can_fetch(self, d: Digest) -> bool:
         return d not in self.failed and (d in self.blobs or d in self.layers)
 
+    def _lock_for(self, d: Digest) -> threading.Lock:
+        with self._lock:
+            return self._blob_locks.setdefault(d, threading.Lock())
+
     def fetch(self, d: Digest) -> bool:
         """Commit blob ``d`` to the content store from a source (a layer tar by its diff_id is
         its compressed blob, decompressed and checked); False when no source has it.  A blob
-        a source has but that cannot be fetched or does not verify is ``UnusableSharedBlob``."""
-        with self._lock:
+        a source has but that cannot be fetched or does not verify is ``UnusableSharedBlob``.
+        Safe from several threads: each blob is fetched once."""
+        if self.store.has(d):
+            return True
+        if not self.can_fetch(d):
+            return False
+        with self._lock_for(d):
             if self.store.has(d):
                 return True
-            if not self.can_fetch(d):
-                return False
+            if d in self.failed:
+                raise UnusableSharedBlob(d, "it could not be used before")
             try:
                 self._fetch(d)
             except Exception as e:
-                self.failed.add(d)
-                if d in self.layers:
-                    layer = self.layers[d][0].layer
-                    if layer is not None:
-                        self.failed.add(layer.digest)
+                with self._lock:
+                    self.failed.add(d)
+                    if d in self.layers:
+                        layer = self.layers[d][0].layer
+                        if layer is not None:
+                            self.failed.add(layer.digest)
                 reason = _failure_text(e)
                 self.warn(f"cache blob {d}: {reason}; what needs it is built instead")
                 raise UnusableSharedBlob(d, reason) from None
             return True
+
+    def prefetch(self, digests: Iterable[Digest], jobs: int = 8) -> None:
+        """Fetch every blob of ``digests`` the store lacks, up to ``jobs`` at a time (the
+        blobs an output needs, all at once rather than one by one as they are read).  The
+        first that cannot be used is raised (``UnusableSharedBlob``) once the others end."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [d for d in dict.fromkeys(digests) if not self.store.has(d)]
+        if len(todo) <= 1:
+            for d in todo:
+                self.fetch(d)
+            return
+        with ThreadPoolExecutor(min(jobs, len(todo)), thread_name_prefix="lbuild-fetch") as pool:
+            futures = [pool.submit(self.fetch, d) for d in todo]
+        for f in futures:
+            f.result()
 
     def _fetch(self, d: Digest) -> None:
         if d in self.blobs:
@@ -177,9 +208,10 @@ class RemoteCache:
 
         rec, src = self.layers[d]
         assert rec.layer is not None
-        if not self.store.has(rec.layer.digest):
-            src.fetch(rec.layer, self.store)
-            self.fetched.append(rec.layer.digest)
+        with self._lock_for(rec.layer.digest):  # after d's own lock: never the other way
+            if not self.store.has(rec.layer.digest):
+                src.fetch(rec.layer, self.store)
+                self.fetched.append(rec.layer.digest)
         with self.store.open(rec.layer.digest) as f:
             info = import_layer(self.store, f, rec.layer.media_type)
         if info.diff_id != d:
