@@ -224,6 +224,11 @@ def _build(
         plan, probed, remote = _plan(opts, session, rep, probe, memo, epoch, tags_used, unusable)
         from builder.solve.solver import Solver
 
+        fetching = None
+        if remote is not None and _keeps_or_writes(opts):  # the image's shared layers: now
+            fetching = cacheshare.prefetch_hits(
+                plan, session, remote, opts.compression, no_cache_rule(opts, plan)
+            )
         cache = IndexCache(session, dockerfile_id(opts), remote)
         runner = _LazyRun(opts, session)
         solver = Solver(
@@ -249,9 +254,11 @@ def _build(
             from builder.export.decorate import decorate
 
             image = decorate(session.store, image, opts.labels, opts.annotations)
-        if remote is not None and _keeps_or_writes(opts):
+        if fetching is not None and remote is not None:
             # a tagged image is whole in the store (push, unpack, export it later without the
-            # cache); a file output needs every layer: fetched side by side, each verified
+            # cache); a file output needs every layer: fetched side by side, each verified,
+            # most of them while the solver ran
+            fetching()
             remote.prefetch(Digest(b.digest) for b in image.layers)
         _write_outputs(opts, session, image, rep)
         pins = [

@@ -111,6 +111,43 @@ def start_sources(
     return PendingSources(specs, session, failed) if specs else None
 
 
+def prefetch_hits(
+    plan: Plan,
+    session: Session,
+    remote: RemoteCache,
+    codec: Compression,
+    rebuilt: Callable[[Step], bool],
+) -> Callable[[], None]:
+    """Start fetching, on a thread, the layer blobs the image will take from ``remote``: those
+    of the steps of the image's stages (``steps_for(plan, "min")``) that the local index does
+    not have, that are not rebuilt (``--no-cache``) and whose shared blob is compressed as
+    this build wants.  They download while the solver runs; returns the wait for the thread.
+    A blob that cannot be used is only marked so here (its step is a miss, or the image's own
+    fetch says so afterwards)."""
+    import contextlib
+    import threading
+
+    from builder.solve.stepcache import codec_params
+
+    level, version = codec_params(codec)
+    wanted: list[Digest] = []
+    for step in steps_for(plan, "min"):
+        rec = None if rebuilt(step) else remote.lookup(step.key)
+        if rec is None or rec.diff_id is None or session.index.get_step(step.key) is not None:
+            continue
+        blob = remote.layer_blob(rec.diff_id, codec, level, version)
+        if blob is not None:
+            wanted.append(blob.digest)
+
+    def run() -> None:
+        with contextlib.suppress(LbuildError):  # marked unusable (and warned) by the fetch
+            remote.prefetch(wanted)
+
+    thread = threading.Thread(target=run, name="lbuild-prefetch", daemon=True)
+    thread.start()
+    return thread.join
+
+
 def steps_for(plan: Plan, mode: str) -> list[Step]:
     """The steps whose records a ``mode=min|max`` export carries."""
     steps = [s for s in plan.steps.values() if s.kind not in ("base", "end")]
