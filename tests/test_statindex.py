@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import blake3
 import pytest
 
+from cache.errors import InvalidInput
 from cache.index.records import Index
 from cache.index.statindex import StatIndex
 
@@ -262,3 +264,20 @@ def test_many_does_not_record_racy_files(tmp_path: Path, db: Path) -> None:
         for _ in range(2):
             assert h.many([(f, f.lstat()) for f in files]) == [b3(f) for f in files]
     assert len(reads) == 80  # nothing was trusted: every file read both times
+
+
+def test_many_on_threads_raises_the_first_failing_file_in_order(tmp_path: Path, db: Path) -> None:
+    files = [tmp_path / "ctx" / f"f{n}" for n in range(64)]
+    for f in files:
+        make(f, f.name.encode())
+    bad = {str(files[40]), str(files[9])}
+
+    def fallback(path: str | os.PathLike[str], st: os.stat_result) -> str:
+        if str(path) in bad:
+            raise InvalidInput(f"cannot read {path}")
+        return b3(Path(path))
+
+    with StatIndex.open(db, racy_ns=0) as si:
+        with pytest.raises(InvalidInput, match=re.escape(f"cannot read {files[9]}") + "$"):
+            si.hasher(fallback).many([(f, f.lstat()) for f in files])
+        assert si.hashed == 0  # nothing recorded from a failed batch

@@ -254,21 +254,40 @@ class CachedHasher:
                 out[i] = self._read(*files[i])
             return cast(list[str], out)
         before = time.time_ns()
-        from concurrent.futures import ThreadPoolExecutor
-
-        # A task per group of files, not per file: a future per small file cost more than
-        # reading it (2,000 futures: locks, conditions and GIL hand-offs).
-        size = max(8, -(-len(todo) // (self.THREADS * 4)))
-        groups = [todo[k : k + size] for k in range(0, len(todo), size)]
-
-        def hash_group(group: list[int]) -> list[str]:
-            return [self._fallback(*files[i]) for i in group]
-
-        with ThreadPoolExecutor(self.THREADS, thread_name_prefix="lbuild-hash") as pool:
-            digests = [d for part in pool.map(hash_group, groups) for d in part]
+        digests = self._hash_on_threads([files[i] for i in todo])
         for i, digest in zip(todo, digests, strict=True):
             out[i] = digest
             self._stats.hashed += 1
             # every file was stat'ed before ``before``: the racy rule holds for all of them
             self._stats.record(files[i][0], files[i][1], digest, observed_ns=before)
         return cast(list[str], out)
+
+    def _hash_on_threads(self, files: Sequence[tuple[str, os.stat_result]]) -> list[str]:
+        """``fallback`` of each file, on ``THREADS`` threads that take the next file as they
+        finish one (a future per file cost more than hashing a small file); the error of the
+        first file in order that failed is raised, after every file was tried."""
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        out: list[str] = [""] * len(files)
+        errors: dict[int, BaseException] = {}
+        nxt = iter(range(len(files)))
+        lock = threading.Lock()
+
+        def work() -> None:
+            while True:
+                with lock:
+                    i = next(nxt, -1)
+                if i < 0:
+                    return
+                try:
+                    out[i] = self._fallback(*files[i])
+                except BaseException as e:
+                    errors[i] = e
+
+        with ThreadPoolExecutor(self.THREADS, thread_name_prefix="lbuild-hash") as pool:
+            for f in [pool.submit(work) for _ in range(self.THREADS)]:
+                f.result()
+        if errors:
+            raise errors[min(errors)]
+        return out
