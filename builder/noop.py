@@ -1,4 +1,4 @@
-"""The no-op rebuild path: answer "nothing changed" without SQLAlchemy, networkx or a plan.
+"""The no-op rebuild path: answer "nothing changed" without SQLAlchemy or a plan.
 
 A successful build leaves a *memo* (``$LBUILD_HOME/memo/<key>.json``) keyed by everything
 that decides the image apart from the context's files: the Dockerfile's bytes, the ignore
@@ -176,7 +176,7 @@ def save_memo(
     A racy fingerprint is not stored (None never matches), so such a memo never answers a
     no-op; the rest of it still does its job: ``dag`` (the plan's DAG with its topological
     order, which depends on the memo key's inputs only) lets the next build with the same
-    key skip networkx (``Plan.topo_ids``).
+    key skip ordering it (``Plan.topo_ids``).
     """
     body = {
         "fingerprint": None if fp.racy else fp.digest,

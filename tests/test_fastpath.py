@@ -1,8 +1,10 @@
-"""The memo's second use: the plan's DAG, stored with its networkx topological order, lets a
-rebuild with the same Dockerfile, arguments and contexts skip importing networkx.
+"""The memo's second use: the plan's DAG, stored with its topological order, lets a rebuild
+with the same Dockerfile, arguments and contexts skip ordering it again.  The order is
+networkx's lexicographical topological order, computed without importing networkx (a build
+never imports it).
 
 The stored order is used only when the stored nodes and edges are exactly the new plan's:
-tampering with the memo must send the build back to networkx, never to a wrong order.
+tampering with the memo must send the build back to ordering, never to a wrong order.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from util import ROOT, lbuild, manifest_digest, write_files
+
+from cache.errors import InvalidInput
 
 DOCKERFILE = """\
 FROM scratch AS libs
@@ -54,12 +59,12 @@ def build_in_process(ctx: Path, home: Path, out: Path) -> tuple[bool, str]:
     return p.stdout.strip() == "True", p.stderr
 
 
-def test_an_edit_rebuild_takes_the_stored_order_and_skips_networkx(tmp_path: Path) -> None:
+def test_an_edit_rebuild_takes_the_stored_order(tmp_path: Path) -> None:
     ctx = tmp_path / "ctx"
     make_ctx(ctx)
     home = tmp_path / "home"
     imported, _ = build_in_process(ctx, home, tmp_path / "o1")
-    assert imported  # nothing stored yet: networkx plans the DAG
+    assert not imported  # nothing stored yet: the DAG is ordered, without networkx
     memos = list((home / "memo").glob("*.json"))
     assert len(memos) == 1
     stored = json.loads(memos[0].read_text())["dag"]
@@ -88,7 +93,7 @@ def test_a_stored_dag_that_differs_is_not_used(tmp_path: Path) -> None:
 
     (ctx / "conf.txt").write_text("y\n")
     imported, _ = build_in_process(ctx, home, tmp_path / "o2")
-    assert imported  # planned with networkx again
+    assert not imported  # ordered again (test_the_stored_order_is_networkx_order: not taken)
     lbuild("build", ctx, "--no-cache", "--output", f"type=oci,dest={tmp_path / 'ref'}", home=home)
     assert manifest_digest(tmp_path / "o2") == manifest_digest(tmp_path / "ref")
 
@@ -169,3 +174,34 @@ def test_a_noop_build_imports_no_other_command(tmp_path: Path) -> None:
         or m.startswith("builder.compare")
     )
     assert others == []
+
+
+def test_the_order_is_networkx_lexicographical_order_on_random_dags() -> None:
+    import random
+
+    import networkx as nx
+
+    from builder.plan.dag import Dag, lexicographic_order
+
+    rng = random.Random(13)
+    for _ in range(200):
+        ids = [f"{rng.randrange(4)}:{n}" for n in range(rng.randrange(1, 30))]
+        ids = list(dict.fromkeys(ids))
+        rng.shuffle(ids)
+        dag = Dag()
+        for n in ids:
+            dag.add_node(n)
+        for i, v in enumerate(ids):  # edges only forward in this shuffled order: acyclic
+            for u in rng.sample(ids[:i], min(i, rng.randrange(4))):
+                dag.add_edge(u, v)
+                if rng.random() < 0.2:
+                    dag.add_edge(u, v)  # a duplicate edge, as planning may add
+        g = nx.DiGraph()
+        g.add_nodes_from(dag.nodes)
+        g.add_edges_from(dag.edges)
+        assert lexicographic_order(dag) == list(nx.lexicographical_topological_sort(g))
+    cyclic = Dag()
+    cyclic.add_edge("a", "b")
+    cyclic.add_edge("b", "a")
+    with pytest.raises(InvalidInput, match="circle"):
+        lexicographic_order(cyclic)

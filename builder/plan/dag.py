@@ -82,8 +82,7 @@ class Dag:
 
     ``Plan.graph`` is the networkx ``DiGraph`` made from it; the solver only needs each
     step's dependants and the topological order, so it uses this structure and
-    ``Plan.topo_ids()`` and does not import networkx when the order is already known (see
-    ``Plan.topo_ids``).
+    ``Plan.topo_ids()`` and does not import networkx.
     """
 
     nodes: list[str] = field(default_factory=list)
@@ -111,11 +110,38 @@ class Dag:
         return {"nodes": self.nodes, "edges": [list(e) for e in self.edges]}
 
 
+def lexicographic_order(dag: Dag) -> list[str]:
+    """The ids of ``dag`` in topological order, the smallest ready id first: the order of
+    networkx's ``lexicographical_topological_sort`` on the same graph (a test holds them
+    equal), without importing networkx, which costs about 0.05 s of a build that has no
+    stored order (a fresh home's first build, from a shared cache above all)."""
+    import heapq
+
+    succ = dag.successors()  # one edge per pair, as a DiGraph keeps them
+    waiting = dict.fromkeys(dag.nodes, 0)
+    for targets in succ.values():
+        for v in targets:
+            waiting[v] += 1
+    ready = [n for n, k in waiting.items() if k == 0]
+    heapq.heapify(ready)
+    out: list[str] = []
+    while ready:
+        n = heapq.heappop(ready)
+        out.append(n)
+        for v in succ[n]:
+            waiting[v] -= 1
+            if waiting[v] == 0:
+                heapq.heappush(ready, v)
+    if len(out) != len(waiting):
+        raise InvalidInput("the build's steps depend on each other in a circle")
+    return out
+
+
 @dataclass
 class Plan:
     """The DAG and what the solver needs next to it.
 
-    ``known_order`` is the topological order of this exact DAG computed by networkx before
+    ``known_order`` is the topological order of this exact DAG computed before
     (a previous build with the same Dockerfile, arguments and contexts stored it with its
     memo, see builder/noop.py); it is used only when the stored DAG equals this one.
     """
@@ -142,11 +168,9 @@ class Plan:
         return self._graph
 
     def topo_ids(self) -> list[str]:
-        """Step ids in networkx's lexicographical topological order."""
+        """Step ids in lexicographical topological order (``lexicographic_order``)."""
         if self.known_order is None:
-            import networkx as nx
-
-            self.known_order = list(nx.lexicographical_topological_sort(self.graph))
+            self.known_order = lexicographic_order(self.dag)
         return self.known_order
 
     def order(self) -> list[Step]:
