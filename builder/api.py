@@ -222,13 +222,13 @@ def _build(
     with Session.open(opts.home, deferred=deferred, recorder=recorder) as session:
         tags_used: dict[str, str] = {}
         plan, probed, remote = _plan(opts, session, rep, probe, memo, epoch, tags_used, unusable)
-        from builder.solve.solver import Solver
-
         fetching = None
         if remote is not None and _keeps_or_writes(opts):  # the image's shared layers: now
             fetching = cacheshare.prefetch_hits(
                 plan, session, remote, opts.compression, no_cache_rule(opts, plan)
             )
+        from builder.solve.solver import Solver
+
         cache = IndexCache(session, dockerfile_id(opts), remote)
         runner = _LazyRun(opts, session)
         solver = Solver(
