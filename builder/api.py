@@ -63,14 +63,12 @@ def prepare(
     scans: dict[str, list[tuple[str, os.stat_result]]] | None = None,
     known_dag: Mapping[str, Any] | None = None,
     reporter: Reporter | None = None,
-    on_target_step: Callable[[Step], None] | None = None,
 ) -> tuple[Plan, Any]:
     """Parse, select the context and plan (keys included). Returns the plan and the context.
 
     ``scans`` are directory listings of the context the fast-path probe just took;
     ``known_dag`` the DAG a previous build with the same memo key stored (``make_plan``);
-    ``reporter`` shows the progress of base images pulled from registries;
-    ``on_target_step`` is told each target-stage step once keyed (``make_plan``)."""
+    ``reporter`` shows the progress of base images pulled from registries."""
     from builder.frontend import dockerfile as df
     from builder.frontend.dockerignore import load_ignore
     from builder.plan.context import BuildContext, hash_file
@@ -108,9 +106,7 @@ def prepare(
 
     with StatIndex(session.index) as stats:
         stats.prefetch(ctx.root)
-        plan = make_plan(
-            dockerfile, ctx, popts, resolver, stats.hasher(hash_file), known_dag, on_target_step
-        )
+        plan = make_plan(dockerfile, ctx, popts, resolver, stats.hasher(hash_file), known_dag)
     return plan, ctx
 
 
@@ -307,10 +303,6 @@ def _plan(
     from builder import noop
 
     pending = cacheshare.start_sources(opts.cache_from, session, unusable)
-    early = None  # the image's shared layers start downloading while planning goes on
-    rebuilds = opts.no_cache or bool(opts.no_cache_filter)
-    if pending is not None and _keeps_or_writes(opts) and not rebuilds:
-        early = cacheshare.EarlyFetch(pending, session, opts.compression)
     try:
         probed = probe or (noop.probe(opts, epoch) if memo else None)
         plan, _ctx = prepare(
@@ -320,16 +312,12 @@ def _plan(
             probed.scans if probed is not None else None,
             probed.dag if probed is not None else None,
             reporter=rep,
-            on_target_step=early.offer if early is not None else None,
         )
         check_entitlements(plan, opts)
     except BaseException:
         if pending is not None:
             pending.abandon()
         raise
-    finally:
-        if early is not None:
-            early.close()
     return plan, probed, pending.wait(rep.message) if pending is not None else None
 
 

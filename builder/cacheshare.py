@@ -11,7 +11,6 @@ their compressed layer and TOC blobs.  A failed ``--cache-to`` fails the build u
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
     from cache.remote.remote import ExportResult, RemoteCache
     from cache.remote.spec import CacheSpec
     from cache.session import Session
-    from cache.types import Compression, Digest, StepKey
+    from cache.types import Compression, Digest
 
 
 def open_sources(
@@ -94,12 +93,6 @@ class PendingSources:
         self._session.store.fallback = self._remote
         return self._remote
 
-    def ready(self) -> RemoteCache | None:
-        """The sources once read (None when they could not be), for a thread that fetches
-        before the build waits for them (:meth:`wait` still says the warnings)."""
-        self._thread.join()
-        return self._remote if self._error is None else None
-
     def abandon(self) -> None:
         """The build failed before it needed the sources: they are closed, now or when the
         thread ends, which is not waited for (a slow or unreachable registry must not hold
@@ -109,60 +102,6 @@ class PendingSources:
             remote = self._remote
         if remote is not None:
             remote.close()
-
-
-class EarlyFetch:
-    """The shared layers of the target stage's hits, fetched while the rest is planned.
-
-    Planning tells :meth:`offer` each step of the target stage once its key is known (its
-    COPY sources hashed); a step the local index does not have goes to a thread that, once
-    the sources are read, fetches its shared compressed layer blob (made as this build
-    wants it) with up to 8 others.  These are the blobs the image will take: fetching them
-    during the context's hashing takes the download off the end of the build.  A blob that
-    cannot be used is only marked so (its step is a miss, or the image's own fetch raises
-    it and the build retries)."""
-
-    def __init__(self, pending: PendingSources, session: Session, codec: Compression) -> None:
-        import queue
-        import threading
-
-        from builder.solve.stepcache import codec_params
-
-        self._index = session.index
-        self._codec = codec
-        self._level, self._version = codec_params(codec)
-        self._keys: queue.SimpleQueue[StepKey | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._run, args=(pending,), name="lbuild-early-fetch", daemon=True
-        )
-        self._thread.start()
-
-    def offer(self, step: Step) -> None:
-        """A target-stage step with its key (called by planning, in the build's thread)."""
-        if step.kind != "config" and self._index.get_step(step.key) is None:
-            self._keys.put(step.key)
-
-    def close(self) -> None:
-        """Planning is over: nothing more is offered."""
-        self._keys.put(None)
-
-    def _run(self, pending: PendingSources) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        remote = pending.ready()
-        with ThreadPoolExecutor(8, thread_name_prefix="lbuild-fetch") as pool:
-            while (key := self._keys.get()) is not None:
-                rec = remote.lookup(key) if remote is not None else None
-                if remote is None or rec is None or rec.diff_id is None:
-                    continue
-                blob = remote.layer_blob(rec.diff_id, self._codec, self._level, self._version)
-                if blob is not None:
-                    pool.submit(_fetch_quietly, remote, blob.digest)
-
-
-def _fetch_quietly(remote: RemoteCache, d: Digest) -> None:
-    with contextlib.suppress(LbuildError):  # marked unusable (and warned) by the fetch
-        remote.fetch(d)
 
 
 def start_sources(
@@ -185,6 +124,7 @@ def prefetch_hits(
     this build wants.  They download while the solver runs; returns the wait for the thread.
     A blob that cannot be used is only marked so here (its step is a miss, or the image's own
     fetch says so afterwards)."""
+    import contextlib
     import threading
 
     from builder.solve.stepcache import codec_params

@@ -10,7 +10,7 @@ uses live in :mod:`builder.plan.dag`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,19 +49,14 @@ def make_plan(
     resolve_image: ImageResolver,
     hasher: Hasher,
     known: Mapping[str, Any] | None = None,
-    on_target_step: Callable[[Step], None] | None = None,
 ) -> Plan:
     """Build the step DAG for ``opts.target`` and compute every step's key.
 
     ``known``: a DAG stored by an earlier build (``Dag.to_json()`` plus ``"order"``); its
-    order is reused when its nodes and edges are exactly this plan's.  ``on_target_step`` is
-    told each step of the target stage as soon as its key is known (a build starts fetching
-    a shared cache's layers then, while the rest is planned).
+    order is reused when its nodes and edges are exactly this plan's.
     """
     p = _Planner(dockerfile, ctx, opts, resolve_image, hasher)
     target = find_target(dockerfile, opts.target)
-    if on_target_step is not None:
-        p.on_step = (target, on_target_step)
     p.plan_stage(target)
     graph = p.graph
     order = None
@@ -89,8 +84,6 @@ class _Planner:
     steps: dict[str, Step] = field(default_factory=dict)
     stages: dict[int, StagePlan] = field(default_factory=dict)
     visiting: list[int] = field(default_factory=list)
-    on_step: tuple[int, Callable[[Step], None]] | None = None
-    """(stage, callback): the callback is told each step of that stage once it has its key."""
 
     @property
     def file(self) -> str:
@@ -158,8 +151,6 @@ class _Planner:
             )
             self.steps[st.id] = st
             sp.steps.append(st)
-            if self.on_step is not None and self.on_step[0] == idx:
-                self.on_step[1](st)
         end = Step(
             f"{idx}:end",
             idx,
