@@ -164,6 +164,34 @@ def test_a_damaged_or_foreign_cache_is_a_warning_and_a_correct_build(
     assert manifest_digest(tmp_path / "outB") == manifest_digest(tmp_path / "outA")
 
 
+def test_a_shared_blob_that_proved_unusable_stays_unusable(tmp_path: Path) -> None:
+    # the layers are fetched on threads (all at once for the image): the first fetch of a
+    # corrupt blob marks it; any later ask must raise again, never answer "not there" (the
+    # build then said "blob ... is not in the store" and exited 2 instead of rebuilding)
+    from cache.remote.remote import RemoteCache, UnusableSharedBlob
+    from cache.remote.spec import CacheSpec
+    from cache.store.blobs import BlobStore
+
+    base = base_layout(tmp_path)
+    cache = tmp_path / "cache"
+    build(context(tmp_path, "p1"), tmp_path / "hA", base, tmp_path / "outA",
+          "--cache-to", f"type=local,dest={cache},mode=max")
+    blob = _layer_blobs(cache)[0]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    warnings: list[str] = []
+    store = BlobStore(tmp_path / "hB")
+    remote = RemoteCache.open([CacheSpec("local", str(cache))], store, warnings.append)
+    digest = f"sha256:{blob.name}"
+    for _ in range(2):
+        with pytest.raises(UnusableSharedBlob):
+            remote.prefetch([digest])
+    assert not store.has(digest)  # type: ignore[arg-type]
+    assert len(warnings) == 1 and digest in warnings[0]
+
+
 def test_a_failing_cache_to_fails_the_build_unless_ignore_error(tmp_path: Path) -> None:
     base = base_layout(tmp_path)
     blocked = tmp_path / "file"

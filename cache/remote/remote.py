@@ -157,9 +157,13 @@ class RemoteCache:
         """Commit blob ``d`` to the content store from a source (a layer tar by its diff_id is
         its compressed blob, decompressed and checked); False when no source has it.  A blob
         a source has but that cannot be fetched or does not verify is ``UnusableSharedBlob``.
-        Safe from several threads: each blob is fetched once."""
+        Safe from several threads: each blob is fetched once.  A source's blob that already
+        proved unusable (in this build or an earlier attempt of it) is ``UnusableSharedBlob``
+        again, never "not there": what needs it must be built instead."""
         if self.store.has(d):
             return True
+        if d in self.failed and (d in self.blobs or d in self.layers):
+            raise UnusableSharedBlob(d, "it could not be fetched or verified")
         if not self.can_fetch(d):
             return False
         with self._lock_for(d):
