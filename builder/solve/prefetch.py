@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
 from builder.solve.events import RunContext
@@ -71,7 +71,6 @@ class ChainPrefetch:
                 self.wanted.setdefault(step.stage, []).append(step.pos)
         self.sent: dict[tuple[int, int], int] = {}  # (stage, RUN pos) -> chain length sent
         self._pool: ThreadPoolExecutor | None = None
-        self._jobs: list[Future[None]] = []
         self._stop = threading.Event()
 
     def update(self) -> None:
@@ -90,7 +89,7 @@ class ChainPrefetch:
     def _send(self, chain: list[Digest]) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
-        self._jobs.append(self._pool.submit(self._make, chain))
+        self._pool.submit(self._make, chain)
 
     def close(self) -> None:
         """Stop: chains not started are dropped, one being made is finished (it is made in
