@@ -52,19 +52,25 @@ def _watch(monkeypatch: pytest.MonkeyPatch) -> tuple[list[list[Digest]], list[li
     return sent, parents
 
 
-def _build(ctx: Path, home: Path, dockerfile: str) -> api.BuildResult:
+def _context(tmp_path: Path, size: int) -> Path:
+    """A context with files a, b and c of ``size`` bytes each."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    for name in "abc":
+        (ctx / name).write_text(name * size)
+    return ctx
+
+
+def _build(ctx: Path, home: Path, dockerfile: str, *, no_cache: bool = False) -> api.BuildResult:
     (ctx / "Dockerfile").write_text(dockerfile)
-    opts = api.BuildOptions(context=ctx, home=home, tags=("prefetch:test",))
+    opts = api.BuildOptions(context=ctx, home=home, tags=("prefetch:test",), no_cache=no_cache)
     return api.build(opts, memo=False, writer="inline")
 
 
 def test_a_run_that_will_run_has_its_chain_sent_as_it_grows(
     bbhome: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
-    for name in "abc":
-        (ctx / name).write_text(name * 1000)
+    ctx = _context(tmp_path, 1000)
     sent, parents = _watch(monkeypatch)
     _build(ctx, bbhome, DOCKERFILE)
     assert len(parents) == 1
@@ -83,10 +89,7 @@ def test_a_run_that_will_run_has_its_chain_sent_as_it_grows(
 def test_a_run_that_hits_unpacks_nothing_ahead(
     bbhome: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
-    for name in "abc":
-        (ctx / name).write_text(name)
+    ctx = _context(tmp_path, 1)
     _build(ctx, bbhome, DOCKERFILE)
     sent, parents = _watch(monkeypatch)
     # the same steps (every one a hit) and a label after them: the solver runs, the RUN hits
@@ -98,14 +101,9 @@ def test_a_run_that_hits_unpacks_nothing_ahead(
 def test_no_cache_sends_the_chain(
     bbhome: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
-    for name in "abc":
-        (ctx / name).write_text(name)
+    ctx = _context(tmp_path, 1)
     _build(ctx, bbhome, DOCKERFILE)
     sent, parents = _watch(monkeypatch)
-    (ctx / "Dockerfile").write_text(DOCKERFILE)
-    opts = api.BuildOptions(context=ctx, home=bbhome, no_cache=True)
-    api.build(opts, memo=False, writer="inline")
+    _build(ctx, bbhome, DOCKERFILE, no_cache=True)
     assert len(parents) == 1
     assert sent and sent[-1] == parents[0]
