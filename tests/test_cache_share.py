@@ -264,13 +264,20 @@ def test_cache_export_and_import_move_the_whole_index(tmp_path: Path) -> None:
     assert manifest_digest(tmp_path / "outB") == manifest_digest(tmp_path / "outA")
 
 
-def test_a_hot_build_pushing_to_the_cache_s_registry_downloads_no_layer(
-    registry: Registry, tmp_path: Path
-) -> None:
+def _warm_registry_cache(registry: Registry, tmp_path: Path) -> tuple[Path, str]:
+    """Home A builds the context at P1 and exports a mode=max cache to a new repository of
+    ``registry``; returns the base layout and that repository."""
     base = base_layout(tmp_path)
     repo = unique_repo("cache")
     build(context(tmp_path, "p1"), tmp_path / "hA", base, tmp_path / "outA",
           "--cache-to", f"type=registry,ref={registry.host}/{repo}:main,mode=max")
+    return base, repo
+
+
+def test_a_hot_build_pushing_to_the_cache_s_registry_downloads_no_layer(
+    registry: Registry, tmp_path: Path
+) -> None:
+    base, repo = _warm_registry_cache(registry, tmp_path)
     proxy = FaultProxy(registry.host).start()  # records every request B makes
     try:
         app = f"{proxy.host}/{unique_repo('app')}:v1"
@@ -303,10 +310,7 @@ def _layers(layout: Path) -> list[str]:
 def test_a_hot_build_into_the_store_fetches_its_layers_once_and_keeps_a_whole_image(
     registry: Registry, tmp_path: Path
 ) -> None:
-    base = base_layout(tmp_path)
-    repo = unique_repo("cache")
-    build(context(tmp_path, "p1"), tmp_path / "hA", base, tmp_path / "outA",
-          "--cache-to", f"type=registry,ref={registry.host}/{repo}:main,mode=max")
+    base, repo = _warm_registry_cache(registry, tmp_path)
     proxy = FaultProxy(registry.host).start()  # records every request B makes
     try:
         p = lbuild("build", context(tmp_path, "p2"), "--build-context",
