@@ -45,6 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BUSYBOX = Path("/bin/busybox")
 EPOCH = "1700000000"
+sys.path.insert(0, str(ROOT))
+from tests.util import epoch_env, layout_build_cmd  # noqa: E402
 
 DOCKERFILE = """\
 FROM scratch AS base
@@ -94,32 +96,14 @@ def edit(ctx: Path, scenario: str, n: int) -> None:
         (ctx / "app" / "a1.txt").write_text(f"edited {n}\n")
 
 
-def build_cmd(ctx: Path, home: Path, out: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "builder",
-        "build",
-        str(ctx),
-        "--home",
-        str(home),
-        "--output",
-        f"type=oci,dest={out}",
-        "--progress",
-        "plain",
-    ]
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["SOURCE_DATE_EPOCH"] = EPOCH
-    e.pop("LBUILD_HOME", None)
-    return e
-
-
 def run_build(ctx: Path, home: Path, out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        build_cmd(ctx, home, out), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600
+        layout_build_cmd(ctx, home, out),
+        cwd=ROOT,
+        env=epoch_env(EPOCH),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -265,9 +249,9 @@ class Campaign:
         out = self.work / f"out-{i}.oci"
         delay = rng.uniform(0, self.times[scenario])
         p = subprocess.Popen(
-            build_cmd(self.ctx, home, out),
+            layout_build_cmd(self.ctx, home, out),
             cwd=ROOT,
-            env=env(),
+            env=epoch_env(EPOCH),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -287,7 +271,7 @@ class Campaign:
         v = subprocess.run(
             [sys.executable, "-m", "builder", "cache", "verify", "--home", str(home)],
             cwd=ROOT,
-            env=env(),
+            env=epoch_env(EPOCH),
             capture_output=True,
             text=True,
             timeout=600,

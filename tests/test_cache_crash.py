@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.util import ROOT, lbuild, manifest_digest
+from tests.util import ROOT, epoch_env, layout_build_cmd, lbuild, manifest_digest
 
 EPOCH = "1700000000"
 ITERATIONS = 10
@@ -53,29 +53,6 @@ def make_context(root: Path, rng: random.Random) -> None:
         d.mkdir(parents=True, exist_ok=True)
         (d / f"f{i}.txt").write_text(f"file {i}\n" * (i % 50 + 1))
     (root / "Dockerfile").write_text(DOCKERFILE)
-
-
-def build_cmd(ctx: Path, home: Path, out: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "builder",
-        "build",
-        str(ctx),
-        "--home",
-        str(home),
-        "--output",
-        f"type=oci,dest={out}",
-        "--progress",
-        "plain",
-    ]
-
-
-def build_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["SOURCE_DATE_EPOCH"] = EPOCH
-    env.pop("LBUILD_HOME", None)
-    return env
 
 
 def corrupt_blobs(blobs_dir: Path) -> list[str]:
@@ -171,9 +148,9 @@ def test_sigkill_at_random_moments_leaves_a_sound_cache(tmp_path: Path) -> None:
         for _ in range(1 + i % 2):
             delay = rng.uniform(0, build_time)
             p = subprocess.Popen(
-                build_cmd(ctx, home, out),
+                layout_build_cmd(ctx, home, out),
                 cwd=ROOT,
-                env=build_env(),
+                env=epoch_env(EPOCH),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

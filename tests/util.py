@@ -32,6 +32,22 @@ def lbuild(*args: str | os.PathLike[str], home: Path, check: bool = True, env: d
     return p
 
 
+def layout_build_cmd(ctx: Path, home: Path, out: Path) -> list[str]:
+    """The argv of ``lbuild build CTX`` into the OCI layout OUT with home HOME, plain
+    progress: what the SIGKILL checks start and kill (tests/test_cache_crash.py,
+    bench/sigkill_campaign.py)."""
+    return [sys.executable, "-m", "builder", "build", str(ctx), "--home", str(home),
+            "--output", f"type=oci,dest={out}", "--progress", "plain"]
+
+
+def epoch_env(epoch: str) -> dict[str, str]:
+    """This process's environment with SOURCE_DATE_EPOCH ``epoch`` and no LBUILD_HOME."""
+    env = dict(os.environ)
+    env["SOURCE_DATE_EPOCH"] = epoch
+    env.pop("LBUILD_HOME", None)
+    return env
+
+
 def tool(*args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
     p = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
     if check and p.returncode != 0:
