@@ -238,15 +238,20 @@ class Buildah:
     def destroy(self) -> None:
         for args in (["rm", "--all"], ["rmi", "--all", "--force"]):
             subprocess.run(["buildah", *args], env=self.env, capture_output=True, check=False)
-        # an interrupted build can leave overlay mounts; never rm -rf through a mount
-        mounts = [
-            ln.split()[1]
-            for ln in Path("/proc/mounts").read_text().splitlines()
-            if ln.split()[1].startswith(str(self.root))
-        ]
-        for m in sorted(mounts, reverse=True):
-            subprocess.run(["umount", "-l", m], check=False)
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_unmounting(self.root)
+
+
+def remove_unmounting(root: Path) -> None:
+    """Remove a peer's storage: an interrupted build can leave overlay mounts under it, and
+    rm -rf must never go through a mount, so those are unmounted (lazily) first."""
+    mounts = [
+        ln.split()[1]
+        for ln in Path("/proc/mounts").read_text().splitlines()
+        if ln.split()[1].startswith(str(root))
+    ]
+    for m in sorted(mounts, reverse=True):
+        subprocess.run(["umount", "-l", m], check=False)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def median(xs: Sequence[float]) -> float:

@@ -42,7 +42,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cache_bench import BenchError, Buildah, Measure, drop_caches, lbuild_env, run, run_rss
+from cache_bench import (
+    BenchError,
+    Buildah,
+    Measure,
+    drop_caches,
+    lbuild_env,
+    remove_unmounting,
+    run,
+    run_rss,
+)
 from scenario import buildah_variant, edit_small_file, generate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,14 +148,7 @@ class Docker:
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        mounts = [
-            ln.split()[1]
-            for ln in Path("/proc/mounts").read_text().splitlines()
-            if ln.split()[1].startswith(str(self.root))
-        ]
-        for m in sorted(mounts, reverse=True):
-            subprocess.run(["umount", "-l", m], check=False)
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_unmounting(self.root)
 
 
 def med(xs: list[float]) -> float:
