@@ -6,6 +6,10 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from builder.solve.executor import RunSpec
 
 BUSYBOX = Path("/bin/busybox")
 RECIPE = Path(__file__).resolve().parent.parent / "fixtures" / "busybox"
@@ -53,3 +57,24 @@ def make_busybox_rootfs(dest: Path) -> Path:
         if name != "busybox" and not link.exists():
             link.symlink_to("/bin/busybox")
     return dest
+
+
+SHELL_PATH = (("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),)
+"""The PATH a shell in a busybox rootfs runs with."""
+
+
+def shell_spec(script: str, **kw: object) -> RunSpec:
+    """A RunSpec for ``sh -c script`` as root in ``/`` with SHELL_PATH; ``kw`` overrides
+    any field."""
+    from builder.solve.executor import RunSpec
+
+    base: dict[str, object] = {
+        "argv": ("/bin/sh", "-c", script),
+        "env": SHELL_PATH,
+        "cwd": "/",
+        "uid": 0,
+        "gid": 0,
+        "groups": (),
+    }
+    base.update(kw)
+    return RunSpec(**base)  # type: ignore[arg-type]

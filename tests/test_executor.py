@@ -14,14 +14,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from busybox import make_busybox_rootfs
+from busybox import SHELL_PATH, make_busybox_rootfs, shell_spec
 
-from builder.solve.executor import BindSpec, RunSpec, run
+from builder.solve.executor import BindSpec, run
 from cache.errors import InvalidInput, LbuildError
 from cache.snapshots.snapshot import CopySnapshotter, OverlaySnapshotter, copy_tree
 
 ROOT = Path(__file__).resolve().parent.parent
-PATH = (("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),)
+PATH = SHELL_PATH
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox tests run as root")
 
 
@@ -30,17 +30,7 @@ def rootfs(tmp_path: Path) -> Path:
     return make_busybox_rootfs(tmp_path / "rootfs")
 
 
-def spec(script: str, **kw: object) -> RunSpec:
-    base: dict[str, object] = {
-        "argv": ("/bin/sh", "-c", script),
-        "env": PATH,
-        "cwd": "/",
-        "uid": 0,
-        "gid": 0,
-        "groups": (),
-    }
-    base.update(kw)
-    return RunSpec(**base)  # type: ignore[arg-type]
+spec = shell_spec
 
 
 def sh(rootfs: Path | list[object], script: str, **kw: object) -> tuple[int, str]:

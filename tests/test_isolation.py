@@ -20,10 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from busybox import make_busybox_rootfs
+from busybox import SHELL_PATH, make_busybox_rootfs, shell_spec
 
 from builder.solve import policy
-from builder.solve.executor import BindSpec, RunSpec, run
+from builder.solve.executor import BindSpec, run
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox tests run as root")
 
@@ -34,7 +34,7 @@ RUNTIMES = [
     ),
     "builtin",
 ]
-PATH = (("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),)
+PATH = SHELL_PATH
 DOCKER_CAPS = "00000000a80425fb"
 
 
@@ -52,17 +52,8 @@ def rootfs_unchanged(rootfs: Path) -> Iterator[None]:
 
 
 def sh(rootfs: Path, runtime: str, script: str, **kw: object) -> tuple[int, str]:
-    base: dict[str, object] = {
-        "argv": ("/bin/sh", "-c", script),
-        "env": PATH,
-        "cwd": "/",
-        "uid": 0,
-        "gid": 0,
-        "groups": (),
-    }
-    base.update(kw)
     out: list[bytes] = []
-    rc = run(RunSpec(**base), rootfs, on_output=out.append, runtime=runtime)  # type: ignore[arg-type]
+    rc = run(shell_spec(script, **kw), rootfs, on_output=out.append, runtime=runtime)
     return rc, b"".join(out).decode()
 
 
