@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +14,11 @@ from typing import Any
 
 import pytest
 import zstandard
-from registry_server import Registry, unique_repo
-from registry_server import registry_fixture  # noqa: F401 (a fixture)
+from registry_server import (
+    Registry,
+    registry_fixture,  # noqa: F401 (a fixture)
+    unique_repo,
+)
 from util import lbuild, tool
 
 # ---------------------------------------------------------------------------------------------
