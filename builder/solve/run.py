@@ -271,15 +271,21 @@ class RunSteps:
 
         instr = step.instr
         assert isinstance(instr, df.Run) and step.state is not None
+        command = command_argv(instr, step.state.shell)
         # The sandbox's helper interpreter starts while the snapshot is made.
-        helper = Helper(stdin=command_argv(instr, step.state.shell)[1] is not None)
+        helper = Helper(stdin=command[1] is not None)
         try:
-            return self._run(solver, step, instr, helper)
+            return self._run(solver, step, instr, command, helper)
         finally:
             helper.discard()  # nothing to do when the run took it
 
     def _run(
-        self, solver: RunContext, step: Step, instr: df.Run, helper: Helper
+        self,
+        solver: RunContext,
+        step: Step,
+        instr: df.Run,
+        command: tuple[tuple[str, ...], bytes | None],
+        helper: Helper,
     ) -> LayerInfo | None:
         from builder.solve.executor import run
         from cache.snapshots.snapshot import ensure_chain
@@ -301,7 +307,7 @@ class RunSteps:
         scratch = self.env.home / "tmp" / f"run-{uuid.uuid4().hex}"
         try:
             mounts = snap.prepare(key, parent)
-            argv, stdin = command_argv(instr, state.shell)
+            argv, stdin = command
             binds, targets = mounts_for(instr, self.env, state.workdir, file, scratch)
             check_entitlements([instr], self.env.allow, file)
             spec = _spec(step, instr, argv, stdin, (uid, gid, groups, user_home), binds, file)
