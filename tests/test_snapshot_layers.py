@@ -204,3 +204,22 @@ def test_cache_verify_repairs_a_snapshot_later_runs_would_use(
     assert copies[0].read_text() == "good\n"
     again = lbuild("cache", "verify", home=bbhome)
     assert "snapshot" not in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+@run_fixtures.needs_root
+def test_a_run_overlay_is_mounted_without_sync_at_unmount(
+    bbhome: Path, tmp_path: Path
+) -> None:
+    # Without "volatile", unmounting the RUN's overlay syncs the whole file system of its
+    # upperdir (other processes' dirty pages included); the RUN sees its root's options
+    # (",volatile" on Linux 5.10-5.x, "fsync=volatile" later).
+    body = (
+        "FROM busybox:test\n"
+        "RUN grep ' / / ' /proc/self/mountinfo > /root-mount\n"
+        "RUN grep -qE ' overlay overlay .*(,|fsync=)volatile(,|$)' /root-mount\n"
+    )
+    built = build(
+        tmp_path / "ctx", bbhome, body, "--snapshotter", "overlay", "--no-cache", check=False
+    )
+    assert built.proc.returncode == 0, built.proc.stderr

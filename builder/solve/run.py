@@ -288,6 +288,7 @@ class RunSteps:
         helper: Helper,
     ) -> LayerInfo | None:
         from builder.solve.executor import run
+        from cache.snapshots.mount import mounted_once
         from cache.snapshots.snapshot import ensure_chain
 
         assert step.state is not None
@@ -306,7 +307,7 @@ class RunSteps:
         # Only a read-write bind mount needs scratch space (a throwaway copy of its source).
         scratch = self.env.home / "tmp" / f"run-{uuid.uuid4().hex}"
         try:
-            mounts = snap.prepare(key, parent)
+            mounts = mounted_once(snap.prepare(key, parent))
             argv, stdin = command
             binds, targets = mounts_for(instr, self.env, state.workdir, file, scratch)
             check_entitlements([instr], self.env.allow, file)

@@ -129,7 +129,34 @@ def mount_all(mounts: Sequence[Mount], target: Path | str) -> None:
             sys_mount(m.source, dst, m.type, flags, ",".join(data) or None)
 
 
+def mounted_once(mounts: Sequence[Mount]) -> list[Mount]:
+    """``mounts`` for a snapshot mounted once and then thrown away (a RUN's): writable
+    overlays get ``volatile``.  Without it, unmounting an overlay syncs the whole file system
+    its upperdir is on, other processes' dirty pages included (20-40 ms per RUN here, more
+    beside another builder).  Safe for a RUN because its upperdir is read back into a layer
+    (written and fsync'd by lbuild) right after it and then removed; the kernel refuses a
+    second mount of a volatile upperdir, hence not for snapshots in general.  A kernel
+    without it (before 5.10) mounts without it (:func:`_mount_overlay`)."""
+    out: list[Mount] = []
+    for m in mounts:
+        if m.type == "overlay" and any(o.startswith("upperdir=") for o in m.options):
+            m = Mount(m.type, m.source, m.target, (*m.options, "volatile"))
+        out.append(m)
+    return out
+
+
 def _mount_overlay(m: Mount, dst: str, flags: int, data: list[str]) -> None:
+    try:
+        _mount_overlay_once(m, dst, flags, data)
+    except OSError as exc:
+        # "volatile" (Linux 5.10) is only a speed-up: a kernel that does not know it says
+        # EINVAL, and the same mount without it is what it would have been before
+        if exc.errno != errno.EINVAL or "volatile" not in data:
+            raise
+        _mount_overlay_once(m, dst, flags, [o for o in data if o != "volatile"])
+
+
+def _mount_overlay_once(m: Mount, dst: str, flags: int, data: list[str]) -> None:
     text = ",".join(data)
     if len(text) <= _MAX_MOUNT_DATA:
         sys_mount(m.source, dst, "overlay", flags, text)
