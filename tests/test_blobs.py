@@ -159,3 +159,52 @@ def test_concurrent_ingest_of_same_blob_from_processes(tmp_path: Path) -> None:
     assert store.verify(d)
     assert store.size(d) == 16 * 256 * 4096
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+class _CountingSha:
+    """hashlib.sha256 that counts how many hashes ``check_out`` started."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._real = hashlib.sha256
+
+    def __call__(self, *a: bytes) -> hashlib._Hash:
+        self.calls += 1
+        return self._real(*a)
+
+
+def test_check_out_stamp_spares_the_rehash_until_the_blob_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cache.store.blobs as blobs
+    from cache.errors import CorruptBlob
+
+    data = bytes(range(256)) * 400
+    d = BlobStore(tmp_path).put(data)
+    counting = _CountingSha()
+    monkeypatch.setattr(blobs.hashlib, "sha256", counting)
+    monkeypatch.setattr(blobs, "_RACY_S", 0.0)  # the blob's mtime counts as old already
+    BlobStore(tmp_path).check_out(d)  # another process: it hashes, then stamps
+    assert counting.calls == 1
+    p = tmp_path / "blobs" / "sha256" / d.split(":")[1]
+    os.link(p, tmp_path / "exported")  # an export's hard link, made and removed
+    (tmp_path / "exported").unlink()
+    BlobStore(tmp_path).check_out(d)  # the stamp still matches the file: no hash
+    assert counting.calls == 1
+    # one byte changed in place, the same size
+    time.sleep(0.05)  # past the coarse timestamp of the write that made the blob
+    p.chmod(0o644)
+    with open(p, "r+b") as f:
+        f.seek(7)
+        f.write(b"\xff")
+    with pytest.raises(CorruptBlob):
+        BlobStore(tmp_path).check_out(d)
+    assert counting.calls == 2
+    assert not p.exists() and not (tmp_path / "blobs" / "verified" / p.name).exists()
+
+
+def test_check_out_stamps_no_blob_changed_moments_ago(tmp_path: Path) -> None:
+    # an mtime younger than the timestamps' granularity could survive another write
+    d = BlobStore(tmp_path).put(b"fresh" * 1000)
+    BlobStore(tmp_path).check_out(d)
+    assert not (tmp_path / "blobs" / "verified" / d.split(":")[1]).exists()

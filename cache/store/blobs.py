@@ -32,6 +32,13 @@ _WRITE_BUFFER = 1 << 20
 """Buffer of an ingest's temp file.  Layer tars arrive as many small writes (a header, a few
 KB of data, padding): with the default 8 KiB buffer most of them cost a write syscall."""
 _HEX = frozenset("0123456789abcdef")
+_RACY_S = 2.0
+"""A verified stamp is written only for a blob last written this long ago (``_write_stamp``)."""
+
+
+def _identity(st: os.stat_result) -> str:
+    # not the ctime: exports hard-link blobs, and every link made or removed changes it
+    return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns}"
 
 
 class BlobWriter:
@@ -92,6 +99,13 @@ class BlobStore:
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._checked: set[Digest] = set()
         """Blobs whose bytes this process hashed (it wrote them, or ``check_out`` read them)."""
+        self._stamps = self.root / "blobs" / "verified"
+        """``check_out``'s stamps: ``<hex>`` holds the identity (device, inode, size, mtime)
+        of the file that last hashed to that digest.  A write to a blob (or to a layout that
+        hard-links it) moves its mtime on, so a blob whose identity still matches was not
+        written since it was hashed.  Not noticed here: a write that sets the mtime back
+        (whoever can do that can rewrite the stamps too) and damage below the file system
+        (a disk's bit rot): ``cache verify`` re-hashes every blob for those."""
 
         self.fallback: BlobSource | None = None
         """Where a missing blob may still come from (a shared cache: ``RemoteCache``, which
@@ -207,15 +221,56 @@ class BlobStore:
 
     def check_out(self, d: Digest) -> None:
         """Verify blob ``d`` before it leaves the store (export, unpack): re-hash it unless
-        this process already hashed it.  A blob that no longer matches its name is removed
-        and ``CorruptBlob`` raised, so what needs it is rebuilt instead of output."""
+        this process already hashed it, or its verified stamp still matches the file.  A blob
+        that no longer matches its name is removed and ``CorruptBlob`` raised, so what needs
+        it is rebuilt instead of output."""
         if d in self._checked:
             return
-        h = hashlib.sha256()
-        with self.open(d) as f:
+        try:
+            fd = os.open(self.path(d), os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            fd = -1
+        if fd < 0:  # not here: the fallback may fetch it (verified as it arrives)
+            h = hashlib.sha256()
+            with self.open(d) as f:
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+            self.vouch(d, sha256_digest(h.hexdigest()))
+            return
+        with os.fdopen(fd, "rb") as f:
+            before = _identity(os.fstat(fd))
+            if self._stamp_path(d).is_file() and self._read_stamp(d) == before:
+                self._checked.add(d)
+                return
+            h = hashlib.sha256()
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
+            after = _identity(os.fstat(fd))
         self.vouch(d, sha256_digest(h.hexdigest()))
+        if before == after:
+            self._write_stamp(d, after)
+
+    def _stamp_path(self, d: Digest) -> Path:
+        return self._stamps / digest_hex(d)
+
+    def _read_stamp(self, d: Digest) -> str | None:
+        try:
+            return self._stamp_path(d).read_text()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def _write_stamp(self, d: Digest, identity: str) -> None:
+        """Remember that the file ``identity`` names hashed to ``d``.  Only for a file last
+        written (mtime) ``_RACY_S`` ago: the kernel's timestamps are coarse, so a write just
+        after a recent one could keep its mtime (git's "racily clean" files)."""
+        mtime_ns = int(identity.split()[-1])
+        if mtime_ns > time.time_ns() - int(_RACY_S * 1e9):
+            return
+        with contextlib.suppress(OSError):
+            self._stamps.mkdir(exist_ok=True)
+            tmp = self._stamps / f".{digest_hex(d)}.{os.getpid()}.tmp"
+            tmp.write_text(identity)
+            os.replace(tmp, self._stamp_path(d))
 
     def vouch(self, d: Digest, actual: Digest) -> None:
         """Record what blob ``d`` hashed to while it was streamed out (``CorruptBlob`` and
@@ -229,6 +284,7 @@ class BlobStore:
         """Delete blob ``d``; removing a blob that is not there is not an error."""
         self._checked.discard(d)
         self.path(d).unlink(missing_ok=True)
+        self._stamp_path(d).unlink(missing_ok=True)
 
     def digests(self) -> Iterator[Digest]:
         """Every committed blob's digest, in no particular order."""
