@@ -515,13 +515,24 @@ def hash_file(path: str | os.PathLike[str], st: os.stat_result | None = None) ->
 
     try:
         fd = open_verified(path, st)
+        size = st.st_size if st is not None else os.fstat(fd).st_size
+        if size < _MMAP_THRESHOLD:
+            # Small files (most of a context) read whole: a 1 MiB buffer allocated and zeroed
+            # per file cost more than reading and hashing them.  Read to the end of the file,
+            # whatever its size now (it may have changed since the walk).
+            want = max(size + 1, 1 << 16)  # a file that grew is read in big steps too
+            try:
+                hasher = blake3.blake3()
+                while chunk := os.read(fd, want):
+                    hasher.update(chunk)
+            finally:
+                os.close(fd)
+            return str(hasher.hexdigest())
         with open(fd, "rb", buffering=0) as fh:
-            size = os.fstat(fd).st_size
             # Large files: 16 MiB reads into one reused buffer, hashed with blake3's threads.
             # (update_mmap would map the whole file and count it all as resident memory.)
-            big = size >= _MMAP_THRESHOLD
-            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO) if big else blake3.blake3()
-            buf = bytearray(_BIG_CHUNK if big else _READ_CHUNK)
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            buf = bytearray(_BIG_CHUNK)
             view = memoryview(buf)
             while n := fh.readinto(buf):
                 hasher.update(view[:n])
