@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import platform
+import os
 
-# platform.machine() -> (GOARCH, variant)
+# uname's machine (platform.machine()) -> (GOARCH, variant)
 _ARCHES: dict[str, tuple[str, str]] = {
     "x86_64": ("amd64", ""),
     "amd64": ("amd64", ""),
@@ -22,7 +22,7 @@ _ARCHES: dict[str, tuple[str, str]] = {
 
 def host_platform() -> tuple[str, str, str]:
     """(os, architecture, variant) of this machine; lbuild builds for the host only."""
-    machine = platform.machine().lower()
+    machine = os.uname().machine.lower()
     arch, variant = _ARCHES.get(machine, (machine, ""))
     return "linux", arch, variant
 
