@@ -267,7 +267,18 @@ def _build(
             *(b.digest for b in image.layers),
             *image.diff_ids,
         ]
-        for t in opts.tags:
+        tags = opts.tags
+        whole = all(session.store.has(b.digest) for b in image.layers)
+        if tags and opts.push and not whole:
+            # --push from a shared cache mounts the layers registry-side: none was downloaded,
+            # and a local tag would name an image the store cannot unpack, export or push
+            names = ", ".join(full_tag(t) for t in tags)
+            rep.message(
+                f"note: {names} not tagged in the local store: its layers were not downloaded "
+                "(the push mounted them from the cache); `lbuild pull` fetches the image"
+            )
+            tags = ()
+        for t in tags:
             session.index.set_tag(full_tag(t), image.manifest_digest, "{}", blobs=pins)
         pushed = _push(opts, session, image.manifest_digest, rep, tags_used, remote)
         _share(opts, session, plan, cache, remote, rep, collect)

@@ -301,6 +301,28 @@ def test_a_hot_build_pushing_to_the_cache_s_registry_downloads_no_layer(
     assert [r.rsplit("@", 1)[1] for r in done["pushed"]] == [manifest_digest(tmp_path / "outA")]
 
 
+def test_a_hot_build_tagged_and_pushed_tags_nothing_its_store_cannot_unpack(
+    registry: Registry, tmp_path: Path
+) -> None:
+    base, repo = _warm_registry_cache(registry, tmp_path)
+    app = f"{registry.host}/{unique_repo('app')}:v1"
+    home = tmp_path / "hB"
+    p = lbuild("build", context(tmp_path, "p2"), "--build-context", f"base=oci-layout://{base}",
+               "-t", app, "--push", "--cache-from", f"type=registry,ref={registry.host}/{repo}:main",
+               home=home, env=EPOCH)
+    clean = manifest_digest(tmp_path / "outA")
+    assert f"{app}@{clean}" in p.stdout + p.stderr
+    # its layers were mounted registry-side, never downloaded: no local tag names them
+    assert f"note: {app} not tagged in the local store" in p.stdout + p.stderr
+    assert app not in lbuild("images", home=home).stdout
+    u = lbuild("unpack", app, tmp_path / "rootfs", home=home, check=False)
+    assert u.returncode != 0 and "missing" not in u.stderr, u.stderr
+    # what the note says to do gives the whole image
+    lbuild("pull", app, home=home)
+    lbuild("unpack", app, tmp_path / "rootfs", home=home)
+    assert (tmp_path / "rootfs" / "built").read_text() == "a\nbase\n"
+
+
 def _layers(layout: Path) -> list[str]:
     idx = json.loads((layout / "index.json").read_text())
     man = json.loads((layout / "blobs/sha256" / idx["manifests"][0]["digest"][7:]).read_text())
