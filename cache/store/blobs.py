@@ -228,9 +228,10 @@ class BlobStore:
             return
         try:
             fd = os.open(self.path(d), os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
+        except OSError:
             fd = -1
-        if fd < 0:  # not here: the fallback may fetch it (verified as it arrives)
+        if fd < 0:  # not here (the fallback may fetch it, verified as it arrives), or odd
+            # (a symlink): hashed through ``open`` as always, never stamped
             h = hashlib.sha256()
             with self.open(d) as f:
                 while chunk := f.read(_CHUNK):
