@@ -247,7 +247,10 @@ def _build(
                 session, d, opts.compression, remote, _counter(rep, "compress", d)
             ),
         )
-        solver.solve()
+        try:
+            solver.solve()
+        finally:
+            runner.release()
         cache.flush()
         image = assemble(solver, session, opts.compression, remote)
         if opts.labels or opts.annotations:
@@ -485,6 +488,11 @@ class _LazyRun:
 
     def prefetch(self, solver: RunContext, diff_ids: list[Digest]) -> None:
         self._get().prefetch(solver, diff_ids)
+
+    def release(self) -> None:
+        """After the solve: what the RUN executor started ahead and did not use goes."""
+        if self._run is not None:
+            self._run.release()
 
 
 def check_entitlements(plan: Plan, opts: BuildOptions) -> None:

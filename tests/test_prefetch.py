@@ -107,3 +107,40 @@ def test_no_cache_sends_the_chain(
     _build(ctx, bbhome, DOCKERFILE, no_cache=True)
     assert len(parents) == 1
     assert sent and sent[-1] == parents[0]
+
+
+def test_the_helper_started_with_the_chain_runs_the_command_and_a_spare_one_exits(
+    bbhome: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from builder.solve import executor
+
+    started: list[executor.Helper] = []
+    given: list[executor.Helper | None] = []
+    init, run = executor.Helper.__init__, executor.run
+
+    def watch_init(self: executor.Helper, *, stdin: bool) -> None:
+        init(self, stdin=stdin)
+        started.append(self)
+
+    def watch_run(*a: Any, helper: executor.Helper | None = None, **k: Any) -> int:
+        given.append(helper)
+        return run(*a, helper=helper, **k)
+
+    monkeypatch.setattr(executor.Helper, "__init__", watch_init)
+    monkeypatch.setattr(executor, "run", watch_run)
+    ctx = _context(tmp_path, 1000)
+    _build(ctx, bbhome, DOCKERFILE)
+    # one helper (started with the chain sent ahead, or by the RUN when it came first; never
+    # one more for a chain sent while the RUN runs) ran the RUN
+    assert len(started) == 1 and given == started
+    # a RUN fed on stdin (a heredoc) cannot use one started ahead: that one is stopped after
+    # the solve, so no helper process outlives the build
+    started.clear()
+    given.clear()
+    heredoc = DOCKERFILE.replace(  # a script with its interpreter line: fed on stdin
+        "RUN cat /a /b /c > /abc", "RUN <<EOF\n#!/bin/sh\ncat /a > /abc\nEOF"
+    )
+    _build(ctx, bbhome, heredoc)
+    assert len(given) == 1 and given[0] is not None and given[0].stdin
+    assert given == [h for h in started if h.stdin] and len(started) <= 2
+    assert all(h.proc is None for h in started)  # taken by the run, or discarded

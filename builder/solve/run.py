@@ -248,6 +248,10 @@ class RunSteps:
         self._gate = from_env()  # repro-check's clock variation, else None
         self._snap: Snapshotter | None = None
         self._lock = threading.Lock()
+        # a helper started when a RUN's chain was first sent ahead (``prefetch``): the RUN
+        # then does not wait for the helper's interpreter to start
+        self._spare: Helper | None = None
+        self._running = 0  # RUN steps under way (a chain sent while one runs is its own)
 
     def snapshotter(self) -> Snapshotter:
         with self._lock:
@@ -264,20 +268,46 @@ class RunSteps:
 
         snap = self.snapshotter()
         if diff_ids and isinstance(snap, LayerStacks):
+            self._prestart()
             ensure_chain(snap, diff_ids, solver.store.open, solver.toc)
 
-    def __call__(self, solver: RunContext, step: Step) -> LayerInfo | None:
+    def _prestart(self) -> None:
         from builder.solve.executor import Helper
 
+        with self._lock:
+            if self._spare is not None or self._running:
+                return
+            self._spare = Helper(stdin=False)
+
+    def release(self) -> None:
+        """The solve is over: a helper started ahead and not used exits."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.discard()
+
+    def _helper(self, stdin: bool) -> Helper:
+        """The helper started ahead when it fits (no stdin), else a new one."""
+        from builder.solve.executor import Helper
+
+        with self._lock:
+            self._running += 1
+            spare, self._spare = (self._spare, None) if not stdin else (None, self._spare)
+        return spare if spare is not None else Helper(stdin=stdin)
+
+    def __call__(self, solver: RunContext, step: Step) -> LayerInfo | None:
         instr = step.instr
         assert isinstance(instr, df.Run) and step.state is not None
         command = command_argv(instr, step.state.shell)
-        # The sandbox's helper interpreter starts while the snapshot is made.
-        helper = Helper(stdin=command[1] is not None)
+        # The sandbox's helper interpreter starts while the snapshot is made (or started
+        # when the chain was sent ahead).
+        helper = self._helper(stdin=command[1] is not None)
         try:
             return self._run(solver, step, instr, command, helper)
         finally:
             helper.discard()  # nothing to do when the run took it
+            with self._lock:
+                self._running -= 1
 
     def _run(
         self,
