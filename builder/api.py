@@ -247,10 +247,7 @@ def _build(
                 session, d, opts.compression, remote, _counter(rep, "compress", d)
             ),
         )
-        try:
-            solver.solve()
-        finally:
-            runner.release()
+        _solve(solver, runner)
         cache.flush()
         image = assemble(solver, session, opts.compression, remote)
         if opts.labels or opts.annotations:
@@ -270,19 +267,7 @@ def _build(
             *(b.digest for b in image.layers),
             *image.diff_ids,
         ]
-        tags = opts.tags
-        whole = all(session.store.has(b.digest) for b in image.layers)
-        if tags and opts.push and not whole:
-            # --push from a shared cache mounts the layers registry-side: none was downloaded,
-            # and a local tag would name an image the store cannot unpack, export or push
-            names = ", ".join(full_tag(t) for t in tags)
-            rep.message(
-                f"note: {names} not tagged in the local store: its layers were not downloaded "
-                "(the push mounted them from the cache); `lbuild pull` fetches the image"
-            )
-            tags = ()
-        for t in tags:
-            session.index.set_tag(full_tag(t), image.manifest_digest, "{}", blobs=pins)
+        _tag(opts, session, image, pins, rep)
         pushed = _push(opts, session, image.manifest_digest, rep, tags_used, remote)
         _share(opts, session, plan, cache, remote, rep, collect)
         steps = [s for s in plan.steps.values() if s.kind not in ("base", "end")]
@@ -333,6 +318,33 @@ def _plan(
             pending.abandon()
         raise
     return plan, probed, pending.wait(rep.message) if pending is not None else None
+
+
+def _solve(solver: Solver, runner: _LazyRun) -> None:
+    """Run the solver; then what the RUN executor started ahead and did not use goes."""
+    try:
+        solver.solve()
+    finally:
+        runner.release()
+
+
+def _tag(
+    opts: BuildOptions, session: Session, image: Any, pins: list[Digest], rep: Reporter
+) -> None:
+    """``-t``: the local tags, unless the store lacks the image's layers: ``--push`` from a
+    shared cache mounts them registry-side and downloads none, and a local tag would name an
+    image the store cannot unpack, export or push (a note says so)."""
+    if not opts.tags:
+        return
+    if opts.push and not all(session.store.has(b.digest) for b in image.layers):
+        names = ", ".join(full_tag(t) for t in opts.tags)
+        rep.message(
+            f"note: {names} not tagged in the local store: its layers were not downloaded "
+            "(the push mounted them from the cache); `lbuild pull` fetches the image"
+        )
+        return
+    for t in opts.tags:
+        session.index.set_tag(full_tag(t), image.manifest_digest, "{}", blobs=pins)
 
 
 def _keeps_or_writes(opts: BuildOptions) -> bool:
