@@ -231,3 +231,36 @@ def test_identity_token_uses_the_refresh_grant(
     assert img.layers
     assert reg.tokens.requests[-1]["method"] == "POST" and reg.tokens.requests[-1]["auth"]
 
+
+
+def test_threads_of_one_build_probe_a_registry_s_scheme_once(
+    registry: Registry, no_creds: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from cache.registry import transport
+
+    monkeypatch.setattr(transport, "_SCHEMES", {})
+    probes: list[str] = []
+    real = transport.speaks_tls
+
+    def counted(host: str, timeout: float = 15.0) -> bool | None:
+        probes.append(host)
+        return real(host, timeout)
+
+    monkeypatch.setattr(transport, "speaks_tls", counted)
+    # the cache's records and the base image: two transports to one registry, at once
+    ts = [Transport(registry.host) for _ in range(4)]
+    go = threading.Barrier(len(ts))
+
+    def first_request(t: Transport) -> None:
+        go.wait()
+        t._choose_scheme()
+
+    threads = [threading.Thread(target=first_request, args=(t,)) for t in ts]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert probes == [registry.host]
+    assert [t._scheme for t in ts] == ["http"] * len(ts)

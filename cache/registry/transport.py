@@ -46,6 +46,15 @@ USER_AGENT = "lbuild/0.1"
 Body = bytes | Callable[[], Iterable[bytes]] | None
 _SCHEMES: dict[str, str] = {}
 """host -> the scheme it answered on, for hosts that may use plain HTTP (this process)."""
+_PROBES: dict[str, threading.Lock] = {}
+_PROBES_LOCK = threading.Lock()
+
+
+def _probe_lock(host: str) -> threading.Lock:
+    """The lock under which ``host``'s scheme is probed: the build's threads (the cache's
+    records, the base image) talking to one registry probe it once, the others wait."""
+    with _PROBES_LOCK:
+        return _PROBES.setdefault(host, threading.Lock())
 
 
 def is_loopback(host: str) -> bool:
@@ -413,8 +422,12 @@ class Transport:
         left open (the first request tries HTTPS, then HTTP) when that cannot be told."""
         if _proxied():
             return
-        with self._lock:
+        with self._lock, _probe_lock(self.host):  # one probe per host and process
             if self._scheme is not None:
+                return
+            known = _SCHEMES.get(self.host)
+            if known is not None:  # another transport (a thread of this build) just probed
+                self._scheme = known
                 return
             tls = speaks_tls(self.host)
             if tls is not None:
