@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from util import ROOT, lbuild, manifest_digest, write_files
+from util import ROOT, lbuild, manifest_digest, write_files, write_memo_ready
 
 from cache.errors import InvalidInput
 
@@ -140,19 +140,10 @@ def test_a_noop_build_imports_no_other_command(tmp_path: Path) -> None:
     """``lbuild build`` builds only its own subparser: a no-op loads none of the modules of
     warm, diff/repro-check, pull/push or cache export/import (``-X importtime`` tells)."""
     import os
-    import time
-
-    from builder.noop import RACY_NS
 
     ctx, home = tmp_path / "ctx", tmp_path / "home"
-    write_files(ctx, {"Dockerfile": "FROM scratch\nCOPY a /a\n", "a": "a\n"})
-    for p in (ctx / "a", ctx / "Dockerfile", ctx):  # older than the memo's racy-file window
-        os.utime(p, (1_000_000_000, 1_000_000_000))
-    # utime sets ctime to now: wait until every ctime is out of builder.noop.RACY_NS (a
-    # condition, not a timing margin), so the first build writes a memo the second can use
-    newest = max(p.lstat().st_ctime_ns for p in (ctx / "a", ctx / "Dockerfile", ctx))
-    while time.time_ns() - newest <= RACY_NS:
-        time.sleep(0.1)
+    # so that the first build writes a memo the second can use
+    write_memo_ready(ctx, {"Dockerfile": "FROM scratch\nCOPY a /a\n", "a": "a\n"})
     lbuild("build", ctx, "--progress", "plain", home=home)
     env = dict(os.environ, LBUILD_HOME=str(home))
     p = subprocess.run(

@@ -14,13 +14,12 @@ import subprocess
 import sys
 import termios
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import run_fixtures
 from run_fixtures import BUSYBOX, needs_root
-from util import ROOT, lbuild, write_files
+from util import ROOT, lbuild, write_files, write_memo_ready
 
 busybox_home = run_fixtures.busybox_home
 bbhome = run_fixtures.bbhome
@@ -139,17 +138,8 @@ def test_a_long_copy_shows_a_byte_counter_on_its_line(tmp_path: Path, home: Path
 
 def test_a_no_op_rebuild_on_a_terminal_does_not_import_rich(tmp_path: Path, home: Path) -> None:
     ctx = tmp_path / "ctx"
-    write_files(ctx, {"Dockerfile": "FROM scratch\nCOPY a /a\n", "a": "a\n"})
-    for p in (ctx / "a", ctx / "Dockerfile", ctx):  # older than the memo's racy-file window
-        os.utime(p, (1_000_000_000, 1_000_000_000))
-    # utime sets ctime to now, and a memo never vouches for a file whose ctime is within
-    # builder.noop.RACY_NS of the build: wait until every ctime is out of that window (a
-    # condition, not a timing margin), so the builds below write a memo the last can use
-    from builder.noop import RACY_NS
-
-    newest = max(p.lstat().st_ctime_ns for p in (ctx / "a", ctx / "Dockerfile", ctx))
-    while time.time_ns() - newest <= RACY_NS:
-        time.sleep(0.1)
+    # so that the builds below write a memo the last can use
+    write_memo_ready(ctx, {"Dockerfile": "FROM scratch\nCOPY a /a\n", "a": "a\n"})
     first = Pty(["build", str(ctx)], home, ["-X", "importtime"])
     assert first.finish() == 0
     assert re.search(r"\|\s+rich\.live\b", first.text())  # a build does show the live view

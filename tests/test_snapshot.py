@@ -432,8 +432,8 @@ def _digest(b: bytes) -> Digest:
     return Digest("sha256:" + hashlib.sha256(b).hexdigest())
 
 
-def test_ensure_chain(snap: Snapshotter, tmp_path: Path) -> None:
-    layers = [_tar({"a": b"1", "d/b": b"2"}), _tar({"c": b"3"}, whiteouts=("d/b",))]
+def _opener(layers: list[bytes]) -> tuple[list[Digest], Callable[[Digest], BinaryIO], list[Digest]]:
+    """The layers' digests, an ``open_layer`` over them, and the digests it opened so far."""
     ids = [_digest(t) for t in layers]
     by_id = dict(zip(ids, layers, strict=True))
     opened: list[Digest] = []
@@ -442,6 +442,12 @@ def test_ensure_chain(snap: Snapshotter, tmp_path: Path) -> None:
         opened.append(d)
         return io.BytesIO(by_id[d])
 
+    return ids, open_layer, opened
+
+
+def test_ensure_chain(snap: Snapshotter, tmp_path: Path) -> None:
+    layers = [_tar({"a": b"1", "d/b": b"2"}), _tar({"c": b"3"}, whiteouts=("d/b",))]
+    ids, open_layer, opened = _opener(layers)
     top = ensure_chain(snap, ids, open_layer)
     assert top == chain_id(ids)
     # overlay: a stack per prefix (they share the layer directories); copy: one tree, made
@@ -458,15 +464,7 @@ def test_ensure_chain(snap: Snapshotter, tmp_path: Path) -> None:
 def test_copy_chain_is_made_from_the_longest_committed_prefix(tmp_path: Path) -> None:
     """The copy snapshotter copies the longest committed prefix once and applies only the
     layers above it."""
-    layers = [_tar({"a": b"1"}), _tar({"b": b"2"}), _tar({"c": b"3"})]
-    ids = [_digest(t) for t in layers]
-    by_id = dict(zip(ids, layers, strict=True))
-    opened: list[Digest] = []
-
-    def open_layer(d: Digest) -> BinaryIO:
-        opened.append(d)
-        return io.BytesIO(by_id[d])
-
+    ids, open_layer, opened = _opener([_tar({"a": b"1"}), _tar({"b": b"2"}), _tar({"c": b"3"})])
     snap = CopySnapshotter(tmp_path / "copy")
     assert ensure_chain(snap, ids[:1], open_layer) == chain_id(ids[:1])
     opened.clear()

@@ -110,3 +110,20 @@ def write_files(root: Path, files: dict[str, str | bytes]) -> None:
             p.write_text(content)
         else:
             p.write_bytes(content)
+
+
+def write_memo_ready(root: Path, files: dict[str, str | bytes]) -> None:
+    """``write_files``, then make every file (and ``root``) old enough for a no-op memo to
+    vouch for it: mtimes set far back, and a wait until their ctimes (which utime sets to
+    now) are out of ``builder.noop.RACY_NS`` (a condition, not a timing margin)."""
+    import time
+
+    from builder.noop import RACY_NS
+
+    write_files(root, files)
+    paths = [root / rel for rel in files] + [root]
+    for p in paths:
+        os.utime(p, (1_000_000_000, 1_000_000_000))
+    newest = max(p.lstat().st_ctime_ns for p in paths)
+    while time.time_ns() - newest <= RACY_NS:
+        time.sleep(0.1)
