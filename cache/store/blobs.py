@@ -36,6 +36,14 @@ _RACY_S = 2.0
 """A verified stamp is written only for a blob last written this long ago (``_write_stamp``)."""
 
 
+def _sha256_of(f: BinaryIO) -> Digest:
+    """The digest of what is left to read in ``f``."""
+    h = hashlib.sha256()
+    while chunk := f.read(_CHUNK):
+        h.update(chunk)
+    return sha256_digest(h.hexdigest())
+
+
 def _identity(st: os.stat_result) -> str:
     # not the ctime: exports hard-link blobs, and every link made or removed changes it
     return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns}"
@@ -209,11 +217,8 @@ class BlobStore:
 
     def verify(self, d: Digest) -> bool:
         """Re-hash blob ``d``: True when its bytes still match its name."""
-        h = hashlib.sha256()
         with self.open(d) as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        return sha256_digest(h.hexdigest()) == d
+            return _sha256_of(f) == d
 
     def is_checked(self, d: Digest) -> bool:
         """Whether this process already hashed blob ``d`` (wrote it, or checked it out)."""
@@ -232,22 +237,17 @@ class BlobStore:
             fd = -1
         if fd < 0:  # not here (the fallback may fetch it, verified as it arrives), or odd
             # (a symlink): hashed through ``open`` as always, never stamped
-            h = hashlib.sha256()
             with self.open(d) as f:
-                while chunk := f.read(_CHUNK):
-                    h.update(chunk)
-            self.vouch(d, sha256_digest(h.hexdigest()))
+                self.vouch(d, _sha256_of(f))
             return
         with os.fdopen(fd, "rb") as f:
             before = _identity(os.fstat(fd))
             if self._stamp_path(d).is_file() and self._read_stamp(d) == before:
                 self._checked.add(d)
                 return
-            h = hashlib.sha256()
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
+            actual = _sha256_of(f)
             after = _identity(os.fstat(fd))
-        self.vouch(d, sha256_digest(h.hexdigest()))
+        self.vouch(d, actual)
         if before == after:
             self._write_stamp(d, after)
 
