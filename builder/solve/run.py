@@ -337,7 +337,16 @@ class RunSteps:
         # Only a read-write bind mount needs scratch space (a throwaway copy of its source).
         scratch = self.env.home / "tmp" / f"run-{uuid.uuid4().hex}"
         try:
-            mounts = mounted_once(snap.prepare(key, parent))
+            try:
+                mounts = mounted_once(snap.prepare(key, parent))
+            except NotFound:
+                # Another build took over a layer directory of the chain since it was made
+                # (cache.snapshots.reuse): made again, unpacked whole this time.
+                assert diff_ids
+                parent = ensure_chain(
+                    snap, diff_ids, solver.store.open, solver.toc, reuse=False
+                )
+                mounts = mounted_once(snap.prepare(key, parent))
             argv, stdin = command
             binds, targets = mounts_for(instr, self.env, state.workdir, file, scratch)
             check_entitlements([instr], self.env.allow, file)

@@ -89,7 +89,7 @@ def apply_toc(
         else:
             a._remove(path)
             if e.type == "file":
-                _write(fd, e, path, name, blake3.blake3)
+                write_file(fd, e, path, name, blake3.blake3)
             elif e.type == "symlink":
                 os.symlink(e.link, path)
             elif e.type == "hardlink":
@@ -110,9 +110,14 @@ def apply_toc(
     a.finish()
 
 
-def _write(fd: int, e: Entry, path: str, name: str, hasher: type) -> None:
+def write_file(
+    fd: int, e: Entry, path: str, name: str, hasher: type, *, in_place: bool = False
+) -> None:
+    """Write regular file ``e`` at ``path`` from the layer tar ``fd`` at its offset, checked
+    against its blake3: a new file, or (``in_place``) over the existing one's bytes."""
     h = hasher()
-    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    how = os.O_TRUNC if in_place else os.O_CREAT | os.O_EXCL
+    out = os.open(path, os.O_WRONLY | how | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         pos, left = e.offset, e.size
         while left > 0:

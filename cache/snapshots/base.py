@@ -130,8 +130,16 @@ class LayerStacks(Protocol):
         parents: Mapping[str, Entry | None],
         open_layer: Callable[[Digest], BinaryIO],
         toc: Sequence[Entry] | None = None,
+        *,
+        reuse: bool = True,
     ) -> str:
-        """The name of the directory holding layer ``diff_id`` on top of ``parents``."""
+        """The name of the directory holding layer ``diff_id`` on top of ``parents``
+        (``reuse``: it may be made from another layer's directory, see
+        ``cache.snapshots.reuse``)."""
+        ...
+
+    def has_stack(self, name: str) -> bool:
+        """Whether committed stack ``name`` exists and its layer directory with it."""
         ...
 
     def commit_stack(self, name: str, parent: str | None, layer: str) -> None:
@@ -154,11 +162,13 @@ def encode_name(name: str) -> str:
     return enc
 
 
-def lock_fd(path: Path, *, blocking: bool) -> int | None:
-    """Open and flock ``path``; None when ``blocking`` is false and someone else holds it."""
+def lock_fd(path: Path, *, blocking: bool, shared: bool = False) -> int | None:
+    """Open and flock ``path`` (exclusive, or ``shared``); None when ``blocking`` is false
+    and someone else holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        how = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        fcntl.flock(fd, how | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
         os.close(fd)
         return None

@@ -31,6 +31,8 @@ def ensure_chain(
     diff_ids: Sequence[Digest],
     open_layer: Callable[[Digest], BinaryIO],
     toc: Callable[[Digest], Sequence[Entry]] | None = None,
+    *,
+    reuse: bool = True,
 ) -> str:
     """Make sure a committed snapshot of ``diff_ids`` exists; return its name (its chain id).
 
@@ -38,7 +40,8 @@ def ensure_chain(
     prefix of the chain that is committed and extracts every missing layer onto that one copy
     (each verified against its diff_id as it streams); the prefixes in between are not
     committed.  The overlay snapshotter stacks layer directories shared by content (``ensure_layer``): only a
-    layer whose directory is missing is extracted.  ``toc`` gives a layer's table of contents:
+    layer whose directory is missing is extracted, or made from the directory of a layer of
+    the same shape (``reuse``, ``cache.snapshots.reuse``).  ``toc`` gives a layer's table of contents:
     with it, the directories a layer does not carry get the metadata the layers below give
     them (without it, 0755 root).  Another process doing the same at once is fine: per-name
     locks serialise the work and "already exists" counts as success.
@@ -47,7 +50,7 @@ def ensure_chain(
         raise InvalidInput("ensure_chain needs at least one layer")
     names = [str(chain_id(diff_ids[: i + 1])) for i in range(len(diff_ids))]
     if isinstance(snap, LayerStacks):  # a declared capability (base.py), not a class
-        return _ensure_stacks(snap, diff_ids, names, open_layer, toc)
+        return _ensure_stacks(snap, diff_ids, names, open_layer, toc, reuse)
     # A copy snapshot is a whole tree: the chain is made once, from the longest prefix that
     # exists, by applying every missing layer onto one copy of it (committing each prefix
     # on the way copied the tree once per layer).
@@ -71,13 +74,15 @@ def _ensure_stacks(
     names: list[str],
     open_layer: Callable[[Digest], BinaryIO],
     toc: Callable[[Digest], Sequence[Entry]] | None,
+    reuse: bool,
 ) -> str:
     assert isinstance(snap, LayerStacks)
     stacks = snap
-    # The chain exists up to the highest existing name (a stack is committed on its parent).
-    have = len(names)
-    while have > 0 and not snap.exists(names[have - 1]):
-        have -= 1
+    # The chain exists up to the first stack that is missing or whose layer directory is
+    # (another build may have taken one over: it is made again under the same name).
+    have = 0
+    while have < len(names) and stacks.has_stack(names[have]):
+        have += 1
     view: View | None = None
     applied = 0  # layers in ``view``
     for i in range(have, len(names)):
@@ -91,7 +96,7 @@ def _ensure_stacks(
                 applied += 1
             entries = toc(diff_ids[i])
             parents = layer_parents(entries, view.get)
-        layer = stacks.ensure_layer(diff_ids[i], parents, open_layer, entries)
+        layer = stacks.ensure_layer(diff_ids[i], parents, open_layer, entries, reuse=reuse)
         stacks.commit_stack(names[i], names[i - 1] if i else None, layer)
     return names[-1]
 

@@ -13,11 +13,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from cache.errors import InvalidInput, Unsupported
+from cache.errors import InvalidInput, NotFound, Unsupported
 from cache.home import USED
 from cache.layers.apply import apply_layer, remove_tree
 from cache.layers.tocapply import apply_toc, toc_extractable
-from cache.snapshots.base import Base, lock_fd
+from cache.snapshots.base import Base, encode_name, lock_fd
 from cache.snapshots.diff import (
     Found,
     entry_of,
@@ -28,6 +28,15 @@ from cache.snapshots.diff import (
     unchanged,
 )
 from cache.snapshots.mount import Mount, sys_mount, unmount
+from cache.snapshots.reuse import (
+    PATCH_MIN_ENTRIES,
+    TOC_FILE,
+    changes,
+    patch_dir,
+    read_record,
+    shape_of,
+    write_record,
+)
 from cache.types import Digest, Entry
 
 # Overlay features that would put information into xattrs our diff does not read.
@@ -62,39 +71,76 @@ class OverlaySnapshotter(Base):
             return committed / "fs"
         return self.layers_dir / layer / "fs"
 
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        # Layer directories this object's chains hold (``ensure_layer``, ``has_stack``):
+        # never taken over for another layer (``cache.snapshots.reuse``).
+        self._pinned: set[str] = set()
+        # key -> fds of the shared locks on the layer directories its mounts show.
+        self._uses: dict[str, list[int]] = {}
+
+    @property
+    def shapes_dir(self) -> Path:
+        return self.root / "shapes"
+
+    def has_stack(self, name: str) -> bool:
+        """Whether committed stack ``name`` exists with its layer directory (another build
+        may have taken that over, ``cache.snapshots.reuse``); the layer is then pinned."""
+        try:
+            layer = (self._cdir(name) / "layer").read_text()
+        except FileNotFoundError:
+            return self.exists(name)  # a committed snapshot of its own (no layer file)
+        if not (self.layers_dir / layer / "fs").is_dir():
+            return False
+        self._pinned.add(layer)
+        return True
+
     def ensure_layer(
         self,
         diff_id: Digest,
         parents: Mapping[str, Entry | None],
         open_layer: Callable[[Digest], BinaryIO],
         toc: Sequence[Entry] | None = None,
+        *,
+        reuse: bool = True,
     ) -> str:
         """The name of the layer directory holding ``diff_id`` on ``parents``; unpacked when
         missing: from its TOC ``toc`` when given (each file checked against the TOC's
         blake3, ``cache.layers.tocapply``), else from the tar stream (checked against its
-        diff_id)."""
+        diff_id).  With ``reuse``, a missing directory is made from the directory of a layer
+        of the same shape when there is one (``cache.snapshots.reuse``)."""
         name = layer_dir_name(diff_id, parents)
         final = self.layers_dir / name
         if (final / "fs").is_dir():
+            self._pinned.add(name)
             return name
         self.layers_dir.mkdir(exist_ok=True)
         with self.name_lock("layer-" + name):
             if (final / "fs").is_dir():
+                self._pinned.add(name)
                 return name
             work = self._tmp / f"layer-{uuid.uuid4().hex}"
             work.mkdir()
             fd = lock_fd(work / "lock", blocking=True)
+            shape = None
             try:
                 with open_layer(diff_id) as stream:
                     if toc is not None and toc_extractable(toc) and _has_fd(stream):
-                        apply_toc(
-                            stream,
-                            toc,
-                            work / "fs",
-                            name=f"layer {diff_id}",
-                            overlay=True,
-                            parents=parents,
-                        )
+                        if len(toc) >= PATCH_MIN_ENTRIES:
+                            shape = shape_of(toc, _parents_json(parents))
+                        if not (
+                            shape is not None
+                            and reuse
+                            and self._reuse(shape, name, toc, stream.fileno(), work / "fs")
+                        ):
+                            apply_toc(
+                                stream,
+                                toc,
+                                work / "fs",
+                                name=f"layer {diff_id}",
+                                overlay=True,
+                                parents=parents,
+                            )
                     else:
                         apply_layer(
                             stream,
@@ -105,8 +151,15 @@ class OverlaySnapshotter(Base):
                             parents=parents,
                         )
                 (work / "meta.json").write_text(layer_meta_json(diff_id, parents))
+                if shape is not None and toc is not None:
+                    from cache.layers.toc import dump_toc
+
+                    (work / TOC_FILE).write_bytes(dump_toc(toc))
                 (work / "lock").unlink()
                 os.rename(work, final)
+                self._pinned.add(name)
+                if shape is not None:
+                    write_record(self.shapes_dir / shape, name)
             except BaseException:
                 remove_tree(work)
                 raise
@@ -114,6 +167,88 @@ class OverlaySnapshotter(Base):
                 if fd is not None:
                     os.close(fd)
         return name
+
+    def _reuse(
+        self, shape: str, name: str, toc: Sequence[Entry], blob_fd: int, dest: Path
+    ) -> bool:
+        """Make ``dest`` from the directory of the layer recorded for ``shape`` (moved
+        there and patched; see ``cache.snapshots.reuse``); False when there is none to take
+        or it cannot become this layer's (``dest`` is then absent)."""
+        donor = read_record(self.shapes_dir / shape)
+        if donor is None or donor == name or donor in self._pinned:
+            return False
+        pairs = self._take(donor, toc, dest)
+        if pairs is None:
+            return False
+        try:
+            patch_dir(dest, blob_fd, pairs, name=f"layer {name}")
+        except (OSError, InvalidInput):
+            remove_tree(dest)
+            return False
+        return True
+
+    def _take(
+        self, donor: str, toc: Sequence[Entry], dest: Path
+    ) -> list[tuple[Entry, Entry]] | None:
+        """Move layer directory ``donor``'s files to ``dest`` and forget ``donor``, when
+        it can become layer ``toc``'s: the entries to rewrite; None when it cannot be
+        taken (missing, being made, shown by a mount, another shape)."""
+        from cache.layers.toc import load_toc
+
+        d = self.layers_dir / donor
+        made = lock_fd(self._locks_dir / (encode_name("layer-" + donor) + ".lock"), blocking=False)
+        if made is None:
+            return None
+        try:
+            used = lock_fd(self._use_lock(donor), blocking=False)
+            if used is None:
+                return None
+            try:
+                try:
+                    old = load_toc((d / TOC_FILE).read_bytes())
+                except OSError:
+                    return None
+                pairs = changes(old, toc) if old is not None else None
+                if pairs is None or not (d / "fs").is_dir():
+                    return None
+                os.rename(d / "fs", dest)
+                self._trash(d)
+                return pairs
+            finally:
+                os.close(used)
+        finally:
+            os.close(made)
+
+    def _use_lock(self, layer: str) -> Path:
+        return self._locks_dir / f"use-{layer}.lock"
+
+    def _new_active(self, key: str, parent: str | None, kind: str) -> Path:
+        # Hold every layer directory the mounts will show (shared), so that none is taken
+        # over while mounted; one already gone is NotFound (the caller makes the chain again).
+        fds: list[int] = []
+        try:
+            for committed in self._chain(parent):
+                try:
+                    layer = (committed / "layer").read_text()
+                except FileNotFoundError:
+                    continue
+                fd = lock_fd(self._use_lock(layer), blocking=True, shared=True)
+                assert fd is not None
+                fds.append(fd)
+                if not (self.layers_dir / layer / "fs").is_dir():
+                    raise NotFound(f"snapshot layer {layer[:16]} is gone (taken over or pruned)")
+            d = super()._new_active(key, parent, kind)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self._uses[key] = fds
+        return d
+
+    def _release(self, key: str) -> None:
+        super()._release(key)
+        for fd in self._uses.pop(key, []):
+            os.close(fd)
 
     def commit_stack(self, name: str, parent: str | None, layer: str) -> None:
         """Commit snapshot ``name``: layer directory ``layer`` on committed ``parent``."""
@@ -331,6 +466,11 @@ def _entry_meta(e: Entry | None) -> list[object] | None:
 def layer_meta_json(diff_id: Digest, parents: Mapping[str, Entry | None]) -> str:
     """What a layer directory holds: its diff_id and the parent directories it took from below."""
     doc = {"diff_id": diff_id, "parents": {p: _entry_meta(e) for p, e in sorted(parents.items())}}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def _parents_json(parents: Mapping[str, Entry | None]) -> str:
+    doc = {p: _entry_meta(e) for p, e in sorted(parents.items())}
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 

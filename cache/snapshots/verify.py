@@ -19,7 +19,8 @@ CAP_LINUX_IMMUTABLE and a filesystem that has them).  What lbuild promises inste
 
 GC (``prune_snapshots``, run by ``lbuild cache prune``): a layer directory whose layer blob is
 no longer in the store, or that no chain names any more, goes; so does every chain that
-needs a removed layer or snapshot.
+needs a removed layer or snapshot, and every shape record (``cache.snapshots.reuse``) that
+names a directory no longer there.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from cache.layers.view import View
 from cache.snapshots.base import read_parent
 from cache.snapshots.diff import blake3_file, is_opaque
 from cache.snapshots.overlay import OverlaySnapshotter, parents_from_meta
+from cache.snapshots.reuse import read_record
 from cache.types import Digest, Entry
 
 # A directory whose metadata the tables of contents do not give (a tar that names children
@@ -306,6 +308,11 @@ def prune_snapshots(root: Path, has_blob: Callable[[Digest], bool]) -> list[str]
         if d.name not in named:
             _trash(overlay, d)
             out.append(f"snapshot layer {d.name[:16]} (unused)")
+    shapes = overlay / "shapes"
+    for record in sorted(shapes.iterdir()) if shapes.is_dir() else []:
+        layer = read_record(record)
+        if layer is None or not (overlay / "layers" / layer / "fs").is_dir():
+            record.unlink(missing_ok=True)  # names a directory that went (reuse.py)
     copy = root / "copy"
     doomed = set()
     for d in _committed(copy):
