@@ -38,6 +38,11 @@ ENTRIES = [
     Entry(path="var", type="opaque", mode=0),
     _f("var/new", b"new"),
     Entry(path="dev-null", type="char", mode=0o666, devmajor=1, devminor=3, mtime=T),
+    # files made in a setgid directory get its group unless given theirs; a mode with
+    # bits the umask takes away
+    Entry(path="srv", type="dir", mode=0o2775, gid=50, mtime=T - 3),
+    _f("srv/f", b"f\n", mode=0o664),
+    _f("srv/g", b"g\n", mode=0o2777, gid=50),
 ]
 
 

@@ -89,8 +89,10 @@ def apply_toc(
         else:
             a._remove(path)
             if e.type == "file":
-                write_file(fd, e, path, name, blake3.blake3)
-            elif e.type == "symlink":
+                write_file(fd, e, path, name, blake3.blake3, meta=a)
+                a.created.add(rel)
+                continue
+            if e.type == "symlink":
                 os.symlink(e.link, path)
             elif e.type == "hardlink":
                 target = a._abs(e.link)
@@ -111,13 +113,24 @@ def apply_toc(
 
 
 def write_file(
-    fd: int, e: Entry, path: str, name: str, hasher: type, *, in_place: bool = False
+    fd: int,
+    e: Entry,
+    path: str,
+    name: str,
+    hasher: type,
+    *,
+    in_place: bool = False,
+    meta: _Applier | None = None,
 ) -> None:
     """Write regular file ``e`` at ``path`` from the layer tar ``fd`` at its offset, checked
-    against its blake3: a new file, or (``in_place``) over the existing one's bytes."""
+    against its blake3: a new file, or (``in_place``) over the existing one's bytes.  With
+    ``meta``, the new file also gets its owner, mode, xattrs and times, through its
+    descriptor: an owner or mode it was created with is not set again (each is a journaled
+    inode update on ext4; 2,200 of them were a fifth of unpacking the bench's layer)."""
     h = hasher()
     how = os.O_TRUNC if in_place else os.O_CREAT | os.O_EXCL
-    out = os.open(path, os.O_WRONLY | how | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    mode = e.mode & 0o777 if meta is not None else 0o600
+    out = os.open(path, os.O_WRONLY | how | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         pos, left = e.offset, e.size
         while left > 0:
@@ -130,11 +143,32 @@ def write_file(
                 view = view[os.write(out, view) :]
             pos += len(chunk)
             left -= len(chunk)
+        actual = h.hexdigest()
+        if actual != e.digest:
+            raise DigestMismatch(f"{name}: {e.path}", e.digest, actual)
+        if meta is not None:
+            _fd_meta(meta, out, path, e)
     finally:
         os.close(out)
-    actual = h.hexdigest()
-    if actual != e.digest:
-        raise DigestMismatch(f"{name}: {e.path}", e.digest, actual)
+
+
+def _fd_meta(a: _Applier, out: int, path: str, e: Entry) -> None:
+    """``_meta`` for a regular file just made, through its descriptor ``out``."""
+    st = os.fstat(out)
+    want = e.mode & 0o7777
+    chowned = (st.st_uid, st.st_gid) != (e.uid, e.gid)
+    if chowned:
+        try:
+            os.fchown(out, e.uid, e.gid)
+        except PermissionError:
+            if a.is_root:
+                raise
+    if chowned or stat.S_IMODE(st.st_mode) != want:  # chown clears setuid/setgid
+        os.fchmod(out, want)
+    if e.xattrs:
+        a._set_xattrs(path, e.xattrs, e.path)
+    ns = e.mtime * 1_000_000_000
+    os.utime(out, ns=(ns, ns))
 
 
 def _meta(a: _Applier, rel: str, e: Entry) -> None:
