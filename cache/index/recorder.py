@@ -1,12 +1,13 @@
-"""The index writer process: a build's index writes, done by a child that imports SQLAlchemy.
+"""The index writer process: a build's index writes, done by a child process.
 
-Why a process: importing SQLAlchemy, the ORM and the models costs about 0.23 s here, more
-than the rest of a one-file-edit rebuild.  A build's reads are served by :mod:`cache.index.reader`
-(stdlib ``sqlite3``), so SQLAlchemy is needed only to *write* — and writes need not happen
-before the build goes on.  ``Recorder.start`` spawns ``python -S -m cache.index.recorder DB``; while
-the parent walks the context, plans and writes layers on one core, the child imports
-SQLAlchemy and opens :class:`cache.index.records.Index` on the other, then applies the writes the
-parent sends.
+Why a process: the writes need not happen before the build goes on, and each commit waits
+for the disk.  A build's reads are served by :mod:`cache.index.reader` (stdlib ``sqlite3``).
+``Recorder.start`` spawns ``python -S -m cache.index.recorder DB``; while the parent walks
+the context, plans and writes layers, the child opens the index and applies the writes the
+parent sends: through :mod:`cache.index.writer` (stdlib ``sqlite3``) when the index is a
+SQLite file with the current schema, else through :class:`cache.index.records.Index`, whose
+SQLAlchemy, ORM and models cost about 0.23 CPU-seconds to import (the child used to pay
+that on every build, on the core the build's own threads needed).
 
 Protocol (stdin → child, child → stdout): length-prefixed pickles.  The child first greets
 (``"serving"``).  A *call* frame ``("call", method, args, kwargs)`` names one of
@@ -252,9 +253,15 @@ def serve(db: str, inp: IO[bytes], out: IO[bytes]) -> int:
     unapplied = False
     index: Any = None
     try:
-        from cache.index.records import Index
+        from cache.index.writer import FastWriter
 
-        index = Index.open(db)
+        # stdlib sqlite3 when the index is a current SQLite file (cache.index.writer);
+        # SQLAlchemy's Index for anything else (a new or older schema, PostgreSQL)
+        index = FastWriter.open(db)
+        if index is None:
+            from cache.index.records import Index
+
+            index = Index.open(db)
     except Exception as e:  # reported on the next sync, never as a traceback
         error = f"cannot open the cache index: {e}"
         unapplied = True

@@ -1,0 +1,239 @@
+"""The index writer child's writes through the stdlib ``sqlite3`` module.
+
+A build's index writes are done by a child process (:mod:`cache.index.recorder`) so that the
+build never waits for them; that child imported SQLAlchemy, the ORM and the models to make
+them: about 0.2 CPU-seconds per build, spent on the second of this machine's two cores while
+the build's own threads (layer writing, compression, the RUN's snapshot) needed it.  The six
+writes a build makes (:data:`cache.index.recorder.WRITE_METHODS`) are simple upserts, so
+``FastWriter`` makes them with hand-written SQL over the same SQLite file, as
+:mod:`cache.index.reader` does for the hot reads; each method does exactly what the
+``Index`` method of the same name does, in one ``BEGIN IMMEDIATE`` transaction retried
+while another process holds the lock (``tests/test_index_writer.py`` applies the same
+random calls through both and compares every row of every table).
+
+``FastWriter.open`` returns None unless the index is a SQLite file that exists with the
+current schema version; the child then opens ``Index`` (which creates, migrates or refuses
+the database with a proper error).  Reads, GC, repair and every other database stay with
+``Index``.  This module must not import SQLAlchemy (a test checks ``sys.modules``).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from cache.errors import StoreError
+from cache.index.db import BUSY_TIMEOUT_S, REPAIR_HINT, SCHEMA_VERSION, is_damage, sqlite_file
+from cache.index.records import CHUNK, BuildRecord, Site, StatEntry, StepRecord
+from cache.types import BlobInfo, Digest, StepKey
+
+T = TypeVar("T")
+
+_SITE_UPSERT = (
+    "INSERT INTO step_sites (dockerfile_id, stage, position, key, last_used)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (dockerfile_id, stage, position, key)"
+    " DO UPDATE SET last_used = excluded.last_used"
+)
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class FastWriter:
+    """The writes of ``Index`` a build makes, without SQLAlchemy (see the module docstring).
+    One instance per process; not for several threads at once."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        """Wrap an open connection; use ``FastWriter.open``."""
+        self._conn = conn
+        self.path = path
+
+    @classmethod
+    def open(cls, url_or_path: str | os.PathLike[str]) -> FastWriter | None:
+        """Open the index for writing, or None when this path does not apply."""
+        path = sqlite_file(url_or_path)
+        if path is None or not path.is_file():
+            return None
+        try:
+            conn = sqlite3.connect(
+                str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error:
+            return None
+        try:
+            # the connection settings of cache.index.db.make_engine
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None or row[0] != str(SCHEMA_VERSION):
+                conn.close()
+                return None
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error:
+            conn.close()
+            return None
+        return cls(conn, path)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
+
+    def _write(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` in one ``BEGIN IMMEDIATE`` transaction, retried while the database is locked
+        (``cache.index.db.retry_locked``'s policy); another error is a ``StoreError``."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        delay = 0.005
+        while True:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    out = fn(self._conn)
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+                return out
+            except sqlite3.OperationalError as e:
+                text = str(e).lower()
+                locked = "locked" in text or "busy" in text
+                if not locked or time.monotonic() + delay > deadline:
+                    raise StoreError(f"cache index: {what}: {e}") from e
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
+            except sqlite3.Error as e:
+                hint = REPAIR_HINT if is_damage(e) else None
+                raise StoreError(f"cache index: {what}: {e}", hint=hint) from e
+
+    # -- the writes (each as ``cache.index.records.Index``'s) ---------------------------
+
+    def put_step(self, rec: StepRecord) -> bool:
+        def run(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "INSERT INTO steps (key, diff_id, layer_size, toc_digest, config_delta, inputs,"
+                " dockerfile_id, stage, position, created, last_used, hits, build_seconds)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                (rec.key, rec.diff_id, rec.layer_size, rec.toc_digest, rec.config_delta,
+                 rec.inputs, rec.dockerfile_id, rec.stage, rec.position, rec.created,
+                 rec.last_used, rec.hits, rec.build_seconds),
+            )  # fmt: skip
+            inserted = cur.rowcount > 0
+            _note_sites(c, [(rec.key, rec.site)], rec.last_used)
+            return inserted
+
+        return self._write("storing a step record", run)
+
+    def touch_steps(
+        self, keys: Sequence[StepKey], now: float, *, sites: Sequence[Site] | None = None
+    ) -> None:
+        if sites is not None and len(sites) != len(keys):
+            raise ValueError("touch_steps: sites must be parallel to keys")
+        unique = sorted(set(keys))
+        if not unique:
+            return
+
+        def run(c: sqlite3.Connection) -> None:
+            for i in range(0, len(unique), CHUNK):
+                chunk = unique[i : i + CHUNK]
+                c.execute(
+                    f"UPDATE steps SET last_used = ?, hits = hits + 1"
+                    f" WHERE key IN ({_marks(len(chunk))})",
+                    (now, *chunk),
+                )
+            if sites is not None:
+                existing: set[str] = set()
+                for i in range(0, len(unique), CHUNK):
+                    chunk = unique[i : i + CHUNK]
+                    existing.update(
+                        r[0]
+                        for r in c.execute(
+                            f"SELECT key FROM steps WHERE key IN ({_marks(len(chunk))})", chunk
+                        )
+                    )
+                uses = [(k, s) for k, s in zip(keys, sites, strict=True) if k in existing]
+                _note_sites(c, uses, now)
+
+        self._write("marking step records used", run)
+
+    def put_compressed(
+        self, diff_id: Digest, codec: str, level: int, codec_version: str, blob: BlobInfo
+    ) -> None:
+        self._write(
+            "storing a compressed layer",
+            lambda c: c.execute(
+                "INSERT INTO compressed (diff_id, codec, level, codec_version, digest, size,"
+                " media_type) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (diff_id, codec, level, codec_version, blob.digest, blob.size, blob.media_type),
+            ),
+        )
+
+    def set_tag(
+        self,
+        name: str,
+        manifest_digest: Digest,
+        meta_json: str,
+        *,
+        blobs: Iterable[Digest] = (),
+        now: float | None = None,
+    ) -> None:
+        when = time.time() if now is None else now
+        pinned = sorted(set(blobs))
+
+        def run(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO tags (name, manifest_digest, meta_json, updated) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET manifest_digest = excluded.manifest_digest,"
+                " meta_json = excluded.meta_json, updated = excluded.updated",
+                (name, manifest_digest, meta_json, when),
+            )
+            c.execute("DELETE FROM tag_blobs WHERE tag = ?", (name,))
+            c.executemany(
+                "INSERT INTO tag_blobs (tag, digest) VALUES (?, ?)", [(name, d) for d in pinned]
+            )
+
+        self._write("setting a tag", run)
+
+    def add_build(self, rec: BuildRecord) -> int:
+        def run(c: sqlite3.Connection) -> int:
+            cur = c.execute(
+                "INSERT INTO builds (started, target, manifest_digest, seconds, steps_hit,"
+                " steps_missed) VALUES (?, ?, ?, ?, ?, ?)",
+                (rec.started, rec.target, rec.manifest_digest, rec.seconds, rec.steps_hit,
+                 rec.steps_missed),
+            )  # fmt: skip
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+        return self._write("recording a build", run)
+
+    def stat_put_many(self, entries: Iterable[StatEntry]) -> None:
+        rows = [
+            (e.path, e.size, e.mtime_ns, e.ctime_ns, e.inode, e.mode, e.blake3)
+            for e in {e.path: e for e in entries}.values()
+        ]
+        if not rows:
+            return
+        self._write(
+            "writing the stat index",
+            lambda c: c.executemany(
+                "INSERT INTO stat_index (path, size, mtime_ns, ctime_ns, inode, mode, blake3)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET"
+                " size = excluded.size, mtime_ns = excluded.mtime_ns,"
+                " ctime_ns = excluded.ctime_ns, inode = excluded.inode,"
+                " mode = excluded.mode, blake3 = excluded.blake3",
+                rows,
+            ),
+        )
+
+
+def _note_sites(c: sqlite3.Connection, uses: Sequence[tuple[StepKey, Site]], now: float) -> None:
+    """``Index._note_sites``: where each key was used, ``last_used = now``."""
+    c.executemany(
+        _SITE_UPSERT,
+        [(s.dockerfile_id, s.stage, s.position, k, now) for k, s in dict.fromkeys(uses)],
+    )
