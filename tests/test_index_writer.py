@@ -203,10 +203,79 @@ def test_the_writer_child_needs_no_sqlalchemy_on_a_current_index(tmp_path: Path)
     Index.open(current).close()
     replies, imported = _serve(current, frames)
     assert replies == ["serving", False] and imported is False
-    fresh = tmp_path / "fresh" / "lbuild.db"  # no index yet: SQLAlchemy creates it
+    fresh = tmp_path / "fresh" / "lbuild.db"  # no index yet: made without SQLAlchemy too
     replies, imported = _serve(fresh, frames)
+    assert replies == ["serving", False] and imported is False
+    from test_records import V1_SCHEMA
+
+    old = tmp_path / "old.db"  # an older schema: SQLAlchemy's Index migrates it
+    with sqlite3.connect(old) as c:
+        c.executescript(V1_SCHEMA.format(k="ab" * 32, d="cd" * 32))
+    replies, imported = _serve(old, frames)
     assert replies == ["serving", False] and imported is True
-    for db in (current, fresh):
+    for db in (current, fresh, old):
         with Index.open(db) as index:
             got = index.get_step(key(1))
             assert got is not None and got.diff_id == dg(2)
+
+
+def _schema(db: Path) -> list[tuple[str, str, str, str]]:
+    with sqlite3.connect(db) as c:
+        return [(t, n, tbl, " ".join((sql or "").split()))
+                for t, n, tbl, sql in c.execute(
+                    "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name")]  # fmt: skip
+
+
+def test_a_new_index_has_the_schema_index_open_makes(tmp_path: Path) -> None:
+    from cache.index.reader import FastIndex
+
+    Index.open(tmp_path / "orm.db").close()
+    w = FastWriter.open(tmp_path / "new" / "fast.db", create=True)
+    assert w is not None
+    w.close()
+    assert _schema(tmp_path / "new" / "fast.db") == _schema(tmp_path / "orm.db")
+    with sqlite3.connect(tmp_path / "new" / "fast.db") as c:
+        assert c.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert c.execute("SELECT * FROM meta").fetchall() == [("schema_version", "2")]
+    with Index.open(tmp_path / "new" / "fast.db") as index:  # no migration, usable
+        index.add_build(BuildRecord(1.0, "t", None, 0.1, 0, 0))
+    fast = FastIndex.open(tmp_path / "new" / "fast.db")
+    assert fast is not None
+    fast.close()
+
+
+def test_two_processes_making_a_new_index_at_once_make_one(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        """
+        import sys, time
+        which, db, at = sys.argv[1], sys.argv[2], float(sys.argv[3])
+        if which == "fast":
+            from cache.index.writer import FastWriter as W
+            w = W.open(db, create=True)
+        else:
+            from cache.index.records import Index
+        while time.time() < at:
+            pass
+        if which == "fast":
+            w = W.open(db, create=True)
+            assert w is not None
+            w.add_build(__import__("cache.index.records").index.records.BuildRecord(
+                1.0, "fast", None, 0.1, 0, 0))
+        else:
+            with Index.open(db) as i:
+                i.add_build(__import__("cache.index.records").index.records.BuildRecord(
+                    1.0, "orm", None, 0.1, 0, 0))
+        """
+    )
+    for n in range(4):
+        db = tmp_path / f"race{n}" / "lbuild.db"
+        at = str(time.time() + 1.5)
+        procs = [subprocess.Popen([sys.executable, "-c", code, which, str(db), at], cwd=ROOT)
+                 for which in ("fast", "orm", "fast")]  # fmt: skip
+        assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
+        with sqlite3.connect(db) as c:
+            assert sorted(r[0] for r in c.execute("SELECT target FROM builds")) == [
+                "fast", "fast", "orm"]
+            assert c.execute("SELECT COUNT(*) FROM meta").fetchone() == (1,)
+        Index.open(tmp_path / "orm.db").close()
+        assert _schema(db) == _schema(tmp_path / "orm.db")

@@ -5,7 +5,7 @@ for the disk.  A build's reads are served by :mod:`cache.index.reader` (stdlib `
 ``Recorder.start`` spawns ``python -S -m cache.index.recorder DB``; while the parent walks
 the context, plans and writes layers, the child opens the index and applies the writes the
 parent sends: through :mod:`cache.index.writer` (stdlib ``sqlite3``) when the index is a
-SQLite file with the current schema, else through :class:`cache.index.records.Index`, whose
+SQLite file with the current schema or none yet (it creates it), else through :class:`cache.index.records.Index`, whose
 SQLAlchemy, ORM and models cost about 0.23 CPU-seconds to import (the child used to pay
 that on every build, on the core the build's own threads needed).
 
@@ -255,9 +255,9 @@ def serve(db: str, inp: IO[bytes], out: IO[bytes]) -> int:
     try:
         from cache.index.writer import FastWriter
 
-        # stdlib sqlite3 when the index is a current SQLite file (cache.index.writer);
-        # SQLAlchemy's Index for anything else (a new or older schema, PostgreSQL)
-        index = FastWriter.open(db)
+        # stdlib sqlite3 when the index is a current or new SQLite file (cache.index.writer);
+        # SQLAlchemy's Index for anything else (an older schema to migrate, PostgreSQL)
+        index = FastWriter.open(db, create=True)
         if index is None:
             from cache.index.records import Index
 

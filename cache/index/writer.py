@@ -33,6 +33,58 @@ from cache.types import BlobInfo, Digest, StepKey
 
 T = TypeVar("T")
 
+# The tables and indexes ``Index.open`` creates in a new SQLite index (SQLAlchemy's DDL for
+# cache.index.models at SCHEMA_VERSION, whitespace collapsed); tests/test_index_writer.py
+# compares a database made with these with one made by ``Index.open``, statement by statement.
+_SCHEMA = (
+    (
+        'CREATE TABLE meta ( "key" VARCHAR(64) NOT NULL, value TEXT NOT NULL, PRIMARY KEY '
+        '("key") )'
+    ),
+    (
+        'CREATE TABLE steps ( "key" VARCHAR(64) NOT NULL, diff_id VARCHAR(71), layer_size '
+        'BIGINT NOT NULL, toc_digest VARCHAR(71), config_delta TEXT NOT NULL, inputs TEXT '
+        'NOT NULL, dockerfile_id TEXT NOT NULL, stage TEXT NOT NULL, position INTEGER NOT '
+        'NULL, created FLOAT NOT NULL, last_used FLOAT NOT NULL, hits INTEGER NOT NULL, '
+        'build_seconds FLOAT NOT NULL, PRIMARY KEY ("key") )'
+    ),
+    'CREATE INDEX ix_steps_last_used ON steps (last_used)',
+    'CREATE INDEX ix_steps_diff_id ON steps (diff_id)',
+    (
+        'CREATE TABLE compressed ( diff_id VARCHAR(71) NOT NULL, codec VARCHAR(16) NOT '
+        'NULL, level INTEGER NOT NULL, codec_version VARCHAR(64) NOT NULL, digest '
+        'VARCHAR(71) NOT NULL, size BIGINT NOT NULL, media_type TEXT NOT NULL, PRIMARY '
+        'KEY (diff_id, codec, level, codec_version) )'
+    ),
+    'CREATE INDEX ix_compressed_digest ON compressed (digest)',
+    (
+        'CREATE TABLE tags ( name TEXT NOT NULL, manifest_digest VARCHAR(71) NOT NULL, '
+        'meta_json TEXT NOT NULL, updated FLOAT NOT NULL, PRIMARY KEY (name) )'
+    ),
+    (
+        'CREATE TABLE builds ( id INTEGER NOT NULL, started FLOAT NOT NULL, target TEXT '
+        'NOT NULL, manifest_digest VARCHAR(71), seconds FLOAT NOT NULL, steps_hit INTEGER '
+        'NOT NULL, steps_missed INTEGER NOT NULL, PRIMARY KEY (id) )'
+    ),
+    'CREATE INDEX ix_builds_started ON builds (started)',
+    (
+        'CREATE TABLE stat_index ( path TEXT NOT NULL, size BIGINT NOT NULL, mtime_ns '
+        'BIGINT NOT NULL, ctime_ns BIGINT NOT NULL, inode BIGINT NOT NULL, mode INTEGER '
+        'NOT NULL, blake3 VARCHAR(64) NOT NULL, PRIMARY KEY (path) )'
+    ),
+    (
+        'CREATE TABLE step_sites ( dockerfile_id TEXT NOT NULL, stage TEXT NOT NULL, '
+        'position INTEGER NOT NULL, "key" VARCHAR(64) NOT NULL, last_used FLOAT NOT NULL, '
+        'PRIMARY KEY (dockerfile_id, stage, position, "key"), FOREIGN KEY("key") '
+        'REFERENCES steps ("key") ON DELETE CASCADE )'
+    ),
+    'CREATE INDEX ix_step_sites_key ON step_sites ("key")',
+    (
+        'CREATE TABLE tag_blobs ( tag TEXT NOT NULL, digest VARCHAR(71) NOT NULL, PRIMARY '
+        'KEY (tag, digest), FOREIGN KEY(tag) REFERENCES tags (name) ON DELETE CASCADE )'
+    ),
+)
+
 _SITE_UPSERT = (
     "INSERT INTO step_sites (dockerfile_id, stage, position, key, last_used)"
     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (dockerfile_id, stage, position, key)"
@@ -54,20 +106,25 @@ class FastWriter:
         self.path = path
 
     @classmethod
-    def open(cls, url_or_path: str | os.PathLike[str]) -> FastWriter | None:
-        """Open the index for writing, or None when this path does not apply."""
+    def open(cls, url_or_path: str | os.PathLike[str], *, create: bool = False) -> FastWriter | None:
+        """Open the index for writing, or None when this path does not apply.  ``create``:
+        a missing (or empty) SQLite file is made with the current schema first."""
         path = sqlite_file(url_or_path)
-        if path is None or not path.is_file():
+        if path is None or not (create or path.is_file()):
             return None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
                 str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
             )
-        except sqlite3.Error:
+        except (OSError, sqlite3.Error):
             return None
         try:
             # the connection settings of cache.index.db.make_engine
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            if create and not conn.execute("SELECT 1 FROM sqlite_master").fetchone():
+                conn.execute("PRAGMA journal_mode = WAL")
+                cls(conn, path)._write("creating the cache index", _create)
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None or row[0] != str(SCHEMA_VERSION):
                 conn.close()
@@ -75,7 +132,7 @@ class FastWriter:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA synchronous = NORMAL")
-        except sqlite3.Error:
+        except (sqlite3.Error, StoreError):
             conn.close()
             return None
         return cls(conn, path)
@@ -229,6 +286,16 @@ class FastWriter:
                 rows,
             ),
         )
+
+
+def _create(c: sqlite3.Connection) -> None:
+    """``ensure_schema`` on an empty database, under the write lock: another process may have
+    made it since we looked (then its schema, whatever its version, is left as it is)."""
+    if c.execute("SELECT 1 FROM sqlite_master").fetchone():
+        return
+    for statement in _SCHEMA:
+        c.execute(statement)
+    c.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 
 def _note_sites(c: sqlite3.Connection, uses: Sequence[tuple[StepKey, Site]], now: float) -> None:
