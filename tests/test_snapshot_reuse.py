@@ -276,3 +276,23 @@ def test_a_run_over_an_edited_copy_builds_the_image_a_fresh_home_builds(
     shutil.copytree(busybox_home, fresh_home, ignore=shutil.ignore_patterns("snapshots", "memo"))
     fresh = build(ctx, fresh_home, body, "--snapshotter", "overlay", env=epoch)
     assert manifest_digest(again.layout) == manifest_digest(fresh.layout)
+
+
+def test_a_layer_directory_left_without_its_files_is_made_again(tmp_path: Path) -> None:
+    ls = Layers(tmp_path)
+    below = [ls.add(d("etc"), f("etc/os-release", b"x\n"))]
+    layer = ls.add(*big_layer())
+    snap = OverlaySnapshotter(tmp_path / "s")
+    top = ensure_chain(snap, [*below, layer], ls.open, ls.toc)
+    [name] = inode_of(snap, "app/src/a/f000.py")
+    shutil.rmtree(snap.layers_dir / name / "fs")  # what a crash mid-way could leave
+    snap = OverlaySnapshotter(tmp_path / "s")
+    assert ensure_chain(snap, [*below, layer], ls.open, ls.toc) == top
+    with shown(snap, top, tmp_path / "m") as r:
+        assert (r / "app/src/a/f000.py").read_bytes() == b"print(0)\n"
+    # taking a directory over leaves nothing of it behind in the work area
+    after = ls.add(*edited(big_layer(), "app/src/a/f000.py", b"v2\n"))
+    snap = OverlaySnapshotter(tmp_path / "s")
+    ensure_chain(snap, [*below, after], ls.open, ls.toc)
+    assert [p.name for p in (tmp_path / "s/tmp").iterdir()] == []
+    assert len(inode_of(snap, "app/src/a/f000.py")) == 1

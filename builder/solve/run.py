@@ -337,16 +337,18 @@ class RunSteps:
         # Only a read-write bind mount needs scratch space (a throwaway copy of its source).
         scratch = self.env.home / "tmp" / f"run-{uuid.uuid4().hex}"
         try:
-            try:
-                mounts = mounted_once(snap.prepare(key, parent))
-            except NotFound:
-                # Another build took over a layer directory of the chain since it was made
-                # (cache.snapshots.reuse): made again, unpacked whole this time.
-                assert diff_ids
-                parent = ensure_chain(
-                    snap, diff_ids, solver.store.open, solver.toc, reuse=False
-                )
-                mounts = mounted_once(snap.prepare(key, parent))
+            for attempt in range(_PREPARE_ATTEMPTS):
+                try:
+                    mounts = mounted_once(snap.prepare(key, parent))
+                    break
+                except NotFound:
+                    # Another build took over a layer directory of the chain since it was
+                    # made (cache.snapshots.reuse): made again, unpacked whole this time.
+                    if not diff_ids or attempt + 1 == _PREPARE_ATTEMPTS:
+                        raise
+                    parent = ensure_chain(
+                        snap, diff_ids, solver.store.open, solver.toc, reuse=False
+                    )
             argv, stdin = command
             binds, targets = mounts_for(instr, self.env, state.workdir, file, scratch)
             check_entitlements([instr], self.env.allow, file)
@@ -380,6 +382,11 @@ class RunSteps:
             with contextlib.suppress(OSError, NotFound):
                 snap.remove(key)
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+_PREPARE_ATTEMPTS = 3
+"""How often a RUN makes its chain again when another build takes over one of its layer
+directories between ``ensure_chain`` and ``prepare`` (each time anew, without reuse)."""
 
 
 def make_run_step(env: RunEnv) -> RunSteps:

@@ -119,6 +119,8 @@ class OverlaySnapshotter(Base):
             if (final / "fs").is_dir():
                 self._pinned.add(name)
                 return name
+            if final.exists():  # left without its files (no lbuild makes one so): made again
+                self._trash(final)
             work = self._tmp / f"layer-{uuid.uuid4().hex}"
             work.mkdir()
             fd = lock_fd(work / "lock", blocking=True)
@@ -211,8 +213,12 @@ class OverlaySnapshotter(Base):
                 pairs = changes(old, toc) if old is not None else None
                 if pairs is None or not (d / "fs").is_dir():
                     return None
-                os.rename(d / "fs", dest)
-                self._trash(d)
+                # into our locked work directory whole (``donor`` is gone at once; a crash
+                # from here leaves only that directory, which cleanup_stale removes)
+                holder = dest.parent / "donor"
+                os.rename(d, holder)
+                os.rename(holder / "fs", dest)
+                remove_tree(holder)
                 return pairs
             finally:
                 os.close(used)
