@@ -296,3 +296,22 @@ def test_a_layer_directory_left_without_its_files_is_made_again(tmp_path: Path) 
     ensure_chain(snap, [*below, after], ls.open, ls.toc)
     assert [p.name for p in (tmp_path / "s/tmp").iterdir()] == []
     assert len(inode_of(snap, "app/src/a/f000.py")) == 1
+
+
+def test_a_changed_root_entry_is_patched_too(tmp_path: Path) -> None:
+    ls = Layers(tmp_path)
+    below = [ls.add(d("etc"), f("etc/os-release", b"x\n"))]
+    root = Entry(path=".", type="dir", mode=0o755, mtime=T - 50)
+    before = ls.add(root, *big_layer())
+    after = ls.add(Entry(path=".", type="dir", mode=0o750, mtime=T - 60), *big_layer())
+    _snap, got, want = both(tmp_path, ls, below, before, after)
+    assert got == want
+    again = OverlaySnapshotter(tmp_path / "again")
+    ensure_chain(again, [*below, before], ls.open, ls.toc)
+    [ino] = inode_of(again, "app/src/a/f000.py").values()
+    again = OverlaySnapshotter(tmp_path / "again")
+    ensure_chain(again, [*below, after], ls.open, ls.toc)
+    [(name, ino2)] = inode_of(again, "app/src/a/f000.py").items()
+    assert ino2 == ino  # taken over, not unpacked whole
+    st = os.lstat(again.layers_dir / name / "fs")
+    assert (stat.S_IMODE(st.st_mode), int(st.st_mtime)) == (0o750, T - 60)

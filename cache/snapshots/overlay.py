@@ -51,13 +51,22 @@ class OverlaySnapshotter(Base):
     takes from below (the parent directories the layer does not carry, see
     ``cache.layers.apply.layer_parents``), so every chain holding the same layer on the same
     parent directories shares one directory, and an edit below a RUN unpacks only the layers
-    whose content changed.  The committed snapshot of a chain (named by its chain id) is
+    whose content changed (and those, usually, by taking over their previous version's
+    directory: ``cache.snapshots.reuse``).  The committed snapshot of a chain (named by its chain id) is
     then a *stack*: a ``parent`` file and a ``layer`` file naming the layer directory
     (``commit_stack``); ``meta.json`` next to each layer's ``fs`` records what it holds, for
     ``cache verify`` and the GC (``cache.snapshots.verify``).
     """
 
     overlay_layout = True
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        # Layer directories this object's chains hold (``ensure_layer``, ``has_stack``):
+        # never taken over for another layer (``cache.snapshots.reuse``).
+        self._pinned: set[str] = set()
+        # key -> fds of the shared locks on the layer directories its mounts show.
+        self._uses: dict[str, list[int]] = {}
 
     @property
     def layers_dir(self) -> Path:
@@ -70,14 +79,6 @@ class OverlaySnapshotter(Base):
         except FileNotFoundError:
             return committed / "fs"
         return self.layers_dir / layer / "fs"
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        # Layer directories this object's chains hold (``ensure_layer``, ``has_stack``):
-        # never taken over for another layer (``cache.snapshots.reuse``).
-        self._pinned: set[str] = set()
-        # key -> fds of the shared locks on the layer directories its mounts show.
-        self._uses: dict[str, list[int]] = {}
 
     @property
     def shapes_dir(self) -> Path:
@@ -471,13 +472,16 @@ def _entry_meta(e: Entry | None) -> list[object] | None:
 
 def layer_meta_json(diff_id: Digest, parents: Mapping[str, Entry | None]) -> str:
     """What a layer directory holds: its diff_id and the parent directories it took from below."""
-    doc = {"diff_id": diff_id, "parents": {p: _entry_meta(e) for p, e in sorted(parents.items())}}
+    doc = {"diff_id": diff_id, "parents": _parents_doc(parents)}
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def _parents_doc(parents: Mapping[str, Entry | None]) -> dict[str, list[object] | None]:
+    return {p: _entry_meta(e) for p, e in sorted(parents.items())}
 
 
 def _parents_json(parents: Mapping[str, Entry | None]) -> str:
-    doc = {p: _entry_meta(e) for p, e in sorted(parents.items())}
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return json.dumps(_parents_doc(parents), sort_keys=True, separators=(",", ":"))
 
 
 def layer_dir_name(diff_id: Digest, parents: Mapping[str, Entry | None]) -> str:

@@ -82,9 +82,9 @@ def patch_dir(fs: Path, blob_fd: int, pairs: Sequence[tuple[Entry, Entry]], *, n
     dir_times: list[tuple[str, int]] = []
     for old, new in pairs:
         rel = new.path
-        if not rel or rel.startswith("/") or ".." in rel.split("/"):
+        if rel.startswith("/") or ".." in rel.split("/"):
             raise InvalidInput(f"{name}: bad path {rel!r} in the layer's table of contents")
-        path = os.path.join(root, rel)
+        path = os.path.join(root, rel) if rel else root  # "": the layer's root directory
         if new.type == "file" and (old.digest, old.size) != (new.digest, new.size):
             write_file(blob_fd, new, path, name, blake3.blake3, in_place=True)
         try:
