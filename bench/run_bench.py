@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     mid = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]
     for step, secs in profile[mid]:
         print(f"- {step}: {secs:.3f} s")
-    print(f"- layer directories extracted per edit: {extracted}")
+    print(f"- layer directories added per edit (one taken over from its previous version"
+          f" replaces it: 0): {extracted}")
     if a.json:
         a.json.write_text(json.dumps({"results": results, "profile": profile,
                                       "extracted": extracted}, indent=1))  # fmt: skip
