@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 import run_fixtures
@@ -315,3 +316,45 @@ def test_a_changed_root_entry_is_patched_too(tmp_path: Path) -> None:
     assert ino2 == ino  # taken over, not unpacked whole
     st = os.lstat(again.layers_dir / name / "fs")
     assert (stat.S_IMODE(st.st_mode), int(st.st_mtime)) == (0o750, T - 60)
+
+
+@pytest.mark.slow
+@run_fixtures.needs_root
+def test_a_run_whose_layer_directory_goes_before_it_mounts_makes_its_chain_again(
+    bbhome: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another build takes over (or a prune removes) a directory of the RUN's chain between
+    the RUN's ensure_chain and its prepare: the race is made to happen here, on the first
+    prepare, by removing that directory as the other build would."""
+    import io
+
+    from builder.api import build as api_build
+    from builder.options import BuildOptions, Output
+    from builder.progress import PlainReporter
+
+    ctx = tmp_path / "ctx"
+    (ctx / "src").mkdir(parents=True)
+    for i in range(PATCH_MIN_ENTRIES + 8):
+        (ctx / "src" / f"f{i:03}.py").write_text(f"print({i})\n")
+    (ctx / "Dockerfile").write_text(
+        "FROM busybox:test\nCOPY --link src/ /app/src/\nRUN cat /app/src/f007.py > /seen\n"
+    )
+    prepare = OverlaySnapshotter.prepare
+    gone: list[str] = []
+
+    def racing(self: OverlaySnapshotter, key: str, parent: str | None) -> Any:
+        if not gone and parent is not None:
+            layer = (self._cdir(parent) / "layer").read_text()
+            shutil.rmtree(self.layers_dir / layer)
+            gone.append(layer)
+        return prepare(self, key, parent)
+
+    monkeypatch.setattr(OverlaySnapshotter, "prepare", racing)
+    out = tmp_path / "oci"
+    opts = BuildOptions(context=ctx, home=bbhome, outputs=(Output("oci", out),))
+    result = api_build(opts, PlainReporter(io.StringIO()), writer="inline", memo=False)
+    assert gone and (bbhome / "snapshots/overlay/layers" / gone[0] / "fs").is_dir()
+    assert result.steps_cached < result.steps_total
+    from util import umoci_unpack
+
+    assert (umoci_unpack(out, tmp_path / "bundle") / "seen").read_bytes() == b"print(7)\n"
