@@ -279,3 +279,26 @@ def test_two_processes_making_a_new_index_at_once_make_one(tmp_path: Path) -> No
             assert c.execute("SELECT COUNT(*) FROM meta").fetchone() == (1,)
         Index.open(tmp_path / "orm.db").close()
         assert _schema(db) == _schema(tmp_path / "orm.db")
+
+
+def test_closing_leaves_the_index_in_its_database_file(tmp_path: Path) -> None:
+    """The build's read-only connection is still open when the writer child closes (a
+    read-only connection never checkpoints): the writes must not stay in the WAL, where
+    the next connection to close would move them (and ``cache du`` saw two layouts)."""
+    import shutil
+
+    from cache.index.reader import FastIndex
+
+    db = tmp_path / "lbuild.db"
+    w = FastWriter.open(db, create=True)
+    assert w is not None
+    reader = FastIndex.open(db)
+    assert reader is not None
+    w.stat_put_many([StatEntry(f"/c/f{n}", n, n, n, n, 0o100644, f"{n:064x}") for n in range(2000)])
+    w.close()
+    wal = tmp_path / "lbuild.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    reader.close()
+    shutil.copy(db, tmp_path / "alone.db")  # the database file without its WAL
+    with sqlite3.connect(tmp_path / "alone.db") as c:
+        assert c.execute("SELECT COUNT(*) FROM stat_index").fetchone() == (2000,)

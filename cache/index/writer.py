@@ -19,6 +19,7 @@ the database with a proper error).  Reads, GC, repair and every other database s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -138,7 +139,15 @@ class FastWriter:
         return cls(conn, path)
 
     def close(self) -> None:
-        """Close the connection."""
+        """Checkpoint the WAL into the database and close.  The writer child is usually the
+        last to close, but the build's own read-only connection can still be open then, and
+        a read-only connection never checkpoints: the whole index (a new home's schema and
+        rows) was left in ``lbuild.db-wal``, moved into ``lbuild.db`` by whichever
+        connection closed next (``cache du`` measured one layout and left the other).  The
+        checkpoint truncates the WAL when no reader is in its way, waiting 0.1 s at most."""
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("PRAGMA busy_timeout = 100")
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._conn.close()
 
     def _write(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
