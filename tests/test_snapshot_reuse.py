@@ -358,3 +358,30 @@ def test_a_run_whose_layer_directory_goes_before_it_mounts_makes_its_chain_again
     from util import umoci_unpack
 
     assert (umoci_unpack(out, tmp_path / "bundle") / "seen").read_bytes() == b"print(7)\n"
+
+
+def test_the_gc_removes_the_stacks_of_a_directory_taken_over(tmp_path: Path) -> None:
+    ls = Layers(tmp_path)
+    root = tmp_path / "snapshots"
+    below = [ls.add(d("etc"), f("etc/os-release", b"x\n"))]
+    above = ls.add(f("etc/motd", b"hi\n"))  # a layer on top of the edited one
+    before = ls.add(*big_layer())
+    after = ls.add(*edited(big_layer(), "app/src/a/f000.py", b"v2\n"))
+    snap = OverlaySnapshotter(root / "overlay")
+    old_top = ensure_chain(snap, [*below, before, above], ls.open, ls.toc)
+    snap = OverlaySnapshotter(root / "overlay")
+    new_top = ensure_chain(snap, [*below, after, above], ls.open, ls.toc)
+    committed = {p.name for p in (root / "overlay/committed").iterdir()}
+    gone = prune_snapshots(root, ls.store.has)
+    left = {p.name for p in (root / "overlay/committed").iterdir()}
+    # the old chain's stacks from the taken layer up went; the new chain and the shared
+    # bottom stayed
+    assert len(committed - left) == 2 and len(gone) == 2
+    assert snap.exists(new_top) and not snap.exists(old_top)
+    assert snap.exists(ensure_chain(snap, [*below], ls.open, ls.toc))
+    with shown(snap, new_top, tmp_path / "m") as r:
+        assert (r / "app/src/a/f000.py").read_bytes() == b"v2\n"
+    snap = OverlaySnapshotter(root / "overlay")
+    assert ensure_chain(snap, [*below, before, above], ls.open, ls.toc) == old_top
+    with shown(snap, old_top, tmp_path / "m2") as r:
+        assert (r / "app/src/a/f000.py").read_bytes() == b"print(0)\n"

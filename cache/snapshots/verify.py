@@ -19,8 +19,8 @@ CAP_LINUX_IMMUTABLE and a filesystem that has them).  What lbuild promises inste
 
 GC (``prune_snapshots``, run by ``lbuild cache prune``): a layer directory whose layer blob is
 no longer in the store, or that no chain names any more, goes; so does every chain that
-needs a removed layer or snapshot, and every shape record (``cache.snapshots.reuse``) that
-names a directory no longer there.
+needs a removed or missing layer directory or snapshot, and every shape record
+(``cache.snapshots.reuse``) that names a directory no longer there.
 """
 
 from __future__ import annotations
@@ -296,6 +296,16 @@ def prune_snapshots(root: Path, has_blob: Callable[[Digest], bool]) -> list[str]
             doomed |= _stacks_on(overlay, d.name)
             _trash(overlay, d)
             out.append(f"snapshot layer {d.name[:16]}")
+    # stacks naming a layer directory that is gone (taken over by an edit's layer,
+    # cache.snapshots.reuse): a chain that needs one makes it again, so they are only
+    # clutter, one or two per edit
+    for d in _committed(overlay):
+        try:
+            named_layer = (d / "layer").read_text()
+        except FileNotFoundError:
+            continue
+        if not (overlay / "layers" / named_layer / "fs").is_dir():
+            doomed.add(d.name)
     if doomed:
         out += [f"snapshot {n}" for n in _remove_with_descendants(overlay, doomed)]
     named: set[str] = set()
