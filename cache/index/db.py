@@ -47,6 +47,15 @@ wait can help it, because its snapshot is stale)."""
 BUSY_TIMEOUT_S = 30.0
 """How long a connection waits on another process's lock before giving up."""
 
+SQLITE_PRAGMAS = (
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA foreign_keys = ON",
+    # NORMAL is safe in WAL: a power cut may lose the last commits, never corrupt
+    "PRAGMA synchronous = NORMAL",
+)
+"""What every writing connection to a SQLite index sets, after its ``busy_timeout``
+(``make_engine``'s connections and :mod:`cache.index.writer`'s)."""
+
 
 def sqlite_file(url_or_path: str | os.PathLike[str]) -> Path | None:
     """The SQLite file a path or URL names, or None for another database or in-memory SQLite."""
@@ -117,10 +126,8 @@ def make_engine(
         try:
             # busy_timeout first: switching to WAL takes a lock another process may hold
             cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
-            cur.execute("PRAGMA journal_mode = WAL")
-            cur.execute("PRAGMA foreign_keys = ON")
-            # NORMAL is safe in WAL: a power cut may lose the last commits, never corrupt
-            cur.execute("PRAGMA synchronous = NORMAL")
+            for pragma in SQLITE_PRAGMAS:
+                cur.execute(pragma)
         finally:
             cur.close()
 
@@ -257,17 +264,32 @@ def retry_locked(fn: Callable[[], T], *, what: str, timeout_s: float = BUSY_TIME
     """
     from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+    return retry_while_locked(
+        fn, what=what, operational=OperationalError, error=SQLAlchemyError, timeout_s=timeout_s
+    )
+
+
+def retry_while_locked(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    operational: type[Exception],
+    error: type[Exception],
+    timeout_s: float = BUSY_TIMEOUT_S,
+) -> T:
+    """``retry_locked`` for any database API: ``operational`` is its class of errors that
+    "database is locked" belongs to, ``error`` the class of all its database errors."""
     deadline = time.monotonic() + timeout_s
     delay = 0.005
     while True:
         try:
             return fn()
-        except OperationalError as e:
+        except operational as e:
             if not is_locked_error(e) or time.monotonic() + delay > deadline:
                 raise StoreError(f"cache index: {what}: {_short(e)}") from e
             time.sleep(delay)
             delay = min(delay * 2, 0.25)
-        except SQLAlchemyError as e:
+        except error as e:
             hint = REPAIR_HINT if is_damage(e) else None
             raise StoreError(f"cache index: {what}: {_short(e)}", hint=hint) from e
 

@@ -56,7 +56,8 @@ def _stat(row: Sequence[Any]) -> StatEntry:
     return StatEntry(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
 
 
-def _marks(n: int) -> str:
+def marks(n: int) -> str:
+    """``n`` SQL parameter placeholders (``?,?,...``)."""
     return ",".join("?" * n)
 
 
@@ -125,7 +126,7 @@ class FastIndex:
         for i in range(0, len(wanted), CHUNK):
             chunk = wanted[i : i + CHUNK]
             for row in self._conn.execute(
-                f"SELECT {_STEP_COLUMNS} FROM steps WHERE key IN ({_marks(len(chunk))})", chunk
+                f"SELECT {_STEP_COLUMNS} FROM steps WHERE key IN ({marks(len(chunk))})", chunk
             ):
                 rec = _step(row)
                 out[rec.key] = rec
@@ -140,7 +141,7 @@ class FastIndex:
             out.update(
                 StepKey(r[0])
                 for r in self._conn.execute(
-                    f"SELECT key FROM steps WHERE key IN ({_marks(len(chunk))})", chunk
+                    f"SELECT key FROM steps WHERE key IN ({marks(len(chunk))})", chunk
                 )
             )
         return out
@@ -196,7 +197,7 @@ class FastIndex:
         for i in range(0, len(wanted), CHUNK):
             chunk = wanted[i : i + CHUNK]
             for row in self._conn.execute(
-                f"SELECT {_STAT_COLUMNS} FROM stat_index WHERE path IN ({_marks(len(chunk))})",
+                f"SELECT {_STAT_COLUMNS} FROM stat_index WHERE path IN ({marks(len(chunk))})",
                 chunk,
             ):
                 out[row[0]] = _stat(row)

@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from cache.errors import StoreError
-from cache.index.db import BUSY_TIMEOUT_S, REPAIR_HINT, SCHEMA_VERSION, is_damage, sqlite_file
+from cache.index.db import (
+    BUSY_TIMEOUT_S,
+    SCHEMA_VERSION,
+    SQLITE_PRAGMAS,
+    retry_while_locked,
+    sqlite_file,
+)
+from cache.index.reader import FastIndex, marks
 from cache.index.records import CHUNK, BuildRecord, Site, StatEntry, StepRecord
 from cache.types import BlobInfo, Digest, StepKey
 
@@ -93,10 +100,6 @@ _SITE_UPSERT = (
 )
 
 
-def _marks(n: int) -> str:
-    return ",".join("?" * n)
-
-
 class FastWriter:
     """The writes of ``Index`` a build makes, without SQLAlchemy (see the module docstring).
     One instance per process; not for several threads at once."""
@@ -130,9 +133,8 @@ class FastWriter:
             if row is None or row[0] != str(SCHEMA_VERSION):
                 conn.close()
                 return None
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            for pragma in SQLITE_PRAGMAS:
+                conn.execute(pragma)
         except (sqlite3.Error, StoreError):
             conn.close()
             return None
@@ -153,28 +155,20 @@ class FastWriter:
     def _write(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn`` in one ``BEGIN IMMEDIATE`` transaction, retried while the database is locked
         (``cache.index.db.retry_locked``'s policy); another error is a ``StoreError``."""
-        deadline = time.monotonic() + BUSY_TIMEOUT_S
-        delay = 0.005
-        while True:
+
+        def once() -> T:
+            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    out = fn(self._conn)
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
-                return out
-            except sqlite3.OperationalError as e:
-                text = str(e).lower()
-                locked = "locked" in text or "busy" in text
-                if not locked or time.monotonic() + delay > deadline:
-                    raise StoreError(f"cache index: {what}: {e}") from e
-                time.sleep(delay)
-                delay = min(delay * 2, 0.25)
-            except sqlite3.Error as e:
-                hint = REPAIR_HINT if is_damage(e) else None
-                raise StoreError(f"cache index: {what}: {e}", hint=hint) from e
+                out = fn(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            return out
+
+        return retry_while_locked(
+            once, what=what, operational=sqlite3.OperationalError, error=sqlite3.Error
+        )
 
     # -- the writes (each as ``cache.index.records.Index``'s) ---------------------------
 
@@ -208,19 +202,11 @@ class FastWriter:
                 chunk = unique[i : i + CHUNK]
                 c.execute(
                     f"UPDATE steps SET last_used = ?, hits = hits + 1"
-                    f" WHERE key IN ({_marks(len(chunk))})",
+                    f" WHERE key IN ({marks(len(chunk))})",
                     (now, *chunk),
                 )
             if sites is not None:
-                existing: set[str] = set()
-                for i in range(0, len(unique), CHUNK):
-                    chunk = unique[i : i + CHUNK]
-                    existing.update(
-                        r[0]
-                        for r in c.execute(
-                            f"SELECT key FROM steps WHERE key IN ({_marks(len(chunk))})", chunk
-                        )
-                    )
+                existing = FastIndex(c, self.path).has_steps(unique)  # this transaction's view
                 uses = [(k, s) for k, s in zip(keys, sites, strict=True) if k in existing]
                 _note_sites(c, uses, now)
 
