@@ -224,10 +224,14 @@ class Base(ABC):
             parent = read_parent(d)
         return out
 
+    def name_lock_path(self, name: str) -> Path:
+        """The file ``name_lock`` locks."""
+        return self._locks_dir / (encode_name(name) + ".lock")
+
     @contextlib.contextmanager
     def name_lock(self, name: str) -> Iterator[None]:
         """Hold an exclusive lock on ``name`` across processes (for ensure_chain)."""
-        fd = lock_fd(self._locks_dir / (encode_name(name) + ".lock"), blocking=True)
+        fd = lock_fd(self.name_lock_path(name), blocking=True)
         assert fd is not None
         try:
             yield

@@ -17,7 +17,7 @@ from cache.errors import InvalidInput, NotFound, Unsupported
 from cache.home import USED
 from cache.layers.apply import apply_layer, remove_tree
 from cache.layers.tocapply import apply_toc, toc_extractable
-from cache.snapshots.base import Base, encode_name, lock_fd
+from cache.snapshots.base import Base, lock_fd
 from cache.snapshots.diff import (
     Found,
     entry_of,
@@ -199,7 +199,7 @@ class OverlaySnapshotter(Base):
         from cache.layers.toc import load_toc
 
         d = self.layers_dir / donor
-        made = lock_fd(self._locks_dir / (encode_name("layer-" + donor) + ".lock"), blocking=False)
+        made = lock_fd(self.name_lock_path("layer-" + donor), blocking=False)
         if made is None:
             return None
         try:

@@ -273,15 +273,19 @@ def verify_snapshots(
     return findings
 
 
-def _stacks_on(overlay: Path, layer: str) -> set[str]:
-    out: set[str] = set()
+def _stack_layers(overlay: Path) -> dict[str, str]:
+    """Committed stack directory name -> the layer directory it names."""
+    out: dict[str, str] = {}
     for d in _committed(overlay):
         try:
-            if (d / "layer").read_text() == layer:
-                out.add(d.name)
+            out[d.name] = (d / "layer").read_text()
         except FileNotFoundError:
             continue
     return out
+
+
+def _stacks_on(overlay: Path, layer: str) -> set[str]:
+    return {d for d, named in _stack_layers(overlay).items() if named == layer}
 
 
 def prune_snapshots(root: Path, has_blob: Callable[[Digest], bool]) -> list[str]:
@@ -299,21 +303,14 @@ def prune_snapshots(root: Path, has_blob: Callable[[Digest], bool]) -> list[str]
     # stacks naming a layer directory that is gone (taken over by an edit's layer,
     # cache.snapshots.reuse): a chain that needs one makes it again, so they are only
     # clutter, one or two per edit
-    for d in _committed(overlay):
-        try:
-            named_layer = (d / "layer").read_text()
-        except FileNotFoundError:
-            continue
-        if not (overlay / "layers" / named_layer / "fs").is_dir():
-            doomed.add(d.name)
+    doomed |= {
+        d
+        for d, layer in _stack_layers(overlay).items()
+        if not (overlay / "layers" / layer / "fs").is_dir()
+    }
     if doomed:
         out += [f"snapshot {n}" for n in _remove_with_descendants(overlay, doomed)]
-    named: set[str] = set()
-    for d in _committed(overlay):
-        try:
-            named.add((d / "layer").read_text())
-        except FileNotFoundError:
-            continue
+    named = set(_stack_layers(overlay).values())
     for d, _meta in _layer_dirs(overlay):
         if d.name not in named:
             _trash(overlay, d)
