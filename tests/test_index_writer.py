@@ -244,6 +244,41 @@ def test_a_new_index_has_the_schema_index_open_makes(tmp_path: Path) -> None:
     fast.close()
 
 
+def test_a_new_index_appears_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody sees a new index before its schema is whole: a build's read path that opened
+    one half made declined it, and the build paid for SQLAlchemy (found under py-spy)."""
+    from cache.index import writer
+    from cache.index.reader import FastIndex
+
+    db = tmp_path / "home" / "lbuild.db"
+    seen: list[tuple[bool, bool]] = []
+    real = writer._create
+
+    def watched(c: sqlite3.Connection) -> None:
+        real(c)
+        seen.append((db.exists(), FastIndex.open(db) is not None))
+
+    monkeypatch.setattr(writer, "_create", watched)
+    w = FastWriter.open(db, create=True)
+    assert w is not None
+    w.close()
+    assert seen == [(False, False)]  # made once, out of sight
+    fast = FastIndex.open(db)
+    assert fast is not None
+    fast.close()
+    assert not [p for p in db.parent.iterdir() if ".new-" in p.name]  # no scratch left
+    empty = tmp_path / "empty" / "lbuild.db"  # an empty file already there: made in place
+    empty.parent.mkdir()
+    empty.touch()
+    w = FastWriter.open(empty, create=True)
+    assert w is not None
+    w.close()
+    assert [exists for exists, _ in seen[1:]] == [True]
+    fast = FastIndex.open(empty)
+    assert fast is not None
+    fast.close()
+
+
 def test_two_processes_making_a_new_index_at_once_make_one(tmp_path: Path) -> None:
     code = textwrap.dedent(
         """
