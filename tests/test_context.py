@@ -432,9 +432,19 @@ def test_hash_file_matches_blake3(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     assert hash_file(empty) == blake3.blake3(b"").hexdigest()
     big = tmp_path / "big"
-    data = os.urandom(3 << 20)  # above the mmap threshold
+    data = os.urandom((3 << 20) + 17)  # read in chunks, the last one short
     big.write_bytes(data)
     assert hash_file(big, os.stat(big)) == blake3.blake3(data).hexdigest()
+    # the thread's buffer is reused: a shorter file after it must not see its bytes
+    shorter = tmp_path / "shorter"
+    rest = os.urandom((1 << 20) + 5)
+    shorter.write_bytes(rest)
+    assert hash_file(shorter) == blake3.blake3(rest).hexdigest()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:  # one buffer per thread
+        got = list(pool.map(hash_file, [big, shorter] * 8))
+    assert got == [blake3.blake3(data).hexdigest(), blake3.blake3(rest).hexdigest()] * 8
     hasher: FileHasher = hash_file
     assert hasher(small, os.stat(small)) == hash_file(small)
 
