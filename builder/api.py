@@ -71,7 +71,7 @@ def prepare(
     ``reporter`` shows the progress of base images pulled from registries."""
     from builder.frontend import dockerfile as df
     from builder.frontend.dockerignore import load_ignore
-    from builder.plan.context import BuildContext, hash_file
+    from builder.plan.context import BuildContext, hash_file, hash_file_if_cached
     from builder.plan.dag import PlanOptions
     from builder.plan.planner import make_plan
     from cache.platform import host_platform
@@ -106,7 +106,8 @@ def prepare(
 
     with StatIndex(session.index) as stats:
         stats.prefetch(ctx.root)
-        plan = make_plan(dockerfile, ctx, popts, resolver, stats.hasher(hash_file), known_dag)
+        hasher = stats.hasher(hash_file, hash_file_if_cached)
+        plan = make_plan(dockerfile, ctx, popts, resolver, hasher, known_dag)
     return plan, ctx
 
 

@@ -281,3 +281,73 @@ def test_many_on_threads_raises_the_first_failing_file_in_order(tmp_path: Path, 
         with pytest.raises(InvalidInput, match=re.escape(f"cannot read {files[9]}") + "$"):
             si.hasher(fallback).many([(f, f.lstat()) for f in files])
         assert si.hashed == 0  # nothing recorded from a failed batch
+
+
+def test_many_hashes_cached_files_here_and_the_others_on_threads(tmp_path: Path, db: Path) -> None:
+    """``quick`` answers for the files in the page cache; only the ones it declines are read
+    through ``fallback`` (on threads when there are enough), with the same answers."""
+    import threading
+
+    files = [tmp_path / "ctx" / f"f{n}" for n in range(120)]
+    for n, f in enumerate(files):
+        make(f, f"content {n}\n".encode() * (n + 1))
+    declined = {str(f) for f in files[::3]}  # 40: the threaded branch
+    quick_threads: set[str] = set()
+
+    def quick(path: str | os.PathLike[str], st: os.stat_result) -> str | None:
+        quick_threads.add(threading.current_thread().name)
+        return None if str(path) in declined else b3(Path(path))
+
+    fallback, reads = counting(b3)
+    with StatIndex.open(db, racy_ns=0) as si:
+        h = si.hasher(fallback, quick)
+        assert len(declined) >= h.PARALLEL_MIN_FILES
+        assert h.many([(f, f.lstat()) for f in files]) == [b3(f) for f in files]
+        assert sorted(map(str, reads)) == sorted(declined) and si.hashed == 120
+    assert quick_threads == {threading.current_thread().name}
+    # errors: the first failing file in order wins, whichever path it took
+    bad_quick, bad_slow = str(files[10]), str(files[6])  # files[6] is declined
+
+    def failing_quick(path: str | os.PathLike[str], st: os.stat_result) -> str | None:
+        if str(path) == bad_quick:
+            raise InvalidInput(f"cannot read {path}")
+        return quick(path, st)
+
+    def failing_fallback(path: str | os.PathLike[str], st: os.stat_result) -> str:
+        if str(path) == bad_slow:
+            raise InvalidInput(f"cannot read {path}")
+        return b3(Path(path))
+
+    for f in files:
+        make(f, b"changed " + f.name.encode())
+    with StatIndex.open(db, racy_ns=0) as si:
+        h = si.hasher(failing_fallback, failing_quick)
+        with pytest.raises(InvalidInput, match=re.escape(f"cannot read {bad_slow}") + "$"):
+            h.many([(f, f.lstat()) for f in files])
+        files_after = [f for f in files if str(f) != bad_slow]
+        with pytest.raises(InvalidInput, match=re.escape(f"cannot read {bad_quick}") + "$"):
+            h.many([(f, f.lstat()) for f in files_after])
+
+
+def test_hash_file_if_cached_declines_what_is_not_in_the_page_cache(tmp_path: Path) -> None:
+    from builder.plan.context import hash_file, hash_file_if_cached
+
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True,
+                        text=True, check=True).stdout.strip()
+    if fs in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is on {fs}: its pages are the file and are never dropped")
+    for size in (0, 5000, (3 << 20) + 3):
+        f = tmp_path / f"f{size}"
+        f.write_bytes(os.urandom(size))
+        assert hash_file_if_cached(f, f.lstat()) == hash_file(f) == b3(f)
+        if size == 0:
+            continue
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        assert hash_file_if_cached(f, f.lstat()) is None  # it would wait for the disk
+        assert hash_file(f, f.lstat()) == b3(f)
+        assert hash_file_if_cached(f, f.lstat()) == b3(f)  # read since: cached again

@@ -37,7 +37,6 @@ ContextFileType = Literal["file", "dir", "symlink", "fifo"]
 FileHasher = Callable[[str, os.stat_result], str]
 """Returns the blake3 hex of a regular file's content, given its path and a fresh stat."""
 
-_READ_WHOLE_BELOW = 1 << 20  # below this a file is read whole (one read of its size + 1)
 _READ_CHUNK = 1 << 20
 _SKIPPED_XATTRS = frozenset({"security.selinux"})
 _MAX_SYMLINK_HOPS = 40  # as Linux's MAXSYMLINKS: a loop fails instead of spinning
@@ -514,37 +513,55 @@ def hash_file(path: str | os.PathLike[str], st: os.stat_result | None = None) ->
     """Return the blake3 hex of a regular file's content, streamed, never held in memory.
 
     ``st`` is the walk's lstat of ``path``: the file is opened once without following
-    symlinks and must still be that file (``open_verified``).  Large files are read in
-    1 MiB chunks into a buffer the thread keeps.  Raises InvalidInput when the file cannot
-    be read, LbuildError when it was replaced since ``st`` was taken.
+    symlinks and must still be that file (``open_verified``).  It is read to its end, whatever
+    its size now, in 1 MiB reads into a buffer the thread keeps (a zeroed buffer per file, or
+    16 MiB ones for large files hashed on blake3's threads, cost more than reading and hashing
+    them).  Raises InvalidInput when the file cannot be read, LbuildError when it was replaced
+    since ``st`` was taken.
     """
+    digest = _hash(path, st, wait=True)
+    assert digest is not None
+    return digest
+
+
+def hash_file_if_cached(path: str | os.PathLike[str], st: os.stat_result | None = None) -> str | None:
+    """``hash_file``, or None when the file's first bytes are not in the page cache (reading
+    them would wait for the disk: ``RWF_NOWAIT``) or the filesystem cannot say.
+
+    A batch of files is hashed on this thread when they are cached (on threads, the GIL made
+    2,000 small cached files 2-3x slower to hash than one after another) and the rest on
+    threads that wait for the disk side by side (``CachedHasher.many``).  Same errors as
+    ``hash_file``."""
+    return _hash(path, st, wait=False)
+
+
+_NOT_SAYING = frozenset({errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS})
+"""What ``preadv(RWF_NOWAIT)`` raises for "would wait" or "cannot tell"."""
+
+
+def _hash(path: str | os.PathLike[str], st: os.stat_result | None, *, wait: bool) -> str | None:
     import blake3
 
     try:
         fd = open_verified(path, st)
-        size = st.st_size if st is not None else os.fstat(fd).st_size
-        if size < _READ_WHOLE_BELOW:
-            # Small files (most of a context) read whole: a 1 MiB buffer allocated and zeroed
-            # per file cost more than reading and hashing them.  Read to the end of the file,
-            # whatever its size now (it may have changed since the walk).
-            want = max(size + 1, 1 << 16)  # a file that grew is read in big steps too
-            try:
-                hasher = blake3.blake3()
-                while chunk := os.read(fd, want):
-                    hasher.update(chunk)
-            finally:
-                os.close(fd)
-            return str(hasher.hexdigest())
-        # Large files: 1 MiB reads into this thread's buffer, made once (a fresh 16 MiB
-        # buffer per file, hashed with blake3's threads, cost 10 ms a 10 MB file, this
-        # 2.5 ms; 256 MB: 0.105 -> 0.095 s).  update_mmap would count the whole file as
-        # resident memory.
         try:
             buf = _buffer()
             view = memoryview(buf)
             hasher = blake3.blake3()
-            while n := os.readv(fd, (buf,)):
+            offset = 0
+            if not wait:
+                try:
+                    offset = os.preadv(fd, (buf,), 0, os.RWF_NOWAIT)
+                except OSError as err:
+                    if err.errno in _NOT_SAYING:
+                        return None
+                    raise
+                if offset == 0:  # empty
+                    return str(hasher.hexdigest())
+                hasher.update(view[:offset])
+            while n := os.preadv(fd, (buf,), offset):
                 hasher.update(view[:n])
+                offset += n
         finally:
             os.close(fd)
         return str(hasher.hexdigest())

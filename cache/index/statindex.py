@@ -212,9 +212,14 @@ class StatIndex:
         self._writer().stat_put_many(rows)
         self._pending.clear()
 
-    def hasher(self, fallback: Callable[[str, os.stat_result], str]) -> CachedHasher:
-        """A file hasher that reads a file (through ``fallback``) only when its stat changed."""
-        return CachedHasher(self, fallback)
+    def hasher(
+        self,
+        fallback: Callable[[str, os.stat_result], str],
+        quick: Callable[[str, os.stat_result], str | None] | None = None,
+    ) -> CachedHasher:
+        """A file hasher that reads a file (through ``fallback``) only when its stat changed;
+        ``quick``, when given, hashes a file without waiting for the disk or says None."""
+        return CachedHasher(self, fallback, quick)
 
 
 class CachedHasher:
@@ -222,7 +227,11 @@ class CachedHasher:
 
     ``many`` reads the files the index does not vouch for on a few threads when there are
     enough of them: on a cold page cache the reads wait on the disk, and several in flight
-    finish sooner (file reads and blake3 release the GIL).
+    finish sooner (file reads and blake3 release the GIL).  With ``quick`` (a hash that
+    answers None rather than wait for the disk), the files already in the page cache are
+    hashed on the calling thread first and only the others go to the threads: for cached
+    files the threads only add GIL handoffs (2,000 small files: 14 ms on one thread, 31-53 ms
+    on four).
     """
 
     PARALLEL_MIN_FILES = 32
@@ -230,9 +239,15 @@ class CachedHasher:
 
     THREADS = 4
 
-    def __init__(self, stats: StatIndex, fallback: Callable[[str, os.stat_result], str]) -> None:
+    def __init__(
+        self,
+        stats: StatIndex,
+        fallback: Callable[[str, os.stat_result], str],
+        quick: Callable[[str, os.stat_result], str | None] | None = None,
+    ) -> None:
         self._stats = stats
         self._fallback = fallback
+        self._quick = quick
 
     def __call__(self, path: str, st: os.stat_result) -> str:
         known = self._stats.lookup(path, st)
@@ -254,7 +269,7 @@ class CachedHasher:
                 out[i] = self._read(*files[i])
             return cast(list[str], out)
         before = time.time_ns()
-        digests = self._hash_on_threads([files[i] for i in todo])
+        digests = self._hash_batch([files[i] for i in todo])
         for i, digest in zip(todo, digests, strict=True):
             out[i] = digest
             self._stats.hashed += 1
@@ -262,16 +277,51 @@ class CachedHasher:
             self._stats.record(files[i][0], files[i][1], digest, observed_ns=before)
         return cast(list[str], out)
 
-    def _hash_on_threads(self, files: Sequence[tuple[str, os.stat_result]]) -> list[str]:
-        """``fallback`` of each file, on ``THREADS`` threads that take the next file as they
-        finish one (a future per file cost more than hashing a small file); the error of the
-        first file in order that failed is raised, after every file was tried."""
+    def _hash_batch(self, files: Sequence[tuple[str, os.stat_result]]) -> list[str]:
+        """The hash of each file: those ``quick`` answers on this thread, the others through
+        ``fallback`` on ``THREADS`` threads that take the next file as they finish one (a
+        future per file cost more than hashing a small file), or on this thread when fewer
+        than ``PARALLEL_MIN_FILES`` are left.  The error of the first file in order that
+        failed is raised, after every file was tried."""
+        out: list[str] = [""] * len(files)
+        errors: dict[int, BaseException] = {}
+        slow: list[int] = []
+        for i, (path, st) in enumerate(files):
+            if self._quick is None:
+                slow.append(i)
+                continue
+            try:
+                digest = self._quick(path, st)
+            except Exception as e:
+                errors[i] = e
+                continue
+            if digest is None:
+                slow.append(i)
+            else:
+                out[i] = digest
+        if len(slow) < self.PARALLEL_MIN_FILES:
+            for i in slow:
+                try:
+                    out[i] = self._fallback(*files[i])
+                except Exception as e:
+                    errors[i] = e
+        else:
+            self._on_threads(files, slow, out, errors)
+        if errors:
+            raise errors[min(errors)]
+        return out
+
+    def _on_threads(
+        self,
+        files: Sequence[tuple[str, os.stat_result]],
+        which: Sequence[int],
+        out: list[str],
+        errors: dict[int, BaseException],
+    ) -> None:
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
-        out: list[str] = [""] * len(files)
-        errors: dict[int, BaseException] = {}
-        nxt = iter(range(len(files)))
+        nxt = iter(which)
         lock = threading.Lock()
 
         def work() -> None:
@@ -288,6 +338,3 @@ class CachedHasher:
         with ThreadPoolExecutor(self.THREADS, thread_name_prefix="lbuild-hash") as pool:
             for f in [pool.submit(work) for _ in range(self.THREADS)]:
                 f.result()
-        if errors:
-            raise errors[min(errors)]
-        return out
