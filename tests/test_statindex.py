@@ -351,3 +351,49 @@ def test_hash_file_if_cached_declines_what_is_not_in_the_page_cache(tmp_path: Pa
         assert hash_file_if_cached(f, f.lstat()) is None  # it would wait for the disk
         assert hash_file(f, f.lstat()) == b3(f)
         assert hash_file_if_cached(f, f.lstat()) == b3(f)  # read since: cached again
+
+
+def test_hash_file_if_cached_on_a_filesystem_that_cannot_tell(tmp_path: Path) -> None:
+    """overlayfs answers RWF_NOWAIT with EOPNOTSUPP (a context inside a container): every file
+    of it goes to the waiting path, and its device is not asked again."""
+    from builder.plan import context
+    from builder.plan.context import hash_file_if_cached
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting an overlay needs root")
+    for d in ("l", "u", "w", "m"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "l" / "f").write_bytes(b"lower\n")
+    m = tmp_path / "m"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={tmp_path / 'l'},upperdir={tmp_path / 'u'},"
+                    f"workdir={tmp_path / 'w'}", str(m)], check=True)  # fmt: skip
+    try:
+        st = (m / "f").lstat()
+        if st.st_dev in context._cannot_tell:
+            context._cannot_tell.discard(st.st_dev)
+        fd = os.open(m / "f", os.O_RDONLY)
+        try:
+            os.preadv(fd, [bytearray(8)], 0, os.RWF_NOWAIT)
+        except OSError as e:
+            supported = e.errno not in (95, 22, 38)
+        else:
+            supported = True
+        finally:
+            os.close(fd)
+        if supported:
+            pytest.skip("this kernel's overlayfs answers RWF_NOWAIT")
+        assert hash_file_if_cached(m / "f", st) is None
+        assert st.st_dev in context._cannot_tell
+        gone = m / "gone"
+        gone.write_bytes(b"x")
+        gone_st = gone.lstat()
+        gone.unlink()  # opening it would raise NotFound: it is not opened at all
+        assert hash_file_if_cached(gone, gone_st) is None
+        (m / "g").write_bytes(b"x")
+        with StatIndex.open(tmp_path / "db" / "lbuild.db", racy_ns=0) as si:
+            h = si.hasher(context.hash_file, hash_file_if_cached)
+            files = [(m / "f", (m / "f").lstat()), (m / "g", (m / "g").lstat())]
+            assert h.many(files) == [b3(m / "f"), b3(m / "g")]
+    finally:
+        subprocess.run(["umount", str(m)], check=True)

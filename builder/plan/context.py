@@ -526,7 +526,8 @@ def hash_file(path: str | os.PathLike[str], st: os.stat_result | None = None) ->
 
 def hash_file_if_cached(path: str | os.PathLike[str], st: os.stat_result | None = None) -> str | None:
     """``hash_file``, or None when the file's first bytes are not in the page cache (reading
-    them would wait for the disk: ``RWF_NOWAIT``) or the filesystem cannot say.
+    them would wait for the disk: ``RWF_NOWAIT``) or its filesystem cannot say (then its
+    other files are not asked either).
 
     A batch of files is hashed on this thread when they are cached (on threads, the GIL made
     2,000 small cached files 2-3x slower to hash than one after another) and the rest on
@@ -535,13 +536,17 @@ def hash_file_if_cached(path: str | os.PathLike[str], st: os.stat_result | None 
     return _hash(path, st, wait=False)
 
 
-_NOT_SAYING = frozenset({errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS})
-"""What ``preadv(RWF_NOWAIT)`` raises for "would wait" or "cannot tell"."""
+_CANNOT_TELL = frozenset({errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS})
+"""What ``preadv(RWF_NOWAIT)`` raises where the filesystem cannot say (overlayfs: EOPNOTSUPP)."""
+_cannot_tell: set[int] = set()
+"""Devices (``st_dev``) whose files are not asked again (each ask costs an open and a close)."""
 
 
 def _hash(path: str | os.PathLike[str], st: os.stat_result | None, *, wait: bool) -> str | None:
     import blake3
 
+    if not wait and st is not None and st.st_dev in _cannot_tell:
+        return None
     try:
         fd = open_verified(path, st)
         try:
@@ -552,10 +557,14 @@ def _hash(path: str | os.PathLike[str], st: os.stat_result | None, *, wait: bool
             if not wait:
                 try:
                     offset = os.preadv(fd, (buf,), 0, os.RWF_NOWAIT)
+                except BlockingIOError:
+                    return None
                 except OSError as err:
-                    if err.errno in _NOT_SAYING:
-                        return None
-                    raise
+                    if err.errno not in _CANNOT_TELL:
+                        raise
+                    if st is not None:
+                        _cannot_tell.add(st.st_dev)
+                    return None
                 if offset == 0:  # empty
                     return str(hasher.hexdigest())
                 hasher.update(view[:offset])
