@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from builder.solve.events import RunContext
     from builder.solve.run import RunSteps
     from builder.solve.solver import Solver
-    from cache.index.recorder import Recorder
+    from cache.index.recorder import Writes
     from cache.remote.artifact import Record
     from cache.remote.remote import RemoteCache
     from cache.types import Entry, LayerInfo
@@ -141,8 +141,8 @@ def build(
     *,
     memo: bool = True,
     tocs: dict[Digest, tuple[Entry, ...]] | None = None,
-    writer: Literal["auto", "process", "inline"] = "auto",
-    recorder: Recorder | None = None,
+    writer: Literal["auto", "process", "inline", "fast"] = "auto",
+    recorder: Writes | None = None,
     collect: list[Record] | None = None,
 ) -> BuildResult:
     """Build an image: parse, plan, solve, assemble, export and tag.
@@ -155,17 +155,24 @@ def build(
     that a memo needs would be wasted); ``tocs`` is a layer-TOC cache a long-lived caller
     (the watcher) keeps across builds (a TOC never changes for a diff_id).
 
-    ``writer`` says where index writes happen: ``"process"`` in a child that imports
-    SQLAlchemy while this process builds (:mod:`cache.index.buildindex`), ``"inline"`` through
-    SQLAlchemy here (what a long-lived caller such as the watcher wants: it pays the import
-    once); ``"auto"`` picks the child unless SQLAlchemy is already imported.  ``recorder``
-    is such a child started ahead by the caller (``cache.home.start_writer``): the build
-    uses it or stops it.
+    ``writer`` says where index writes happen: ``"process"`` in a child process
+    (:mod:`cache.index.buildindex`, :mod:`cache.index.recorder`), ``"fast"`` here through the
+    stdlib writer (``cache.index.writer.InlineWrites``: what a long-lived caller such as the
+    watcher wants; ``"inline"`` where it does not apply), ``"inline"`` through SQLAlchemy
+    here; ``"auto"`` picks the child unless SQLAlchemy is already imported.  ``recorder`` is
+    such a child started ahead by the caller (``cache.home.start_writer``): the build uses
+    it or stops it.
     """
     from builder.progress import PlainReporter
 
     t0 = time.monotonic()
     rep = reporter or PlainReporter()
+    if recorder is None and writer == "fast":
+        from cache.home import Home, ensure_home, home_dir
+        from cache.index.writer import InlineWrites
+
+        recorder = InlineWrites.open(Home(ensure_home(home_dir(opts.home))).db)
+        writer = "inline" if recorder is None else writer
     deferred = recorder is not None or (
         writer == "process" or (writer == "auto" and "sqlalchemy" not in sys.modules)
     )
@@ -214,7 +221,7 @@ def _build(
     memo: bool,
     tocs: dict[Digest, tuple[Entry, ...]] | None,
     deferred: bool,
-    recorder: Recorder | None,
+    recorder: Writes | None,
     epoch: int,
     t0: float,
     collect: list[Record] | None = None,

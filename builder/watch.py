@@ -574,8 +574,9 @@ class Watcher:
         result: BuildResult | None = None
         error: str | None = None
         try:
-            # a long-lived process pays SQLAlchemy's import once: index writes inline
-            result = build(self.opts, self.reporter, memo=False, tocs=self.tocs, writer="inline")
+            # a long-lived process: index reads and writes here, through the stdlib sqlite3
+            # (no writer child per rebuild, no SQLAlchemy ORM on the build's threads)
+            result = build(self.opts, self.reporter, memo=False, tocs=self.tocs, writer="fast")
         except LbuildError as err:
             if self.stopping:  # the build reports our own interrupt as its error
                 raise KeyboardInterrupt from None

@@ -13,7 +13,7 @@ from cache.home import Home, ensure_home, home_dir, lock_home
 
 if TYPE_CHECKING:
     from cache.index.contract import StepIndex
-    from cache.index.recorder import Recorder
+    from cache.index.recorder import Writes
     from cache.index.records import Index
     from cache.store.blobs import BlobStore
 
@@ -49,7 +49,7 @@ class Session:
         *,
         exclusive: bool = False,
         deferred: bool = False,
-        recorder: Recorder | None = None,
+        recorder: Writes | None = None,
     ) -> Iterator[Session]:
         """Open the cache home.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -239,7 +240,7 @@ def test_process_and_inline_writers_leave_the_same_index(tmp_path: Path) -> None
     )
     time.sleep(2.1)  # older than the stat index's racy window (ctime cannot be set back)
     results = {}
-    for writer in ("inline", "process"):
+    for writer in ("inline", "process", "fast"):
         home = tmp_path / writer
         opts = BuildOptions(
             context=ctx,
@@ -252,15 +253,51 @@ def test_process_and_inline_writers_leave_the_same_index(tmp_path: Path) -> None
         assert again.manifest_digest == first.manifest_digest
         assert (first.steps_cached, again.steps_cached) == (0, again.steps_total)
         results[writer] = (first.manifest_digest, _index_state(home))
-    assert results["inline"][0] == results["process"][0]
+    assert results["inline"][0] == results["process"][0] == results["fast"][0]
     state = results["process"][1]
     assert isinstance(state, dict) and len(state["stat"]) == 30
-    assert results["inline"][1] == state
+    assert results["inline"][1] == state == results["fast"][1]
 
 
-def test_a_build_with_the_process_writer_never_imports_sqlalchemy(tmp_path: Path) -> None:
+def test_inline_writes_report_the_first_failure_and_skip_the_rest(tmp_path: Path) -> None:
+    from cache.index.writer import InlineWrites
+
+    db = tmp_path / "home" / "lbuild.db"
+    w = InlineWrites.open(db)
+    assert w is not None
+    w.call("put_step", rec(1))
+    w.sync()
+    with pytest.raises(ValueError):
+        w.call("get_step", key(1))  # reads are not writes
+    w.call("stat_put_many", ["not a stat entry"])  # fails in the writer
+    w.call("put_step", rec(2))  # skipped: a write after a failed one
+    with pytest.raises(StoreError):
+        w.sync()
+    with pytest.raises(StoreError):
+        w.close()
+    w.abandon()  # closed already: nothing to do
+    with pytest.raises(StoreError, match="closed"):
+        w.call("put_step", rec(3))
+    with Index.open(db) as index:
+        assert index.get_step(key(1)) == rec(1)
+        assert index.get_step(key(2)) is None
+    old = tmp_path / "old.db"
+    Index.open(old).close()
+    with sqlite3.connect(old) as raw:
+        raw.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    assert InlineWrites.open(old) is None  # Index's to migrate
+
+
+def test_a_build_with_the_process_or_fast_writer_never_imports_sqlalchemy(
+    tmp_path: Path,
+) -> None:
+    for writer in ("process", "fast"):
+        _never_imports_sqlalchemy(tmp_path / writer, writer)
+
+
+def _never_imports_sqlalchemy(tmp_path: Path, writer: str) -> None:
     ctx = tmp_path / "ctx"
-    ctx.mkdir()
+    ctx.mkdir(parents=True)
     (ctx / "a.txt").write_text("a\n")
     (ctx / "Dockerfile").write_text("FROM scratch\nCOPY a.txt /a.txt\n")
     code = textwrap.dedent(
@@ -272,7 +309,7 @@ def test_a_build_with_the_process_writer_never_imports_sqlalchemy(tmp_path: Path
         from builder.progress import PlainReporter
         opts = BuildOptions(context=Path({str(ctx)!r}), home=Path({str(tmp_path / "home")!r}))
         for _ in range(2):
-            r = build(opts, PlainReporter(io.StringIO()), writer="process", memo=False)
+            r = build(opts, PlainReporter(io.StringIO()), writer={writer!r}, memo=False)
         print(r.steps_cached, r.steps_total, "sqlalchemy" in sys.modules)
         """
     )

@@ -30,7 +30,7 @@ from typing import Any
 
 from cache.index.db import sqlite_file
 from cache.index.reader import FastIndex
-from cache.index.recorder import NothingApplied, Recorder
+from cache.index.recorder import NothingApplied, Recorder, Writes
 from cache.index.records import BuildRecord, Site, StatEntry, StepRecord, TagRecord
 from cache.types import BlobInfo, Digest, StepKey
 
@@ -43,7 +43,7 @@ class BuildIndex:
     Thread-safe (the solver's workers look steps up concurrently).
     """
 
-    def __init__(self, fast: FastIndex | None, recorder: Recorder, db: Path) -> None:
+    def __init__(self, fast: FastIndex | None, recorder: Writes, db: Path) -> None:
         """Use ``BuildIndex.open``."""
         self._fast = fast
         self._recorder = recorder
@@ -61,7 +61,7 @@ class BuildIndex:
         url_or_path: str | os.PathLike[str],
         *,
         keep_fds: Sequence[int] = (),
-        recorder: Recorder | None = None,
+        recorder: Writes | None = None,
     ) -> BuildIndex | None:
         """A build index over the database, or None when it does not apply (see module doc).
 

@@ -43,7 +43,7 @@ import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from cache.errors import StoreError
 
@@ -81,6 +81,16 @@ def _read_frame(inp: IO[bytes]) -> object | None:
 class NothingApplied(StoreError):
     """The writer child applied none of the writes (it never started serving, or could not
     open the index): the caller may apply them itself."""
+
+
+class Writes(Protocol):
+    """Where a build's index writes go (``cache.index.buildindex.BuildIndex``): a writer
+    child (:class:`Recorder`), or ``cache.index.writer.InlineWrites`` in this process."""
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> None: ...
+    def sync(self) -> None: ...
+    def close(self) -> None: ...
+    def abandon(self) -> None: ...
 
 
 class Recorder:
