@@ -157,7 +157,7 @@ def build(
 
     ``writer`` says where index writes happen: ``"process"`` in a child process
     (:mod:`cache.index.buildindex`, :mod:`cache.index.recorder`), ``"fast"`` here through the
-    stdlib writer (``cache.index.writer.InlineWrites``: what a long-lived caller such as the
+    stdlib writer (``cache.index.recorder.InlineWrites``: what a long-lived caller such as the
     watcher wants; ``"inline"`` where it does not apply), ``"inline"`` through SQLAlchemy
     here; ``"auto"`` picks the child unless SQLAlchemy is already imported.  ``recorder`` is
     such a child started ahead by the caller (``cache.home.start_writer``): the build uses
@@ -169,7 +169,7 @@ def build(
     rep = reporter or PlainReporter()
     if recorder is None and writer == "fast":
         from cache.home import Home, ensure_home, home_dir
-        from cache.index.writer import InlineWrites
+        from cache.index.recorder import InlineWrites
 
         recorder = InlineWrites.open(Home(ensure_home(home_dir(opts.home))).db)
         writer = "inline" if recorder is None else writer

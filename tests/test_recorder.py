@@ -260,7 +260,7 @@ def test_process_and_inline_writers_leave_the_same_index(tmp_path: Path) -> None
 
 
 def test_inline_writes_report_the_first_failure_and_skip_the_rest(tmp_path: Path) -> None:
-    from cache.index.writer import InlineWrites
+    from cache.index.recorder import InlineWrites
 
     db = tmp_path / "home" / "lbuild.db"
     w = InlineWrites.open(db)

@@ -50,6 +50,8 @@ from cache.errors import StoreError
 if TYPE_CHECKING:
     import subprocess
 
+    from cache.index.writer import FastWriter
+
 WRITE_METHODS = frozenset(
     {"put_step", "touch_steps", "put_compressed", "set_tag", "stat_put_many", "add_build"}
 )
@@ -85,7 +87,7 @@ class NothingApplied(StoreError):
 
 class Writes(Protocol):
     """Where a build's index writes go (``cache.index.buildindex.BuildIndex``): a writer
-    child (:class:`Recorder`), or ``cache.index.writer.InlineWrites`` in this process."""
+    child (:class:`Recorder`), or :class:`InlineWrites` in this process."""
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> None: ...
     def sync(self) -> None: ...
@@ -231,6 +233,72 @@ class Recorder:
     def _death(self) -> str:
         code = self._proc.wait()
         return f"the cache index writer exited with status {code} before finishing its writes"
+
+
+class InlineWrites:
+    """A build's index writes applied at once in this process, through a ``FastWriter``
+    (:mod:`cache.index.writer`): the writer child's protocol (``Writes``) without the child.
+
+    For a long-lived caller (``lbuild watch``): a child per rebuild costs its interpreter's
+    start, and writing through ``Index`` (SQLAlchemy's ORM) cost ~75 ms of a rebuild's reads
+    and writes on the build's own threads (py-spy).  As in the child, each call is its own
+    transaction, and after a failed one the later calls are skipped and ``sync`` / ``close``
+    raise ``StoreError`` with the first failure.  Thread-safe (the solver's workers write)."""
+
+    def __init__(self, writer: FastWriter) -> None:
+        """Wrap an open writer; use ``InlineWrites.open``."""
+        import threading
+
+        self._w = writer
+        self._lock = threading.Lock()
+        self._error: str | None = None
+        self._closed = False
+
+    @classmethod
+    def open(cls, db: str | os.PathLike[str]) -> InlineWrites | None:
+        """Writes for the index at ``db`` (made when missing), or None where ``FastWriter``
+        does not apply (another schema version, PostgreSQL): the caller uses ``Index``."""
+        from cache.index.writer import FastWriter
+
+        w = FastWriter.open(db, create=True)
+        return cls(w) if w is not None else None
+
+    def call(self, method: str, *args: object, **kwargs: object) -> None:
+        """``FastWriter.<method>(*args, **kwargs)`` now (a write of ``WRITE_METHODS``)."""
+        if method not in WRITE_METHODS:
+            raise ValueError(f"not an index write: {method}")
+        with self._lock:
+            if self._closed:
+                raise StoreError("cache index writer is already closed")
+            if self._error is not None:
+                return
+            try:
+                getattr(self._w, method)(*args, **kwargs)
+            except Exception as e:
+                self._error = str(e)
+
+    def sync(self) -> None:
+        """Raise ``StoreError`` if a write failed."""
+        with self._lock:
+            if self._error is not None:
+                raise StoreError(self._error)
+
+    def close(self) -> None:
+        """Close the writer (raising if a write failed)."""
+        if self._closed:
+            return
+        try:
+            self.sync()
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Close without reporting; nothing to do once closed."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._w.close()
 
 
 class _Replies:
