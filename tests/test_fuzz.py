@@ -94,6 +94,13 @@ FOUND = {
     "nan uid": [(b"a", 0, b"0", b"", 0o644, {b"uid": b"nan"}, b"")],
     "inf uid": [(b"a", 0, b"0", b"", 0o644, {b"uid": b"inf"}, b"")],
     "xattr on a device": [(b"dev", 0, b"3", b"", 0o644, {b"SCHILY.xattr.user.a": b"x"}, b"")],
+    # a NUL byte inside a PAX path (a byte flip in its record): os.lstat's ValueError
+    "nul in a pax path": [(b"a", 0, b"0", b"", 0o644, {b"path": b"d/\x00b"}, b"")],
+    "nul in a pax linkpath": [(b"l", 0, b"2", b"", 0o644, {b"linkpath": b"x\x00y"}, b"")],
+    # PAX numbers beyond what chown and utime take: OverflowError
+    "huge uid": [(b"a", 0, b"0", b"", 0o644, {b"uid": b"99999999999999999999"}, b"")],
+    "huge mtime": [(b"a", 0, b"0", b"", 0o644, {b"mtime": b"99999999999999999999"}, b"")],
+    "negative gid": [(b"a", 0, b"0", b"", 0o644, {b"gid": b"-5"}, b"")],
 }
 
 

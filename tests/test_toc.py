@@ -44,3 +44,32 @@ def test_a_damaged_toc_blob_reads_as_none() -> None:
     assert load_toc(good.replace(b'"entries":[[', b'"entries":[["x"],[')) is None  # short row
     assert load_toc(b'{"toc": 1, "entries": 5}') is None
     assert load_toc(b'{"toc": 1}') is None
+
+
+def test_a_toc_row_no_layer_could_have_reads_as_none() -> None:
+    """A TOC blob named by a shared cache's record is input: rows that would fail later in a
+    file system call (a traceback) make the whole blob unusable (the tar is read instead)."""
+    import json
+
+    row = ["a", "file", 0o644, 0, 0, 1, "0" * 64, "", 0, 512]
+    assert load_toc(json.dumps({"toc": 1, "entries": [row]}).encode()) is not None
+    bad = {
+        "owner as text": {3: "0"},
+        "owner beyond uid_t": {3: 1 << 40},
+        "negative group": {4: -1},
+        "time beyond 2262": {8: 1 << 62},
+        "a float size": {5: 1.5},
+        "negative size": {5: -1},
+        "mode with type bits": {2: 0o100644},
+        "a path going up": {0: "../etc/passwd"},
+        "an absolute path": {0: "/etc/passwd"},
+        "a NUL in the path": {0: "a\u0000b"},
+        "a NUL in the link": {7: "x\u0000"},
+        "an unknown kind": {1: "socket"},
+        "a number as the path": {0: 5},
+    }
+    for what, change in bad.items():
+        broken = list(row)
+        for i, v in change.items():
+            broken[i] = v
+        assert load_toc(json.dumps({"toc": 1, "entries": [row, broken]}).encode()) is None, what

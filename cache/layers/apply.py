@@ -115,8 +115,11 @@ def apply_layer(
 def normalize_member_path(raw: str, *, name: str = "layer") -> str:
     """Return a tar member name as a clean relative path (``""`` is the root).
 
-    Leading ``/`` and ``./`` are dropped; ``..`` anywhere is an error.
+    Leading ``/`` and ``./`` are dropped; ``..`` anywhere is an error, and so is a NUL byte
+    (a PAX path may hold one; no file system call takes it).
     """
+    if "\0" in raw:
+        raise InvalidInput(f"{name}: member {raw!r} has a NUL byte in its name")
     parts: list[str] = []
     for part in raw.split("/"):
         if part in ("", "."):
@@ -259,6 +262,8 @@ class _Applier:
             elif m.issym():
                 if not m.linkname:  # symlink(2) refuses an empty target (ENOENT)
                     raise InvalidInput(f"{self.name}: symlink {rel} has an empty target")
+                if "\0" in m.linkname:
+                    raise InvalidInput(f"{self.name}: symlink {rel} has a NUL byte in its target")
                 os.symlink(m.linkname, path)
             elif m.islnk():
                 self._hardlink(m, path)
@@ -334,6 +339,10 @@ class _Applier:
 
     # -- metadata ------------------------------------------------------------------------
     def _chown(self, path: str, uid: int, gid: int) -> None:
+        from cache.layers.tarread import MAX_ID
+
+        if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
+            raise InvalidInput(f"{self.name}: owner {uid}:{gid} is out of range")
         try:
             os.chown(path, uid, gid, follow_symlinks=False)
         except PermissionError:
@@ -342,7 +351,13 @@ class _Applier:
             # Unprivileged: ownership cannot be kept; the user namespace maps it later.
 
     def _set_meta(self, rel: str, m: tarfile.TarInfo) -> None:
+        from cache.layers.tarread import MAX_MTIME_S
+
         path = self._abs(rel)
+        if not -MAX_MTIME_S <= m.mtime <= MAX_MTIME_S:
+            raise InvalidInput(
+                f"{self.name}: member {m.name!r} has a modification time out of range"
+            )
         self._chown(path, m.uid, m.gid)
         if not m.issym():
             # chmod after chown: chown clears setuid/setgid bits.

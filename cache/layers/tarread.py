@@ -154,6 +154,7 @@ def _scan(src: TarInput) -> tuple[Entry, ...]:
         )
         mode = _number(hdr[100:108], start) & 0o7777
         name = name_b.decode("utf-8", "surrogateescape")
+        _check_ranges(name, uid, gid, mtime)
         xattrs: tuple[tuple[str, bytes], ...] = ()
         if fields:
             xattrs = tuple(
@@ -188,6 +189,8 @@ def _scan(src: TarInput) -> tuple[Entry, ...]:
                 link = link_b.decode("utf-8", "surrogateescape")
                 if not link:  # Linux has no such thing: nothing could extract it
                     raise InvalidInput(f"layer tar: symlink {name} has an empty target")
+                if "\0" in link:
+                    raise InvalidInput(f"layer tar: symlink {name} has a NUL byte in its target")
             elif kind == "hardlink":
                 link = _clean_path(link_b.decode("utf-8", "surrogateescape"))
         entries.append(
@@ -248,6 +251,8 @@ def _clean_path(name: str) -> str:
     comps = [c for c in name.split("/") if c not in ("", ".")]
     if ".." in comps:
         raise InvalidInput(f"unsafe path in layer tar: {name!r}")
+    if "\0" in name:  # only a PAX path can hold one: no file system takes it
+        raise InvalidInput(f"layer tar: member {name!r} has a NUL byte in its name")
     return "/".join(comps) or "."
 
 
@@ -262,6 +267,20 @@ def _ustar_name(hdr: bytes) -> bytes:
         if prefix:
             return prefix + b"/" + name
     return name
+
+
+MAX_ID = (1 << 32) - 2
+"""The largest uid or gid a file can have (``(uid_t) -1`` means "no change" to chown)."""
+MAX_MTIME_S = (1 << 63) // 1_000_000_000 - 1
+"""Modification times are set in nanoseconds, a 64-bit count: about the years 1678-2262."""
+
+
+def _check_ranges(name: str, uid: int, gid: int, mtime: int) -> None:
+    """Owner and time a file can have: anything else is an error, not an overflow later."""
+    if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
+        raise InvalidInput(f"layer tar: member {name!r} has an owner out of range ({uid}:{gid})")
+    if not -MAX_MTIME_S <= mtime <= MAX_MTIME_S:
+        raise InvalidInput(f"layer tar: member {name!r} has a modification time out of range")
 
 
 def _number(field: bytes, at: int) -> int:

@@ -51,11 +51,21 @@ def load_toc(data: bytes) -> tuple[Entry, ...] | None:
         return None
     try:
         return _entries(doc["entries"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, IndexError):
         return None  # damaged: the caller reads the tar instead
 
 
+_KINDS = frozenset(
+    ("file", "dir", "symlink", "hardlink", "char", "block", "fifo", "whiteout", "opaque")
+)
+
+
 def _entries(rows: list[Any]) -> tuple[Entry, ...]:
+    """The rows as entries; ValueError for a row that no layer lbuild reads could have (a
+    TOC blob named by a shared cache's record is input like any other: a damaged one is the
+    tar read instead, never an error later in the file system calls)."""
+    from cache.layers.tarread import MAX_ID, MAX_MTIME_S
+
     out: list[Entry] = []
     for row in rows:
         path, kind, mode, uid, gid, size, digest, link, mtime, offset = row[:10]
@@ -64,6 +74,22 @@ def _entries(rows: list[Any]) -> tuple[Entry, ...]:
         if len(row) > 10:
             devmajor, devminor = row[10], row[11]
             xattrs = tuple((n, base64.b64decode(v)) for n, v in row[12])
+        ints = (mode, uid, gid, size, mtime, offset, devmajor, devminor)
+        if (
+            kind not in _KINDS
+            or not all(type(n) is int for n in ints)
+            or not all(isinstance(t, str) for t in (path, digest, link))
+            or "\0" in path
+            or "\0" in link
+            or ".." in path.split("/")
+            or path.startswith("/")
+            or not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID)
+            or not -MAX_MTIME_S <= mtime <= MAX_MTIME_S
+            or size < 0
+            or not 0 <= mode <= 0o7777
+            or any(not isinstance(n, str) for n, _ in xattrs)
+        ):
+            raise ValueError(f"not a TOC row: {row!r}"[:200])
         out.append(
             Entry(
                 path=path,
