@@ -123,9 +123,8 @@ def _decompressed(stack: contextlib.ExitStack, src: Any, media_type: str) -> _Re
 
 def _apply_one(session: Session, blob: BlobInfo, diff_id: Digest, target: Path, i: int) -> None:
     """Apply layer ``i``: from its uncompressed blob when the store has it, else decompressing."""
-    import zlib
-
     from cache.layers.apply import apply_layer
+    from cache.layers.compress import decode_errors
 
     if session.store.has(diff_id):
         with session.store.open(diff_id) as f:
@@ -133,8 +132,7 @@ def _apply_one(session: Session, blob: BlobInfo, diff_id: Digest, target: Path, 
         return
     if not session.store.has(blob.digest):
         raise NotFound(f"layer {i}: blob {blob.digest} is missing from the store")
-    import zstandard
-
+    bad: tuple[type[Exception], ...] = (*decode_errors(), InvalidInput)
     name = f"layer {i} blob {blob.digest}"
     with session.store.open(blob.digest) as raw:
         hashing = _Hashing(raw)
@@ -142,7 +140,7 @@ def _apply_one(session: Session, blob: BlobInfo, diff_id: Digest, target: Path, 
             with contextlib.ExitStack() as stack:
                 plain = _decompressed(stack, hashing, blob.media_type)
                 apply_layer(plain, target, expected=diff_id, name=name)  # type: ignore[arg-type]
-        except (OSError, EOFError, zlib.error, zstandard.ZstdError, InvalidInput) as exc:
+        except bad as exc:
             # Corrupt bytes usually break decompression first: name the blob that is wrong.
             actual = hashing.digest()
             if actual != blob.digest:

@@ -113,3 +113,28 @@ def test_fuzz_findings_stay_fixed(tmp_path: Path) -> None:
         root.mkdir()
         check_archive(_archive(members, b"\0" * 1024), root)
     check_dockerfile("FROM scratch\nHEALTHCHECK \U00020000\n", {})  # UnicodeDecodeError
+
+
+def test_a_corrupt_deflate_stream_is_bad_input_everywhere(tmp_path: Path) -> None:
+    """ISA-L says IsalError (not an OSError) for a gzip stream with an invalid deflate block:
+    importing the layer (ADD, a pulled image) and reading it for ``lbuild diff`` both say
+    InvalidInput, not a traceback (found by the fuzz test)."""
+    import io
+
+    import pytest
+
+    from builder.compare.source import Layer, iter_members
+    from cache.errors import InvalidInput
+    from cache.layers.tar import import_layer
+    from cache.store.blobs import BlobStore
+
+    bad = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\x07" + b"\x00" * 600
+    with pytest.raises(InvalidInput, match="not a valid gzip stream"):
+        import_layer(BlobStore(tmp_path / "store"), io.BytesIO(bad), "auto")
+    layer = Layer(index=0, media_type="application/vnd.oci.image.layer.v1.tar+gzip",
+                  digest="", size=len(bad), diff_id="", opener=lambda: io.BytesIO(bad))  # fmt: skip
+    with pytest.raises(InvalidInput, match="cannot read the layer tar"):
+        list(iter_members(layer))
+    root = tmp_path / "fuzz"
+    root.mkdir()
+    check_archive(bad, root)

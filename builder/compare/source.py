@@ -478,6 +478,8 @@ def iter_members(layer: Layer, what: str = "") -> Iterator[Member]:
     except (InvalidInput, Unsupported) as e:
         raise type(e)(f"{where}: {e.message}") from None
     except Exception as e:
-        if type(e).__name__ == "ZstdError":
+        from cache.layers.compress import decode_errors
+
+        if isinstance(e, decode_errors()):  # IsalError, ZstdError: no OSError
             raise InvalidInput(f"{where}: cannot read the layer tar: {e}") from None
         raise

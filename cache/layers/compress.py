@@ -128,6 +128,18 @@ def _decompressed(stack: contextlib.ExitStack, src: BinaryIO, codec: str) -> _Re
     return src
 
 
+def decode_errors() -> tuple[type[Exception], ...]:
+    """What the decompressors raise for bytes that are no valid stream of their codec (ISA-L's
+    ``IsalError`` is not an OSError; zstandard and lzma have their own)."""
+    import lzma
+
+    import zstandard
+    from isal import igzip_lib
+
+    isal_error = cast("type[Exception]", igzip_lib.IsalError)
+    return (OSError, EOFError, zlib.error, isal_error, zstandard.ZstdError, lzma.LZMAError)
+
+
 def import_layer(store: ContentStore, compressed: BinaryIO, media_type: str) -> LayerInfo:
     """Decompress a layer blob into the store as an uncompressed tar; return its diff_id and TOC.
 
@@ -135,10 +147,6 @@ def import_layer(store: ContentStore, compressed: BinaryIO, media_type: str) -> 
     bzip2, xz or a plain tar by their first bytes (what ``ADD`` of a local archive needs).
     One pass: the decompressed bytes are hashed, stored and parsed as they stream by.
     """
-    import lzma
-
-    import zstandard
-
     src: BinaryIO = compressed
     if media_type == "auto":
         head = compressed.read(6)
@@ -146,7 +154,7 @@ def import_layer(store: ContentStore, compressed: BinaryIO, media_type: str) -> 
         src = cast(BinaryIO, _Prefixed(head, compressed))
     else:
         codec = codec_of(media_type)
-    bad = (OSError, EOFError, zlib.error, zstandard.ZstdError, lzma.LZMAError)
+    bad = decode_errors()
     try:
         with contextlib.ExitStack() as stack:
             plain = _decompressed(stack, src, codec)
