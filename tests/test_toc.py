@@ -57,7 +57,7 @@ def test_a_toc_row_no_layer_could_have_reads_as_none() -> None:
         "owner as text": {3: "0"},
         "owner beyond uid_t": {3: 1 << 40},
         "negative group": {4: -1},
-        "time beyond 2262": {8: 1 << 62},
+        "time beyond time_t": {8: 1 << 63},
         "a float size": {5: 1.5},
         "negative size": {5: -1},
         "mode with type bits": {2: 0o100644},

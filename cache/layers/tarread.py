@@ -271,8 +271,9 @@ def _ustar_name(hdr: bytes) -> bytes:
 
 MAX_ID = (1 << 32) - 2
 """The largest uid or gid a file can have (``(uid_t) -1`` means "no change" to chown)."""
-MAX_MTIME_S = (1 << 63) // 1_000_000_000 - 1
-"""Modification times are set in nanoseconds, a 64-bit count: about the years 1678-2262."""
+MAX_MTIME_S = (1 << 63) - 1
+"""The largest modification time a file can be given (a 64-bit ``time_t``; file systems clamp
+to their own range, ext4's ends in 2446)."""
 
 
 def _check_ranges(name: str, uid: int, gid: int, mtime: int) -> None:
