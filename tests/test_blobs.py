@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,6 +73,27 @@ def test_already_present_is_success_and_keeps_inode(tmp_path: Path) -> None:
     ino = store.path(d).stat().st_ino
     assert store.put(b"same") == d
     assert store.path(d).stat().st_ino == ino
+
+
+def test_putting_a_present_blob_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No temp copy and no fsync for bytes the store has (a build's oci-layout base put its
+    config and manifest again on every build)."""
+    store = BlobStore(tmp_path)
+    d = store.put(b"config")
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    made: list[str] = []
+    mkstemp = tempfile.mkstemp
+    monkeypatch.setattr(
+        tempfile, "mkstemp", lambda *a, **k: (lambda r: (made.append(r[1]), r)[1])(mkstemp(*a, **k))
+    )
+    assert store.put(b"config") == d
+    assert (synced, made) == ([], [])
+    assert store.put(b"other") != d  # a new blob is still written and fsynced
+    assert len(made) == 1 and synced
 
 
 def test_corrupt_blob_is_detected_and_replaced_by_reingest(tmp_path: Path) -> None:

@@ -180,7 +180,13 @@ class BlobStore:
             raise
 
     def put(self, data: bytes) -> Digest:
-        """Store ``data`` and return its digest."""
+        """Store ``data`` and return its digest.  A blob the store already has is left as it
+        is, as ``ingest`` leaves it, without writing and fsyncing a copy first (a build with
+        an ``oci-layout://`` base put its config and manifest again each time: two fsyncs,
+        ~3 ms, of planning)."""
+        digest = sha256_digest(hashlib.sha256(data).hexdigest())
+        if _same_size(self.path(digest), len(data)):
+            return digest
         with self.ingest() as w:
             w.write(data)
         return w.digest
