@@ -13,8 +13,8 @@ random calls through both and compares every row of every table).
 
 ``FastWriter.open`` returns None unless the index is a SQLite file with the current schema
 version (``create=True`` makes a missing one first, whole: see ``_make_new``); the child then
-opens ``Index`` (which migrates or refuses the database with a proper error).  Reads, GC, repair and every other database stay with
-``Index``.  This module must not import SQLAlchemy (a test checks ``sys.modules``).
+opens ``Index`` (which migrates or refuses the database with a proper error).  Reads, GC,
+repair and every other database stay with ``Index``.  This module must not import SQLAlchemy (a test checks ``sys.modules``).
 """
 
 from __future__ import annotations
@@ -324,4 +324,3 @@ def _note_sites(c: sqlite3.Connection, uses: Sequence[tuple[StepKey, Site]], now
         _SITE_UPSERT,
         [(s.dockerfile_id, s.stage, s.position, k, now) for k, s in dict.fromkeys(uses)],
     )
-

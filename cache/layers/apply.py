@@ -339,9 +339,9 @@ class _Applier:
 
     # -- metadata ------------------------------------------------------------------------
     def _chown(self, path: str, uid: int, gid: int) -> None:
-        from cache.layers.tarread import MAX_ID
+        from cache.layers.tarread import owner_in_range
 
-        if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
+        if not owner_in_range(uid, gid):
             raise InvalidInput(f"{self.name}: owner {uid}:{gid} is out of range")
         try:
             os.chown(path, uid, gid, follow_symlinks=False)
@@ -351,10 +351,10 @@ class _Applier:
             # Unprivileged: ownership cannot be kept; the user namespace maps it later.
 
     def _set_meta(self, rel: str, m: tarfile.TarInfo) -> None:
-        from cache.layers.tarread import MAX_MTIME_S
+        from cache.layers.tarread import mtime_in_range
 
         path = self._abs(rel)
-        if not -MAX_MTIME_S <= m.mtime <= MAX_MTIME_S:
+        if not mtime_in_range(m.mtime):
             raise InvalidInput(
                 f"{self.name}: member {m.name!r} has a modification time out of range"
             )

@@ -276,11 +276,21 @@ MAX_MTIME_S = (1 << 63) - 1
 to their own range, ext4's ends in 2446)."""
 
 
+def owner_in_range(uid: int, gid: int) -> bool:
+    """Whether a file can have this owner (chown would overflow or refuse otherwise)."""
+    return 0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID
+
+
+def mtime_in_range(mtime: float) -> bool:
+    """Whether a file can be given this modification time (utime would overflow otherwise)."""
+    return -MAX_MTIME_S <= mtime <= MAX_MTIME_S
+
+
 def _check_ranges(name: str, uid: int, gid: int, mtime: int) -> None:
     """Owner and time a file can have: anything else is an error, not an overflow later."""
-    if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
+    if not owner_in_range(uid, gid):
         raise InvalidInput(f"layer tar: member {name!r} has an owner out of range ({uid}:{gid})")
-    if not -MAX_MTIME_S <= mtime <= MAX_MTIME_S:
+    if not mtime_in_range(mtime):
         raise InvalidInput(f"layer tar: member {name!r} has a modification time out of range")
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 from cache.types import Entry, EntryType
 
@@ -55,16 +55,14 @@ def load_toc(data: bytes) -> tuple[Entry, ...] | None:
         return None  # damaged: the caller reads the tar instead
 
 
-_KINDS = frozenset(
-    ("file", "dir", "symlink", "hardlink", "char", "block", "fifo", "whiteout", "opaque")
-)
+_KINDS = frozenset(get_args(EntryType))
 
 
 def _entries(rows: list[Any]) -> tuple[Entry, ...]:
     """The rows as entries; ValueError for a row that no layer lbuild reads could have (a
     TOC blob named by a shared cache's record is input like any other: a damaged one is the
     tar read instead, never an error later in the file system calls)."""
-    from cache.layers.tarread import MAX_ID, MAX_MTIME_S
+    from cache.layers.tarread import mtime_in_range, owner_in_range
 
     out: list[Entry] = []
     for row in rows:
@@ -83,8 +81,8 @@ def _entries(rows: list[Any]) -> tuple[Entry, ...]:
             or "\0" in link
             or ".." in path.split("/")
             or path.startswith("/")
-            or not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID)
-            or not -MAX_MTIME_S <= mtime <= MAX_MTIME_S
+            or not owner_in_range(uid, gid)
+            or not mtime_in_range(mtime)
             or size < 0
             or not 0 <= mode <= 0o7777
             or any(not isinstance(n, str) for n, _ in xattrs)
