@@ -117,8 +117,10 @@ def default_home() -> Path:
 
 
 def home_dir(home: Path | None) -> Path:
-    """The cache directory: ``--home``, else :func:`default_home`."""
-    return home if home is not None else default_home()
+    """The cache directory: ``--home``, else :func:`default_home`; made absolute, as paths
+    under it reach processes that do not share our working directory (a RUN's sandbox
+    helper mounts the snapshot's layer directories from ``/``)."""
+    return Path(os.path.abspath(home if home is not None else default_home()))
 
 
 HOME_HINT = "set LBUILD_HOME (or --home) to a directory this user can write"

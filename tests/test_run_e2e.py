@@ -247,6 +247,30 @@ def test_failing_command(bbhome: Path, tmp_path: Path) -> None:
     }
 
 
+def test_a_relative_home_serves_a_run(bbhome: Path, tmp_path: Path) -> None:
+    """``--home`` and ``LBUILD_HOME`` relative to the working directory: the RUN's sandbox
+    helper mounts the layer directories from ``/``, so the home is made absolute first (the
+    overlay mount said "No such file or directory" before)."""
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "Dockerfile").write_text(
+        "FROM busybox:test\nRUN echo ran > /ran && cat /ran\n"
+    )
+    rel = os.path.relpath(bbhome, tmp_path)
+    assert not os.path.isabs(rel)
+    for n, how in enumerate((["--home", rel], [])):
+        out = tmp_path / f"oci-{n}"
+        p = lbuild(
+            "build", "ctx", *how, "--no-cache", "--progress", "plain",
+            "--output", f"type=oci,dest={out}",
+            home=Path(rel), cwd=tmp_path, check=False, env={"PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        assert "| ran" in p.stderr
+        rootfs = umoci_unpack(out, tmp_path / f"bundle-{n}")
+        assert (rootfs / "ran").read_text() == "ran\n"
+    assert leftovers(bbhome) == NOTHING
+
+
 def test_nothing_left_after_a_build(bbhome: Path, tmp_path: Path) -> None:
     before = mount_lines(str(tmp_path))
     nap = f"sleep {random.randint(4000, 4999)}"
