@@ -10,7 +10,7 @@ layer writer, the events and the cancel flag.  Calls come from worker threads.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ class RunContext(Protocol):
     cancel: threading.Event
 
     def view(self, stage: int, upto: int | None) -> View: ...
+    def chain_view(self, diff_ids: Sequence[Digest]) -> View: ...
     def read_file(self, view: View) -> Callable[[str], bytes | None]: ...
     def stage_diff_ids(self, stage: int, upto: int | None) -> list[Digest]: ...
     def toc(self, diff_id: Digest) -> tuple[Entry, ...]: ...

@@ -269,7 +269,7 @@ class RunSteps:
         snap = self.snapshotter()
         if diff_ids and isinstance(snap, LayerStacks):
             self._prestart()
-            ensure_chain(snap, diff_ids, solver.store.open, solver.toc)
+            ensure_chain(snap, diff_ids, solver.store.open, solver.toc, views=solver.chain_view)
 
     def _prestart(self) -> None:
         from builder.solve.executor import Helper
@@ -331,7 +331,9 @@ class RunSteps:
         )
         diff_ids = solver.stage_diff_ids(step.stage, step.pos)
         parent = (
-            ensure_chain(snap, diff_ids, solver.store.open, solver.toc) if diff_ids else None
+            ensure_chain(snap, diff_ids, solver.store.open, solver.toc, views=solver.chain_view)
+            if diff_ids
+            else None
         )
         key = f"run-{uuid.uuid4().hex}"
         # Only a read-write bind mount needs scratch space (a throwaway copy of its source).
@@ -347,7 +349,12 @@ class RunSteps:
                     if not diff_ids or attempt + 1 == _PREPARE_ATTEMPTS:
                         raise
                     parent = ensure_chain(
-                        snap, diff_ids, solver.store.open, solver.toc, reuse=False
+                        snap,
+                        diff_ids,
+                        solver.store.open,
+                        solver.toc,
+                        reuse=False,
+                        views=solver.chain_view,
                     )
             argv, stdin = command
             binds, targets = mounts_for(instr, self.env, state.workdir, file, scratch)

@@ -13,7 +13,7 @@ import functools
 import io
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -24,7 +24,7 @@ from builder.plan.dag import Plan, Step
 from builder.plan.imageconfig import ImageState, history_text, iso_time
 from builder.plan.keys import layer_content_key
 from cache.errors import Interrupted, InvalidInput, LbuildError, Unsupported, disk_full
-from cache.layers.view import View, clean
+from cache.layers.view import View, Views, clean
 from cache.store.blobs import BlobStore
 from cache.types import BlobInfo, Digest, Entry, LayerInfo, StepKey
 
@@ -97,6 +97,7 @@ class Solver:
     # diff_id -> TOC blob, for layers whose TOC is not in memory yet (from hit records)
     _toc_blobs: dict[Digest, Digest] = field(default_factory=dict)
     _to_finish: list[Digest] = field(default_factory=list)
+    _views: Views | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stage_locks: dict[int, threading.Lock] = field(default_factory=dict)
     # Set when the build is interrupted: running RUN steps kill their sandbox and stop.
@@ -161,11 +162,19 @@ class Solver:
         return ids
 
     def view(self, stage: int, upto: int | None) -> View:
-        """Merged view of ``stage`` before position ``upto`` (None: after the last step)."""
-        v = View()
-        for d in self.stage_diff_ids(stage, upto):
-            v.apply(self.toc(d), d)
-        return v
+        """Merged view of ``stage`` before position ``upto`` (None: after the last step);
+        shared (``Views``): read it, never change it."""
+        return self.chain_view(self.stage_diff_ids(stage, upto))
+
+    def chain_view(self, diff_ids: Sequence[Digest]) -> View:
+        """Merged view of a chain of layers (bottom first); shared, as ``view``'s."""
+        views = self._views
+        if views is None:
+            with self._lock:
+                if self._views is None:
+                    self._views = Views(self.toc)
+                views = self._views
+        return views.of(diff_ids)
 
     def read_file(self, view: View) -> Callable[[str], bytes | None]:
         def read(path: str) -> bytes | None:
@@ -299,9 +308,7 @@ class Solver:
                 src_view = self.view(step.from_stage, None)
             else:
                 assert step.from_image is not None
-                src_view = View()
-                for d in step.from_image.diff_ids:
-                    src_view.apply(self.toc(d), d)
+                src_view = self.chain_view(step.from_image.diff_ids)
             if instr.exclude or instr.parents:
                 from builder.plan.sourcefilter import select_from_view_filtered
 

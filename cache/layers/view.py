@@ -9,7 +9,8 @@ diff_id of that layer (so a file's bytes can be read back by offset).
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from cache.types import Digest, Entry
@@ -118,3 +119,46 @@ class View:
             else:  # implicit directory
                 yield Entry(path=child, type="dir", mode=0o755)
             yield from self.walk(child)
+
+
+class Views:
+    """The merged views of a build's chains, each made once.
+
+    A chain's view starts from a copy of the view of its longest prefix made so far, so a
+    stage's steps (a non-link COPY, then the RUN above it, then the RUN's parent directories
+    in ``ensure_chain``) apply each layer's TOC once instead of the whole chain each time:
+    ~17 ms for the bench's 2,700-entry chain.  The views handed out are shared between
+    threads: read them, never change them.
+    """
+
+    def __init__(self, toc: Callable[[Digest], Sequence[Entry]]) -> None:
+        self._toc = toc
+        self._made: dict[tuple[Digest, ...], View] = {(): View()}
+        self._making: dict[tuple[Digest, ...], threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def of(self, diff_ids: Sequence[Digest]) -> View:
+        """The merged view of ``diff_ids`` (bottom first).  A view being made by another
+        thread is waited for, not made twice (the GIL would make both take as long)."""
+        key = tuple(diff_ids)
+        with self._lock:
+            hit = self._made.get(key)
+            if hit is not None:
+                return hit
+            making = self._making.setdefault(key, threading.Lock())
+        with making:
+            with self._lock:
+                hit = self._made.get(key)
+                if hit is not None:
+                    return hit
+                n = len(key) - 1
+                while key[:n] not in self._made:
+                    n -= 1
+                base = self._made[key[:n]]
+            view = base.copy()
+            for d in key[n:]:
+                view.apply(self._toc(d), d)
+            with self._lock:
+                self._made[key] = view
+                self._making.pop(key, None)
+            return view

@@ -33,6 +33,7 @@ def ensure_chain(
     toc: Callable[[Digest], Sequence[Entry]] | None = None,
     *,
     reuse: bool = True,
+    views: Callable[[Sequence[Digest]], View] | None = None,
 ) -> str:
     """Make sure a committed snapshot of ``diff_ids`` exists; return its name (its chain id).
 
@@ -43,14 +44,15 @@ def ensure_chain(
     layer whose directory is missing is extracted, or made from the directory of a layer of
     the same shape (``reuse``, ``cache.snapshots.reuse``).  ``toc`` gives a layer's table of contents:
     with it, the directories a layer does not carry get the metadata the layers below give
-    them (without it, 0755 root).  Another process doing the same at once is fine: per-name
+    them (without it, 0755 root); ``views`` gives the merged view of a prefix of the chain
+when the caller keeps them (``cache.layers.view.Views``).  Another process doing the same at once is fine: per-name
     locks serialise the work and "already exists" counts as success.
     """
     if not diff_ids:
         raise InvalidInput("ensure_chain needs at least one layer")
     names = [str(chain_id(diff_ids[: i + 1])) for i in range(len(diff_ids))]
     if isinstance(snap, LayerStacks):  # a declared capability (base.py), not a class
-        return _ensure_stacks(snap, diff_ids, names, open_layer, toc, reuse)
+        return _ensure_stacks(snap, diff_ids, names, open_layer, toc, reuse, views)
     # A copy snapshot is a whole tree: the chain is made once, from the longest prefix that
     # exists, by applying every missing layer onto one copy of it (committing each prefix
     # on the way copied the tree once per layer).
@@ -75,6 +77,7 @@ def _ensure_stacks(
     open_layer: Callable[[Digest], BinaryIO],
     toc: Callable[[Digest], Sequence[Entry]] | None,
     reuse: bool,
+    views: Callable[[Sequence[Digest]], View] | None,
 ) -> str:
     assert isinstance(snap, LayerStacks)
     stacks = snap
@@ -88,7 +91,10 @@ def _ensure_stacks(
     for i in range(have, len(names)):
         parents: dict[str, Entry | None] = {}
         entries: Sequence[Entry] | None = None
-        if toc is not None:
+        if toc is not None and views is not None:
+            entries = toc(diff_ids[i])
+            parents = layer_parents(entries, views(diff_ids[:i]).get)
+        elif toc is not None:
             if view is None:
                 view = View()
             while applied < i:
