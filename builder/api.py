@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from builder import cacheshare
@@ -537,10 +538,12 @@ def _make_run_step(opts: BuildOptions, session: Session) -> RunSteps:
     from builder.solve.run import RunEnv, make_run_step
 
     clamp = run_clamp(opts)
+    # Absolute: the sandbox helper that binds them works from / (a relative context's bind
+    # mount source or a relative --secret src= was "no such file or directory" there).
     env = RunEnv(
         session.home,
-        opts.context,
-        dict(opts.secrets),
+        Path(os.path.abspath(opts.context)),
+        {k: Path(os.path.abspath(v)) for k, v in opts.secrets.items()},
         opts.snapshotter,
         clamp,
         allow=frozenset(opts.allow),

@@ -247,27 +247,31 @@ def test_failing_command(bbhome: Path, tmp_path: Path) -> None:
     }
 
 
-def test_a_relative_home_serves_a_run(bbhome: Path, tmp_path: Path) -> None:
-    """``--home`` and ``LBUILD_HOME`` relative to the working directory: the RUN's sandbox
-    helper mounts the layer directories from ``/``, so the home is made absolute first (the
-    overlay mount said "No such file or directory" before)."""
+def test_relative_home_context_and_secret_paths_serve_a_run(bbhome: Path, tmp_path: Path) -> None:
+    """``--home`` / ``LBUILD_HOME``, the context and ``--secret src=`` relative to the working
+    directory: the RUN's sandbox helper works from ``/``, so each is made absolute first (the
+    overlay mount of the layer directories, the context's bind mount and the secret's were
+    "No such file or directory" before)."""
     (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "data.txt").write_text("from-the-context\n")
+    (tmp_path / "sec.txt").write_text("the-secret\n")
     (tmp_path / "ctx" / "Dockerfile").write_text(
-        "FROM busybox:test\nRUN echo ran > /ran && cat /ran\n"
+        "FROM busybox:test\n"
+        "RUN --mount=type=bind,source=data.txt,target=/d cat /d > /ran\n"
+        "RUN --mount=type=secret,id=s cat /run/secrets/s >> /ran\n"
     )
     rel = os.path.relpath(bbhome, tmp_path)
     assert not os.path.isabs(rel)
     for n, how in enumerate((["--home", rel], [])):
         out = tmp_path / f"oci-{n}"
         p = lbuild(
-            "build", "ctx", *how, "--no-cache", "--progress", "plain",
+            "build", "ctx", *how, "--no-cache", "--progress", "plain", "--secret", "id=s,src=sec.txt",
             "--output", f"type=oci,dest={out}",
             home=Path(rel), cwd=tmp_path, check=False, env={"PYTHONPATH": str(ROOT)},
         )  # fmt: skip
         assert p.returncode == 0, p.stderr
-        assert "| ran" in p.stderr
         rootfs = umoci_unpack(out, tmp_path / f"bundle-{n}")
-        assert (rootfs / "ran").read_text() == "ran\n"
+        assert (rootfs / "ran").read_text() == "from-the-context\nthe-secret\n"
     assert leftovers(bbhome) == NOTHING
 
 
