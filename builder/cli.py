@@ -347,9 +347,10 @@ def options_from(ns: argparse.Namespace) -> BuildOptions:
     if getattr(ns, "secret", None):
         from builder.solve.run import secrets_from
 
+    context = cliargs.context_path(ns.context)
     return BuildOptions(
-        context=Path(ns.context),
-        dockerfile=cliargs.dockerfile_path(ns.dockerfile, Path(ns.context)),
+        context=context,
+        dockerfile=cliargs.dockerfile_path(ns.dockerfile, context),
         tags=tuple(cliargs.checked_tag(t) for t in getattr(ns, "tags", ())),
         build_args=parse_kv(ns.build_arg, "--build-arg"),
         build_contexts=parse_kv(ns.build_context, "--build-context", from_env=False),

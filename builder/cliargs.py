@@ -251,6 +251,26 @@ def parse_annotations(items: Sequence[str]) -> dict[str, str]:
 _STDIN_DIRS: list[str] = []
 
 
+def context_path(given: str) -> Path:
+    """The build context directory.  Docker's other forms of CONTEXT, a tar or Dockerfile
+    read from stdin (``-``) and a remote URL (git or a tarball), are exit 2 "not supported
+    yet" naming them, not "build context not found"."""
+    from cache.errors import Unsupported
+
+    if given == "-":
+        raise Unsupported(
+            "a build context read from stdin (CONTEXT -) is not supported yet: give a "
+            "directory (-f - reads the Dockerfile alone from stdin)"
+        )
+    path = Path(given)
+    remote = "://" in given or given.startswith(("git@", "github.com/"))
+    if remote and not path.is_dir():
+        raise Unsupported(
+            f"a remote build context ({given}) is not supported yet: give a directory"
+        )
+    return path
+
+
 def dockerfile_path(given: str | None, context: Path) -> Path | None:
     """``-f``: as given; ``-`` is stdin, kept in a temporary file until :func:`cleanup`;
     without ``-f``, ``CONTEXT/Dockerfile``, else ``CONTEXT/Containerfile`` (as buildah and

@@ -58,12 +58,13 @@ def _warn(text: str) -> None:
 
 
 def cmd_warm(ns: argparse.Namespace) -> int:
+    from builder.cliargs import context_path
     from builder.options import BuildOptions, parse_kv
     from builder.progress import make_reporter
     from builder.warm import load_matrix, warm
     from cache.remote.spec import parse_cache_spec
 
-    ctx = Path(ns.context)
+    ctx = context_path(ns.context)
     dockerfiles = [Path(f) for f in ns.dockerfiles] or [ctx / "Dockerfile"]
     base = BuildOptions(
         context=ctx,

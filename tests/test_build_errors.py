@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from test_build_copy import fail
-from util import ROOT, write_files
+from util import ROOT, lbuild, write_files
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,34 @@ def test_missing_dockerfile(ectx: Path, home: Path, tmp_path: Path) -> None:
 def test_missing_context(home: Path, tmp_path: Path) -> None:
     line, _ = bad(tmp_path / "no-such-dir", home, tmp_path, "FROM scratch\n")
     assert "build context not found" in line and "no-such-dir" in line
+
+
+@pytest.mark.parametrize(
+    "context,words",
+    [
+        ("-", "read from stdin (CONTEXT -)"),
+        ("https://github.com/example/app.git", "remote build context (https://github.com/example/app.git)"),
+        ("git@github.com:example/app.git", "remote build context (git@github.com:example/app.git)"),
+        ("https://example.com/context.tar.gz", "remote build context (https://example.com/context.tar.gz)"),
+    ],
+)
+def test_docker_context_forms_not_supported_yet(
+    context: str, words: str, home: Path, tmp_path: Path
+) -> None:
+    """Docker's stdin and remote contexts: exit 2 "not supported yet" naming the form, not
+    "build context not found" (stdin is not read)."""
+    for cmd in ("build", "plan"):
+        p = subprocess.run(
+            [sys.executable, "-m", "builder", cmd, context, "--home", str(home)],
+            input="FROM scratch\n", capture_output=True, text=True, cwd=tmp_path,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120,
+        )  # fmt: skip
+        assert p.returncode == 2, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in p.stderr
+        assert lines[0].startswith("lbuild: error: ")
+        assert words in lines[0] and "not supported yet" in lines[0]
+    assert not (tmp_path / "-").exists()
 
 
 def test_unknown_instruction(ectx: Path, home: Path, tmp_path: Path) -> None:
@@ -144,7 +173,6 @@ def test_bad_flags(ectx: Path, home: Path, tmp_path: Path) -> None:
 
 
 def test_bad_source_date_epoch(ectx: Path, home: Path, tmp_path: Path) -> None:
-    from util import lbuild
 
     out = tmp_path / "out"
     p = lbuild(
