@@ -22,7 +22,12 @@ For the edit it also prints where lbuild's time goes: each step's own time from
 ``--progress plain`` (the RUN's includes preparing its snapshot) and the layer directories
 the edit extracted (``snapshots/overlay/layers``).
 
-    python bench/run_bench.py [--runs 5] [--no-buildah] [--no-docker] [--json FILE]
+With ``--daemon`` every lbuild build is also timed through ``lbuild daemon`` (a resident
+fork server, builder/daemon.py; rows ``lbuild (daemon)``, each after an edit of its own, the
+peers' ratios given against both).  The daemon stays resident through ``drop_caches`` as
+dockerd does: its imported modules are in its memory, not the page cache.
+
+    python bench/run_bench.py [--runs 5] [--no-buildah] [--no-docker] [--daemon] [--json FILE]
 """
 
 from __future__ import annotations
@@ -74,12 +79,59 @@ CMD ["/app/src/main.py"]
 """
 
 
-def lbuild(ctx: Path, home: Path, base: Path, *args: str) -> Measure:
+def lbuild(ctx: Path, home: Path, base: Path, *args: str, daemon: Path | None = None) -> Measure:
+    """One ``lbuild build``: in its own process, or with ``daemon`` (a socket) in that
+    ``lbuild daemon`` (the command line is the same; its client hands it over)."""
     cmd = [
         sys.executable, "-m", "builder", "build", str(ctx), "--home", str(home),
         "--build-context", f"base=oci-layout://{base}", "--progress", "plain", *args,
     ]  # fmt: skip
-    return run_rss(cmd, env=lbuild_env(REPO), cwd=REPO)
+    env = lbuild_env(REPO)
+    env["LBUILD_DAEMON_SOCKET"] = str(daemon) if daemon is not None else ""
+    return run_rss(cmd, env=env, cwd=REPO)
+
+
+class Daemon:
+    """``lbuild daemon`` on a private socket, for the ``lbuild (daemon)`` rows."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(mode=0o700, parents=True)
+        self.sock = root / "daemon.sock"
+        self.log = root / "daemon.log"
+        env = lbuild_env(REPO)
+        env["LBUILD_DAEMON_SOCKET"] = ""
+        out = open(self.log, "wb")  # noqa: SIM115 (lives as long as the daemon)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "builder", "daemon", "--socket", str(self.sock)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
+        )  # fmt: skip
+        for _ in range(600):
+            if b"listening on" in self.log.read_bytes():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise BenchError(f"lbuild daemon did not start: see {self.log}")
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def served(self) -> int:
+        return sum(1 for ln in self.log.read_text().splitlines() if ": lbuild build" in ln)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def step_times(text: str) -> list[tuple[str, float]]:
@@ -162,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-docker", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--daemon", action="store_true",
+                    help="also time each lbuild build through `lbuild daemon` (rows 'lbuild (daemon)')")  # fmt: skip
     a = ap.parse_args(argv)
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="lbuild-runbench-"))
@@ -189,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         buildah.load_base(base)
     if docker is not None:
         docker.load_base(base)
+    daemon = Daemon(work / "daemon") if a.daemon else None
+    sock = daemon.sock if daemon is not None else None
     results: dict[str, dict[str, list[float]]] = {}
     profile: list[list[tuple[str, float]]] = []
     extracted: list[int] = []
@@ -220,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # warm every builder once (not timed)
         lbuild(s.context, home, base, "-o", f"type=oci,dest={work / 'out-l'}")
+        if sock is not None:
+            edit_small_file(s, f"w-{time.time_ns()}")
+            lbuild(s.context, home, base, "-o", f"type=oci,dest={work / 'out-l'}", daemon=sock)
         if buildah is not None:
             buildah.build(s.context, s.context / "buildah.Dockerfile", work / "out-b")
         dock("warm-up", "docker")
@@ -233,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
             add("edit below RUN (OCI export)", "lbuild", m)
             profile.append(step_times(m.note))
             extracted.append((len(list(layers.iterdir())) if layers.is_dir() else 0) - before)
+            if sock is not None:
+                edit_small_file(s, f"d{i}-{time.time_ns()}")
+                shutil.rmtree(work / "out-l", ignore_errors=True)
+                add("edit below RUN (OCI export)", "lbuild (daemon)",
+                    lbuild(s.context, home, base, "-o", f"type=oci,dest={work / 'out-l'}",
+                           daemon=sock))  # fmt: skip
             if buildah is not None:
                 shutil.rmtree(work / "out-b", ignore_errors=True)
                 add("edit below RUN (OCI export)", "buildah",
@@ -241,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             edit_small_file(s, f"s{i}-{time.time_ns()}")
             add("edit below RUN, into the store", "lbuild",
                 lbuild(s.context, home, base, "-t", "app:bench"))
+            if sock is not None:
+                edit_small_file(s, f"t{i}-{time.time_ns()}")
+                add("edit below RUN, into the store", "lbuild (daemon)",
+                    lbuild(s.context, home, base, "-t", "app:bench", daemon=sock))
             dock("edit below RUN, into the store", "docker")
         for i in range(a.runs):
             cold = work / f"cold-{i}"
@@ -256,6 +325,15 @@ def main(argv: list[str] | None = None) -> int:
                 lbuild(s.context, cold, base, "-o", f"type=oci,dest={work / f'oci-{i}'}"))
             shutil.rmtree(cold, ignore_errors=True)
             shutil.rmtree(work / f"oci-{i}", ignore_errors=True)
+            if sock is not None:
+                for scn, out in (("cold into the store", ("-t", "app:bench")),
+                                 ("cold with OCI export", ("-o", f"type=oci,dest={work / 'oci-d'}"))):  # fmt: skip
+                    cold = work / f"cold-d-{i}"
+                    lbuild(prime, cold, base, "-t", "primed")
+                    drop_caches(state)
+                    add(scn, "lbuild (daemon)", lbuild(s.context, cold, base, *out, daemon=sock))
+                    shutil.rmtree(cold, ignore_errors=True)
+                    shutil.rmtree(work / "oci-d", ignore_errors=True)
             if buildah is not None:
                 buildah.destroy()
                 buildah = Buildah(work / "buildah")
@@ -269,25 +347,37 @@ def main(argv: list[str] | None = None) -> int:
                 docker.clear()
                 drop_caches(state)
                 dock("cold into the store", "docker")
+        if daemon is not None:
+            served = daemon.served()
+            expected = sum(len(by.get("lbuild (daemon)", [])) for by in results.values())
+            if served < expected:
+                raise BenchError(f"the daemon ran {served} builds, not {expected}: see {daemon.log}")
+            notes.append(f"lbuild daemon: {served} builds served (1 more warm-up), resident "
+                         f"{daemon.rss_mb():.0f} MB; its rows' RSS is the client's")  # fmt: skip
     finally:
         if buildah is not None:
             buildah.destroy()
         if docker is not None:
             docker.stop()
+        if daemon is not None:
+            daemon.stop()
 
     print(f"# run_bench: {a.runs} runs, {s.small_files} small files, "
           f"{s.context_bytes / (1 << 20):.0f} MiB context, load {os.getloadavg()[0]:.2f}")  # fmt: skip
     for scn, by in results.items():
-        ref = med(by.get("lbuild", []))
+        refs = [r for r in ("lbuild", "lbuild (daemon)") if by.get(r)]
         print(f"\n## {scn}")
         for who, xs in by.items():
             if who.endswith(" rss"):
                 continue
-            ratio = med(xs) / ref if ref else float("nan")
+            ratios = "".join(
+                f", {med(xs) / med(by[r]):.1f}x {r}" for r in refs if not who.startswith("lbuild")
+            )
             rss = med(by.get(who + " rss", []))
             print(f"- {who}: median {med(xs):.3f} s (runs {', '.join(f'{x:.2f}' for x in xs)})"
-                  f"{f', {ratio:.1f}x lbuild' if who != 'lbuild' else ''}"
-                  f"{f', peak RSS {rss:.0f} MB' if rss else ''}")  # fmt: skip
+                  f"{ratios}{f', peak RSS {rss:.0f} MB' if rss else ''}")  # fmt: skip
+        if len(refs) == 2:
+            print(f"- lbuild (daemon) / lbuild: {med(by[refs[1]]) / med(by[refs[0]]):.2f}")
     for n in notes:
         print(f"\nnote: {n}")
     print("\n## where an edit's time goes (lbuild, the run with the median wall time)")

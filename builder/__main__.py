@@ -1,5 +1,5 @@
 """``python -m builder`` runs the lbuild CLI."""
 
-from builder.cli import run
+from builder.entry import main
 
-run()
+main()

@@ -243,6 +243,16 @@ def _other_parsers(sub: Any) -> None:
     add_warm_parser(sub)
     # watch and unpack are defined here, not in their modules: a build must not import them
     _watch_parser(sub)
+    d = sub.add_parser(
+        "daemon",
+        help="serve lbuild command lines from a resident process (docs/usage.md, \"daemon\")",
+    )
+    d.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="listen here (default $LBUILD_DAEMON_SOCKET, else $XDG_RUNTIME_DIR/lbuild/daemon.sock, "
+        "else /tmp/lbuild-UID/daemon.sock)",
+    )
     from builder.compare.command import add_parsers as compare_parsers
 
     compare_parsers(sub, _build_args)  # diff, repro-check
@@ -500,6 +510,12 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated
 
 
+def _daemon(ns: argparse.Namespace) -> int:
+    from builder.daemon import serve
+
+    return serve(ns.socket, run)  # its children run each command line with ``run``
+
+
 def run() -> None:
     """The ``lbuild`` command: ``main``, then exit without tearing the interpreter down.
 
@@ -570,6 +586,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
             from builder.unpackcmd import cmd_unpack
 
             return cmd_unpack(ns)
+        if ns.command == "daemon":
+            return _daemon(ns)
         if ns.command == "watch":
             import gc
 

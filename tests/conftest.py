@@ -21,3 +21,10 @@ def _no_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     build context or local image fails the same way with or without a network. The registry
     tests (tests/test_registry_*.py) take it away to reach their loopback registries."""
     monkeypatch.setenv("LBUILD_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Command lines in tests run in their own process, never in an ``lbuild daemon`` the
+    machine may have running (tests/test_daemon.py starts its own and names its socket)."""
+    monkeypatch.setenv("LBUILD_DAEMON_SOCKET", "")

@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["builder.frontend", "builder.plan", "builder.solve", "builder.export"]
-CLI_ENTRY_POINTS = {"builder.__main__", "builder._entry.lbuild.__main__"}
+CLI_ENTRY_POINTS = {"builder.__main__", "builder._entry.lbuild.__main__", "builder.entry"}
 SIZE_LIMIT_LINES = 700
 FUNCTION_LIMIT_LINES = 80
 

@@ -1,5 +1,5 @@
 """``python -m lbuild`` runs the lbuild command line (the same entry as the ``lbuild`` script)."""
 
-from builder.cli import run
+from builder.entry import main
 
-run()
+main()
