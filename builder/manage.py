@@ -359,6 +359,10 @@ def cache_prune(
     p.snapshots_over_cap()
     p.records_and_blobs()
     p.cache_mounts()
+    if not dry_run:  # the layer tars' shape records whose tar or TOC went with a record
+        from cache.layers.retar import sweep
+
+        sweep(Home(session.home).tar_shapes, session.store.has)
     return p.report
 
 

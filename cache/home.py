@@ -12,6 +12,7 @@ Layout of a home (``$LBUILD_HOME``, else ``$XDG_CACHE_HOME/lbuild``, else
                         file's mtime is its last use
     cache-mounts/       RUN --mount=type=cache directories, each with ``<name>.used`` beside
                         it (mtime: its last use)
+    tarshapes/<shape>   the last layer tar written of each shape (cache.layers.retar)
     tmp/                in-flight files, swept on start
 
 Every other module asks :class:`Home` for these paths instead of spelling them out.
@@ -70,6 +71,10 @@ class Home:
     @property
     def cache_mounts(self) -> Path:
         return self.root / "cache-mounts"
+
+    @property
+    def tar_shapes(self) -> Path:
+        return self.root / "tarshapes"
 
 
 USED = "used"

@@ -264,6 +264,8 @@ class Solver:
         With ``step`` (COPY, ADD), a long copy shows a byte counter: the reporter's
         ``step_bytes(step, done, total)`` when it has one.
         """
+        from cache.home import Home
+        from cache.layers.retar import MIN_MEMBERS, remember
         from cache.layers.tar import write_layer
 
         ck = layer_content_key(entries) if by_content else None
@@ -279,11 +281,16 @@ class Solver:
             def progress(done: int, total: int) -> None:
                 counter(step, done, total)
 
-        layer = write_layer(entries, self.store, progress)
+        # a layer by content is written from its previous version's tar when it has one
+        # (cache.layers.retar: an edit rewrites the members that changed, copies the rest)
+        shapes = Home(self.store.root).tar_shapes if ck is not None else None
+        layer = write_layer(entries, self.store, progress, shapes=shapes)
         self.remember(layer)
         toc_digest = self._store_toc(layer)
         if ck is not None:
             self.cache.remember_layer(ck, layer, toc_digest)
+            if shapes is not None and len(layer.toc) >= MIN_MEMBERS:
+                remember(shapes, layer.toc, layer.diff_id, toc_digest)
         return layer
 
     def _store_toc(self, layer: LayerInfo) -> Digest:

@@ -19,6 +19,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import BinaryIO
 
 from blake3 import blake3
@@ -82,6 +83,8 @@ __all__ = [
 # Writing
 
 
+_RETAR_MIN = 64
+"""``cache.layers.retar.MIN_MEMBERS``, here so a small layer does not import that module."""
 METER_MIN_BYTES = 4 << 20
 """A layer whose files hold fewer bytes is written too fast for a byte counter to be seen."""
 METER_STEP = 8 << 20
@@ -116,6 +119,8 @@ def write_layer(
     entries: Iterable[Entry],
     store: ContentStore,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    shapes: Path | None = None,
 ) -> LayerInfo:
     """Write entries as a deterministic uncompressed layer tar into the store.
 
@@ -128,11 +133,27 @@ def write_layer(
     ``progress(done, total)`` is the byte counter of a long copy: told now and then while
     files of ``METER_MIN_BYTES`` or more in all are written, and ``(total, total)`` at the
     end (``_Meter``); not called for a smaller layer.
+
+    ``shapes``: the directory of :mod:`cache.layers.retar`'s records; a layer of as many
+    members as that module takes is then written from the previous tar of its shape when
+    there is one (its unchanged members copied, the others written as here).
     """
     planned = _plan(entries)
     toc: list[Entry] = []
     total = sum(e.size for _, e in planned if e.type == "file")
     metered = progress is not None and total >= METER_MIN_BYTES
+    if shapes is not None and len(planned) >= _RETAR_MIN:
+        from cache.layers.retar import rewrite
+
+        with _BlobFiles(store) as files:
+            layer = rewrite(
+                planned, store, shapes, _headers, lambda e, h, w: _copy_content(e, h, files, w)
+            )
+        if layer is not None:
+            if metered:
+                assert progress is not None
+                progress(total, total)
+            return layer
     with _BlobFiles(store) as blobs, store.ingest() as ingest:
         w: BlobWriter | _Meter = ingest
         if metered:
