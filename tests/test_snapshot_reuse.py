@@ -385,3 +385,50 @@ def test_the_gc_removes_the_stacks_of_a_directory_taken_over(tmp_path: Path) -> 
     assert ensure_chain(snap, [*below, before, above], ls.open, ls.toc) == old_top
     with shown(snap, old_top, tmp_path / "m2") as r:
         assert (r / "app/src/a/f000.py").read_bytes() == b"print(0)\n"
+
+
+_ROW_KINDS = st.sampled_from(["file", "dir", "symlink", "hardlink"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(_ROW_KINDS, st.integers(0, 3), st.booleans(), st.sampled_from(["", "x"])),
+        min_size=1,
+        max_size=12,
+    ),
+    st.lists(st.tuples(st.integers(0, 11), st.sampled_from(["mode", "digest", "kind", "path", "offset", "xattr"])), max_size=4),
+)
+def test_changes_between_toc_files_is_changes_of_their_entries(
+    rows: list[tuple[str, int, bool, str]], edits: list[tuple[int, str]]
+) -> None:
+    """The TOC-file comparison the take-over uses gives what ``changes`` gives for the
+    entries: the same pairs, or None for the same layers."""
+    from dataclasses import replace
+
+    from cache.layers.toc import dump_toc
+    from cache.snapshots.reuse import changes, changes_between
+
+    def entry(i: int, kind: str, mode: int, big: bool, link: str) -> Entry:
+        return Entry(
+            path=f"p{i}", type=kind, mode=0o644 + mode, size=9 if kind == "file" else 0,  # type: ignore[arg-type]
+            digest="ab" * 32 if kind == "file" else "", link=link or ("p0" if kind in ("symlink", "hardlink") else ""),
+            offset=512 * (i + 1) if kind == "file" else -1,
+            xattrs=(("user.a", b"1"),) if big else (),
+        )  # fmt: skip
+
+    old = [entry(i, k, m, b, ln) for i, (k, m, b, ln) in enumerate(rows)]
+    new = list(old)
+    for i, how in edits:
+        if i >= len(new):
+            continue
+        e = new[i]
+        new[i] = {
+            "mode": replace(e, mode=e.mode ^ 0o100),
+            "digest": replace(e, digest="cd" * 32) if e.type == "file" else e,
+            "kind": replace(e, type="dir" if e.type != "dir" else "file"),
+            "path": replace(e, path=e.path + "-moved"),
+            "offset": replace(e, offset=e.offset + 1024),
+            "xattr": replace(e, xattrs=() if e.xattrs else (("user.b", b"2"),)),
+        }[how]
+    assert changes_between(dump_toc(old), new, dump_toc(new)) == changes(old, new)

@@ -16,6 +16,7 @@ from typing import BinaryIO
 from cache.errors import InvalidInput, NotFound, Unsupported
 from cache.home import USED
 from cache.layers.apply import apply_layer, remove_tree
+from cache.layers.toc import dump_toc
 from cache.layers.tocapply import apply_toc, toc_extractable
 from cache.snapshots.base import Base, lock_fd
 from cache.snapshots.diff import (
@@ -31,7 +32,7 @@ from cache.snapshots.mount import Mount, sys_mount, unmount
 from cache.snapshots.reuse import (
     PATCH_MIN_ENTRIES,
     TOC_FILE,
-    changes,
+    changes_between,
     patch_dir,
     read_record,
     shape_of,
@@ -126,15 +127,19 @@ class OverlaySnapshotter(Base):
             work.mkdir()
             fd = lock_fd(work / "lock", blocking=True)
             shape = None
+            toc_bytes = b""
             try:
                 with open_layer(diff_id) as stream:
                     if toc is not None and toc_extractable(toc) and _has_fd(stream):
                         if len(toc) >= PATCH_MIN_ENTRIES:
                             shape = shape_of(toc, _parents_json(parents))
+                            toc_bytes = dump_toc(toc)  # compared with the donor's, then kept
                         if not (
                             shape is not None
                             and reuse
-                            and self._reuse(shape, name, toc, stream.fileno(), work / "fs")
+                            and self._reuse(
+                                shape, name, toc, stream.fileno(), work / "fs", toc_bytes
+                            )
                         ):
                             apply_toc(
                                 stream,
@@ -155,9 +160,7 @@ class OverlaySnapshotter(Base):
                         )
                 (work / "meta.json").write_text(layer_meta_json(diff_id, parents))
                 if shape is not None and toc is not None:
-                    from cache.layers.toc import dump_toc
-
-                    (work / TOC_FILE).write_bytes(dump_toc(toc))
+                    (work / TOC_FILE).write_bytes(toc_bytes)
                 (work / "lock").unlink()
                 os.rename(work, final)
                 self._pinned.add(name)
@@ -172,7 +175,13 @@ class OverlaySnapshotter(Base):
         return name
 
     def _reuse(
-        self, shape: str, name: str, toc: Sequence[Entry], blob_fd: int, dest: Path
+        self,
+        shape: str,
+        name: str,
+        toc: Sequence[Entry],
+        blob_fd: int,
+        dest: Path,
+        toc_bytes: bytes,
     ) -> bool:
         """Make ``dest`` from the directory of the layer recorded for ``shape`` (moved
         there and patched; see ``cache.snapshots.reuse``); False when there is none to take
@@ -180,7 +189,7 @@ class OverlaySnapshotter(Base):
         donor = read_record(self.shapes_dir / shape)
         if donor is None or donor == name or donor in self._pinned:
             return False
-        pairs = self._take(donor, toc, dest)
+        pairs = self._take(donor, toc, toc_bytes, dest)
         if pairs is None:
             return False
         try:
@@ -191,13 +200,11 @@ class OverlaySnapshotter(Base):
         return True
 
     def _take(
-        self, donor: str, toc: Sequence[Entry], dest: Path
+        self, donor: str, toc: Sequence[Entry], toc_bytes: bytes, dest: Path
     ) -> list[tuple[Entry, Entry]] | None:
         """Move layer directory ``donor``'s files to ``dest`` and forget ``donor``, when
         it can become layer ``toc``'s: the entries to rewrite; None when it cannot be
         taken (missing, being made, shown by a mount, another shape)."""
-        from cache.layers.toc import load_toc
-
         d = self.layers_dir / donor
         made = lock_fd(self.name_lock_path("layer-" + donor), blocking=False)
         if made is None:
@@ -208,10 +215,9 @@ class OverlaySnapshotter(Base):
                 return None
             try:
                 try:
-                    old = load_toc((d / TOC_FILE).read_bytes())
+                    pairs = changes_between((d / TOC_FILE).read_bytes(), toc, toc_bytes)
                 except OSError:
                     return None
-                pairs = changes(old, toc) if old is not None else None
                 if pairs is None or not (d / "fs").is_dir():
                     return None
                 # into our locked work directory whole (``donor`` is gone at once; a crash

@@ -71,6 +71,41 @@ def changes(old: Sequence[Entry], new: Sequence[Entry]) -> list[tuple[Entry, Ent
     return out
 
 
+def changes_between(old_toc: bytes, new: Sequence[Entry], new_toc: bytes) -> list[tuple[Entry, Entry]] | None:
+    """``changes`` of two layers given as their TOC files (``toc.dump_toc``'s bytes; ``new``
+    is the second's entries): rows are compared as they are, and only the rows that differ
+    become entries (reading a 2,208-entry TOC into entries took ~10 ms of the RUN's wait)."""
+    import json
+
+    from cache.layers.toc import TOC_FORMAT, _entries
+
+    try:
+        old_doc, new_doc = json.loads(old_toc), json.loads(new_toc)
+    except ValueError:
+        return None
+    if not (isinstance(old_doc, dict) and old_doc.get("toc") == TOC_FORMAT == new_doc.get("toc")):
+        return None
+    old_rows, new_rows = old_doc.get("entries"), new_doc["entries"]
+    if not isinstance(old_rows, list) or not len(old_rows) == len(new_rows) == len(new):
+        return None
+    out: list[tuple[Entry, Entry]] = []
+    for i, (o, n) in enumerate(zip(old_rows, new_rows, strict=True)):
+        if not isinstance(o, list) or len(o) < 10 or o[0] != n[0] or o[1] != n[1]:
+            return None
+        if n[1] == "hardlink":
+            return None
+        if o[:9] == n[:9] and o[10:] == n[10:]:  # the same but for the data offset
+            continue
+        if n[1] not in ("file", "dir"):
+            return None
+        try:
+            (old,) = _entries([o])
+        except (KeyError, TypeError, ValueError, IndexError):
+            return None
+        out.append((old, new[i]))
+    return out
+
+
 def patch_dir(fs: Path, blob_fd: int, pairs: Sequence[tuple[Entry, Entry]], *, name: str) -> None:
     """Rewrite ``fs`` (the old layer's directory) so it holds the new layer: each pair's
     file bytes from the new layer's tar ``blob_fd`` (checked against the TOC's blake3) and
