@@ -407,15 +407,18 @@ def _epoch(ns: argparse.Namespace) -> int | None:
 
 
 _REPORTER: list[Any] = []  # the running build's progress view, told of a failure by main()
+_RESIDENT: list[bool] = []  # [True] in a child of `lbuild daemon` (``run_resident``)
 
 
 def cmd_build(ns: argparse.Namespace) -> int:
     # The index writer starts first, before this process imports the builder: on a miss its
     # SQLAlchemy import overlaps everything this process does; on a no-op it is stopped
-    # (a few ms here, the rest on the other core).
+    # (a few ms here, the rest on the other core).  A child of the daemon has everything
+    # imported already: it writes the index itself, as the watcher does, instead of
+    # starting an interpreter for the writer.
     from cache.home import start_writer
 
-    writer = start_writer(ns.home)
+    writer = None if _RESIDENT else start_writer(ns.home)
     try:
         from builder.noop import try_fast
         from builder.options import BuildOptions
@@ -443,7 +446,7 @@ def cmd_build(ns: argparse.Namespace) -> int:
         _REPORTER[:] = [reporter]
     from builder.api import build  # a no-op never imports the builder itself
 
-    result = build(opts, reporter, probe, recorder=writer)
+    result = build(opts, reporter, probe, recorder=writer, writer="fast" if _RESIDENT else "auto")
     cliargs.write_result(ns, result)
     return 0
 
@@ -513,7 +516,13 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def _daemon(ns: argparse.Namespace) -> int:
     from builder.daemon import serve
 
-    return serve(ns.socket, run)  # its children run each command line with ``run``
+    return serve(ns.socket, run_resident)  # its children run each command line with it
+
+
+def run_resident() -> None:
+    """``run`` in a child of ``lbuild daemon``."""
+    _RESIDENT[:] = [True]
+    run()
 
 
 def run() -> None:

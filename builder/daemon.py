@@ -92,6 +92,8 @@ PRELOAD = (
     "cache.layers.apply",
     "cache.layers.compress",
     "cache.layers.view",
+    "cache.layers.retar",
+    "cache.remote.spec",
     "cache.snapshots.snapshot",
     "cache.snapshots.overlay",
     "cache.snapshots.reuse",
@@ -99,6 +101,8 @@ PRELOAD = (
     "cache.store.blobs",
     "blake3",
     "isal.igzip",
+    "dockerfile",
+    "csv",
 )
 
 
