@@ -370,6 +370,7 @@ class _Session:
         self.init_pid: int | None = None
         self.exit_code: int | None = None
         self.error: str | None = None
+        self.network_error: LbuildError | None = None
         self.runc_error: str | None = None
         self.slirp: Slirp | None = None
 
@@ -406,6 +407,8 @@ class _Session:
                 writer.join(timeout=5)
         if self.error is not None:
             raise LbuildError(f"RUN sandbox: {self.error}")
+        if self.network_error is not None:
+            raise self.network_error
         if self.runc_error is not None:
             from builder.solve.runc import exec_failure_code
 
@@ -459,12 +462,22 @@ class _Session:
             # The helper is in the sandbox's network namespace: serve it, then let it go on.
             from builder.solve.slirp import Slirp
 
+            # The helper goes on setting up meanwhile and waits for the answer only before
+            # the command starts: if slirp4netns fails because the helper already failed
+            # (and left its namespace), the helper's own error is the one to report.
             try:
                 self.slirp = Slirp(proc.pid, userns=self.idmap is not None)
+            except LbuildError as exc:
+                self.network_error = exc
+                with contextlib.suppress(OSError):
+                    os.write(go_w, b"x")
+                return
             except BaseException:
-                os.write(go_w, b"x")
+                with contextlib.suppress(OSError):
+                    os.write(go_w, b"x")
                 raise
-            os.write(go_w, b"g")
+            with contextlib.suppress(OSError):  # a helper that failed meanwhile has gone
+                os.write(go_w, b"g")
         elif word == "runc-error":
             self.runc_error = rest
         elif word == "ready":

@@ -137,13 +137,16 @@ def _helper_main() -> None:
         if network != "host":
             _loopback_up()
         if network == "default":
-            _wait_go(status, "netns", go_fd)  # the builder starts slirp4netns for our netns
-        os.close(go_fd)
+            # The builder starts slirp4netns for our netns while we mount the root
+            # filesystem; the command starts only once it is there (``ready``).
+            status.write("netns\n")
+            status.flush()
+        ready = _Go(go_fd if network == "default" else None)
         os.chdir("/")
         if payload["runtime"] == "runc":
-            _runc_helper(payload, status)
+            _runc_helper(payload, status, ready)
         else:
-            _builtin_helper(payload, status)
+            _builtin_helper(payload, status, ready)
     except BaseException as exc:
         _report(status, f"error {_one_line(exc)}")
     os._exit(0)
@@ -156,7 +159,31 @@ def _wait_go(status: Any, word: str, go_fd: int) -> None:
         os._exit(1)
 
 
-def _builtin_helper(payload: dict[str, Any], status: Any) -> None:
+class _Go:
+    """The builder's go-ahead for the command, awaited at the last moment (``wait``): the
+    sandbox's network, when it is slirp4netns's, is made while the helper sets up."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def wait(self) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            if os.read(fd, 1) != b"g":
+                os._exit(1)
+        finally:
+            os.close(fd)
+
+    def drop(self) -> None:
+        """Close the descriptor without waiting (a forked child that will not need it)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _builtin_helper(payload: dict[str, Any], status: Any, ready: _Go) -> None:
     """Fork PID 1 (which becomes the command), wait for it, clean its mount points up."""
     alive_r, alive_w = os.pipe()
     stubs_r, stubs_w = os.pipe()
@@ -165,13 +192,14 @@ def _builtin_helper(payload: dict[str, Any], status: Any) -> None:
         try:
             os.close(alive_w)
             os.close(stubs_r)
-            _init_main(payload, status, alive_r, stubs_w)
+            _init_main(payload, status, alive_r, stubs_w, ready)
         except BaseException as exc:
             _report(status, f"error {_one_line(exc)}")
         finally:
             os._exit(255)
     os.close(alive_r)
     os.close(stubs_w)
+    ready.drop()  # PID 1 waits for it
     status.write(f"pid {pid}\n")
     # PID 1 sends the mount points it made after pivot_root (which moved our root too: we
     # share its mount namespace) and closes the pipe by exec.
@@ -187,7 +215,7 @@ def _builtin_helper(payload: dict[str, Any], status: Any) -> None:
     _report(status, f"exit {code}")
 
 
-def _runc_helper(payload: dict[str, Any], status: Any) -> None:
+def _runc_helper(payload: dict[str, Any], status: Any, ready: _Go) -> None:
     """Mount the snapshot, write the bundle, run runc as PID 1 of our new PID namespace."""
     import uuid
 
@@ -225,6 +253,7 @@ def _runc_helper(payload: dict[str, Any], status: Any) -> None:
     pid_file = os.path.join(run_dir, "pid")
     argv = [payload["runc"], "--root", state, "--log", log, "--log-format", "json"]
     argv += ["run", "--detach", "--pid-file", pid_file, "--bundle", bundle, cid]
+    ready.wait()
     reaper = os.fork()
     if reaper == 0:
         code = 255
@@ -534,7 +563,9 @@ def _extra_mount(stubs: _Stubs, bind: dict[str, Any]) -> None:
         sys_mount(None, path, None, MS_REMOUNT | MS_BIND | MS_NODEV | ro, None)
 
 
-def _init_main(payload: dict[str, Any], status: Any, alive_fd: int, stubs_fd: int) -> None:
+def _init_main(
+    payload: dict[str, Any], status: Any, alive_fd: int, stubs_fd: int, ready: _Go
+) -> None:
     """PID 1 of the run's PID namespace: sets up the rootfs, then becomes the command."""
     _die_with_parent(None, alive_fd)
     os.close(alive_fd)
@@ -555,6 +586,7 @@ def _init_main(payload: dict[str, Any], status: Any, alive_fd: int, stubs_fd: in
     _report(status, "ready")
     spec = payload["spec"]
     os.makedirs(spec["cwd"], mode=0o755, exist_ok=True)
+    ready.wait()
     _exec_command(spec, payload, status, seccomp_filter)
 
 
