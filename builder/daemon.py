@@ -376,7 +376,16 @@ class _Server:
                 conn.sendall(b"refused another code\n" if req is not None else b"refused\n")
             conn.close()
             return
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory: the client runs it itself
+            _log(f"cannot fork: {exc.strerror}")
+            for fd in fds:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                conn.sendall(b"refused cannot fork\n")
+            conn.close()
+            return
         if pid == 0:
             _become_command(
                 req,
