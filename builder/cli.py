@@ -414,11 +414,10 @@ def cmd_build(ns: argparse.Namespace) -> int:
     # The index writer starts first, before this process imports the builder: on a miss its
     # SQLAlchemy import overlaps everything this process does; on a no-op it is stopped
     # (a few ms here, the rest on the other core).  A child of the daemon has everything
-    # imported already: it writes the index itself, as the watcher does, instead of
-    # starting an interpreter for the writer.
+    # imported already: its writer is a fork of it, no interpreter to start.
     from cache.home import start_writer
 
-    writer = None if _RESIDENT else start_writer(ns.home)
+    writer = start_writer(ns.home, fork=bool(_RESIDENT))
     try:
         from builder.noop import try_fast
         from builder.options import BuildOptions
@@ -446,7 +445,7 @@ def cmd_build(ns: argparse.Namespace) -> int:
         _REPORTER[:] = [reporter]
     from builder.api import build  # a no-op never imports the builder itself
 
-    result = build(opts, reporter, probe, recorder=writer, writer="fast" if _RESIDENT else "auto")
+    result = build(opts, reporter, probe, recorder=writer)
     cliargs.write_result(ns, result)
     return 0
 

@@ -101,9 +101,10 @@ PRELOAD = (
     "cache.store.blobs",
     "blake3",
     "isal.igzip",
-    "dockerfile",
     "csv",
 )
+# Never ``dockerfile`` (BuildKit's parser): it is Go, and loading it starts the Go runtime's
+# threads, which a fork does not carry over; a command imports it in its own child.
 
 
 def socket_path() -> str | None:
@@ -229,6 +230,11 @@ def serve(path: str | None, run_command: Callable[[], None]) -> int:
             listener.close()
             os.unlink(where)
             raise StoreError(f"the daemon cannot load {name}: {exc}") from exc
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:  # a fork would leave the other threads' locks held in every child
+        listener.close()
+        os.unlink(where)
+        raise StoreError(f"the daemon runs {threads} threads after loading its modules, not 1")
     try:
         return _Server(listener, where, code_fingerprint(), run_command).run()
     finally:

@@ -215,13 +215,16 @@ def lock_home(home: Path, *, exclusive: bool) -> Iterator[int]:
         os.close(fd)
 
 
-def start_writer(home: Path | None) -> Recorder | None:
+def start_writer(home: Path | None, *, fork: bool = False) -> Recorder | None:
     """Start the index writer child for a build in ``home`` ahead of everything else; None
     where a build writes inline (SQLAlchemy already imported: nothing to overlap).  Hand it
-    to ``build(recorder=...)``, or ``abandon()`` it when no build follows."""
+    to ``build(recorder=...)``, or ``abandon()`` it when no build follows.  ``fork``: made by
+    forking this process (``Recorder.fork``: one that has everything imported already)."""
     if "sqlalchemy" in sys.modules:
         return None
     from cache.index.recorder import Recorder
 
     h = Home(ensure_home(home_dir(home)))
+    if fork:
+        return Recorder.fork(h.db, lock=h.lock)
     return Recorder.start(h.db, lock=h.lock)

@@ -122,6 +122,17 @@ def test_a_build_in_the_daemon_is_the_build_in_process(daemon: Daemon, tmp_path:
     assert any(ln.endswith(": exit 0") for ln in daemon.lines())
 
 
+def test_the_daemon_is_one_thread(daemon: Daemon, tmp_path: Path) -> None:
+    """A fork copies only the forking thread: a daemon with another (a library's, such as
+    the Go runtime of BuildKit's parser) would hand every command its locks, held forever.
+    After serving a build it is still one thread."""
+    work = tmp_path / "work"
+    write_files(work / "ctx", CTX)
+    assert cli("build", "ctx", "--home", "home", "-q", sock=daemon.sock, cwd=work).returncode == 0
+    assert len(daemon.ran()) == 1
+    assert os.listdir(f"/proc/{daemon.proc.pid}/task") == [str(daemon.proc.pid)]
+
+
 def test_errors_exit_codes_and_stdin_come_through(daemon: Daemon, tmp_path: Path) -> None:
     work = tmp_path / "work"
     write_files(work / "ctx", CTX)

@@ -474,3 +474,50 @@ def test_a_build_on_a_newer_or_broken_index_fails_in_one_line(tmp_path: Path) ->
         assert p.returncode == 1
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("lbuild: error: ") and words in lines[0]
+
+
+FORKED = """
+import fcntl, os, sys
+sys.path.insert(0, {root!r})
+from cache.index.recorder import Recorder
+from test_recorder import rec, key
+db, lock = sys.argv[1], sys.argv[2]
+r = Recorder.fork(db, lock=lock)
+r.call("put_step", rec(1, diff=11))
+r.call("put_step", rec(2))
+r.sync()
+fd = os.open(lock, os.O_RDWR)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("lock free while the writer runs")
+except BlockingIOError:
+    print("lock held")
+r.close()
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("lock free after close", r._proc.poll())
+a = Recorder.fork(db + "-2")
+a.sync()
+a.abandon()
+print("abandoned", a._proc.poll() is not None)
+"""
+
+
+def test_a_forked_writer_is_the_spawned_one(tmp_path: Path) -> None:
+    """``Recorder.fork`` (a command in ``lbuild daemon``) writes, holds the lock until its
+    last write and stops as the spawned writer does; run in a process of its own (one
+    thread: forking pytest's would risk a lock held by another thread)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    script = FORKED.format(root=str(root))
+    p = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "lbuild.db"), str(tmp_path / "lock")],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": f"{root}:{root / 'tests'}"},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["lock held", "lock free after close 0", "abandoned True"]
+    with Index.open(tmp_path / "lbuild.db") as index:
+        assert index.get_step(key(1)) == rec(1, diff=11)
+        assert index.get_step(key(2)) == rec(2)

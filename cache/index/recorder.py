@@ -95,11 +95,38 @@ class Writes(Protocol):
     def abandon(self) -> None: ...
 
 
+class _Forked:
+    """What ``Recorder`` uses of a ``subprocess.Popen`` (its pipes, ``kill``, ``wait``), for a
+    writer made by ``Recorder.fork``."""
+
+    def __init__(self, pid: int, stdin: IO[bytes], stdout: IO[bytes]) -> None:
+        self.pid, self.stdin, self.stdout = pid, stdin, stdout
+        self.returncode: int | None = None
+
+    def kill(self) -> None:
+        import signal
+
+        os.kill(self.pid, signal.SIGKILL)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
 class Recorder:
     """The parent's end: send writes, ask whether they all succeeded, wait for the child."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        """Wrap a started child; use ``Recorder.start``."""
+    def __init__(self, proc: subprocess.Popen[bytes] | _Forked) -> None:
+        """Wrap a started child; use ``Recorder.start`` or ``Recorder.fork``."""
         self._proc = proc
         assert proc.stdin is not None and proc.stdout is not None
         self._in: IO[bytes] = proc.stdin
@@ -148,6 +175,40 @@ class Recorder:
         except OSError as e:
             raise StoreError(f"cannot start the cache index writer: {e.strerror or e}") from e
         rec = cls(proc)
+        rec._grow_pipe()
+        return rec
+
+    @classmethod
+    def fork(
+        cls, db: str | os.PathLike[str], *, lock: str | os.PathLike[str] | None = None
+    ) -> Recorder:
+        """``start``'s child made by ``fork`` alone, for a process that has imported all the
+        writer needs and runs no thread yet (a command in ``lbuild daemon``): no interpreter
+        to start, and the writes still happen beside the build, not on its threads."""
+        import signal
+
+        r_in, w_in = os.pipe()
+        r_out, w_out = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            for fd in (r_in, w_in, r_out, w_out):
+                os.close(fd)
+            raise StoreError(f"cannot start the cache index writer: {e.strerror or e}") from e
+        if pid == 0:  # the writer
+            try:
+                os.setsid()
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.dup2(r_in, 0)
+                os.dup2(w_out, 1)
+                for fd in (r_in, w_in, r_out, w_out):
+                    os.close(fd)
+                main([os.fspath(db), *(["--lock", os.fspath(lock)] if lock is not None else [])])
+            finally:
+                os._exit(1)
+        os.close(r_in)
+        os.close(w_out)
+        rec = cls(_Forked(pid, os.fdopen(w_in, "wb"), os.fdopen(r_out, "rb")))
         rec._grow_pipe()
         return rec
 
