@@ -182,29 +182,45 @@ def _delegate(s: socket.socket, argv: list[str], cwd: str, fds: list[int]) -> in
             "code": code_fingerprint(),
         }
     ).encode()
+    # From here Ctrl-C belongs to the command: held until its pid is known, then passed on.
+    target: list[int] = []
+    pending: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if not target:
+            pending.append(signum)
+            return
+        with contextlib.suppress(OSError):
+            os.kill(target[0], signum)
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {sig: signal.signal(sig, forward) for sig in handled}
     try:
         socket.send_fds(s, [len(body).to_bytes(_HEADER, "big")], fds)
         s.sendall(body)
         replies = s.makefile("rb")
         first = replies.readline()
-    except OSError:
+        pid = int(first[4:]) if first.startswith(b"pid ") else None
+    except (OSError, ValueError):
+        pid = None
+    if pid is None:  # refused (another code), or a daemon going away: nothing ran
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        if pending:  # interrupted before anything ran
+            print("lbuild: interrupted", file=sys.stderr)
+            return 130
         return None
-    if not first.startswith(b"pid "):
-        return None  # refused (another code), or a daemon going away: nothing ran
-    pid = int(first[4:])
-
-    def forward(signum: int, _frame: object) -> None:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
+    target.append(pid)
+    for signum in pending:
+        forward(signum, None)
     try:
         last = replies.readline()
-    except OSError:
-        last = b""
-    if last.startswith(b"exit "):
-        return int(last[5:])
+        return int(last[5:]) if last.startswith(b"exit ") else _gone()
+    except (OSError, ValueError):
+        return _gone()
+
+
+def _gone() -> int:
     print("lbuild: error: the lbuild daemon stopped before the command ended", file=sys.stderr)
     return 1
 
