@@ -142,6 +142,8 @@ def _helper_main() -> None:
             status.write("netns\n")
             status.flush()
         ready = _Go(go_fd if network == "default" else None)
+        if network != "default":
+            os.close(go_fd)
         os.chdir("/")
         if payload["runtime"] == "runc":
             _runc_helper(payload, status, ready)
