@@ -33,7 +33,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import json
 import os
 import queue
 import threading
@@ -44,7 +43,7 @@ from typing import Any
 
 from cache.errors import CorruptBlob, LbuildError
 from cache.layers.tarfmt import _BLOCK, _MAX_OCTAL_8, _MAX_OCTAL_12, _ZERO_BLOCK, TAR_WRITER_VERSION
-from cache.layers.toc import TOC_FORMAT
+from cache.layers.toc import row_entry, toc_rows
 from cache.store.contract import ContentStore
 from cache.types import Digest, Entry, LayerInfo, sha256_digest
 
@@ -122,14 +121,8 @@ def _previous(store: ContentStore, records: Path, shape: str) -> tuple[Digest, l
         return None
     if sha256_digest(hashlib.sha256(data).hexdigest()) != toc_digest:
         return None
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        return None
-    if not isinstance(doc, dict) or doc.get("toc") != TOC_FORMAT:
-        return None
-    rows = doc.get("entries")
-    return (diff_id, rows) if isinstance(rows, list) else None
+    rows = toc_rows(data)
+    return (diff_id, rows) if rows is not None else None
 
 
 def _same(e: Entry, row: Any) -> bool:
@@ -158,12 +151,10 @@ def _same(e: Entry, row: Any) -> bool:
 
 def _old_entry(row: list[Any]) -> Entry:
     """The entry a TOC row describes (only for the header length of a changed member)."""
-    from cache.layers.toc import _entries
-
-    try:
-        return _entries([row])[0]
-    except (KeyError, TypeError, ValueError, IndexError):
-        raise _Stale("a damaged TOC row") from None
+    entry = row_entry(row)
+    if entry is None:
+        raise _Stale("a damaged TOC row")
+    return entry
 
 
 def _header_len(name: str, e: Entry, headers: Callable[[str, Entry], bytes]) -> int:

@@ -43,16 +43,37 @@ def dump_toc(toc: Sequence[Entry]) -> bytes:
 
 def load_toc(data: bytes) -> tuple[Entry, ...] | None:
     """The TOC in ``data``, or None when it is not a TOC blob of this format."""
+    rows = toc_rows(data)
+    if rows is None:
+        return None
+    try:
+        return _entries(rows)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None  # damaged: the caller reads the tar instead
+
+
+def toc_rows(data: bytes) -> list[Any] | None:
+    """The rows of a TOC blob of this format as ``dump_toc`` wrote them, not yet checked
+    (``row_entry`` checks one); None when ``data`` is not one.  For callers that compare
+    rows and turn only a few of them into entries."""
     try:
         doc = json.loads(data)
     except ValueError:
         return None
     if not isinstance(doc, dict) or doc.get("toc") != TOC_FORMAT:
         return None
+    rows = doc.get("entries")
+    return rows if isinstance(rows, list) else None
+
+
+def row_entry(row: Any) -> Entry | None:
+    """One row of ``toc_rows`` as an entry, checked as ``load_toc`` checks it; None when it
+    is damaged."""
     try:
-        return _entries(doc["entries"])
+        (entry,) = _entries([row])
     except (KeyError, TypeError, ValueError, IndexError):
-        return None  # damaged: the caller reads the tar instead
+        return None
+    return entry
 
 
 _KINDS = frozenset(get_args(EntryType))

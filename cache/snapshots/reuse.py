@@ -75,18 +75,10 @@ def changes_between(old_toc: bytes, new: Sequence[Entry], new_toc: bytes) -> lis
     """``changes`` of two layers given as their TOC files (``toc.dump_toc``'s bytes; ``new``
     is the second's entries): rows are compared as they are, and only the rows that differ
     become entries (reading a 2,208-entry TOC into entries took ~10 ms of the RUN's wait)."""
-    import json
+    from cache.layers.toc import row_entry, toc_rows
 
-    from cache.layers.toc import TOC_FORMAT, _entries
-
-    try:
-        old_doc, new_doc = json.loads(old_toc), json.loads(new_toc)
-    except ValueError:
-        return None
-    if not (isinstance(old_doc, dict) and old_doc.get("toc") == TOC_FORMAT == new_doc.get("toc")):
-        return None
-    old_rows, new_rows = old_doc.get("entries"), new_doc["entries"]
-    if not isinstance(old_rows, list) or not len(old_rows) == len(new_rows) == len(new):
+    old_rows, new_rows = toc_rows(old_toc), toc_rows(new_toc)
+    if old_rows is None or new_rows is None or not len(old_rows) == len(new_rows) == len(new):
         return None
     out: list[tuple[Entry, Entry]] = []
     for i, (o, n) in enumerate(zip(old_rows, new_rows, strict=True)):
@@ -98,9 +90,8 @@ def changes_between(old_toc: bytes, new: Sequence[Entry], new_toc: bytes) -> lis
             continue
         if n[1] not in ("file", "dir"):
             return None
-        try:
-            (old,) = _entries([o])
-        except (KeyError, TypeError, ValueError, IndexError):
+        old = row_entry(o)
+        if old is None:
             return None
         out.append((old, new[i]))
     return out
