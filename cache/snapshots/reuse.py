@@ -49,32 +49,12 @@ def shape_of(toc: Sequence[Entry], parents_json: str) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(e: Entry) -> tuple[object, ...]:
-    return (e.mode, e.uid, e.gid, e.size, e.digest, e.link, e.mtime, e.devmajor, e.devminor,
-            e.xattrs)  # fmt: skip
-
-
-def changes(old: Sequence[Entry], new: Sequence[Entry]) -> list[tuple[Entry, Entry]] | None:
-    """The (old, new) pairs that differ, or None when ``old``'s directory cannot become
-    ``new``'s in place (see the module docstring)."""
-    if len(old) != len(new):
-        return None
-    out: list[tuple[Entry, Entry]] = []
-    for o, n in zip(old, new, strict=True):
-        if o.path != n.path or o.type != n.type or n.type == "hardlink":
-            return None
-        if _fingerprint(o) == _fingerprint(n):
-            continue
-        if n.type not in ("file", "dir"):
-            return None
-        out.append((o, n))
-    return out
-
-
 def changes_between(old_toc: bytes, new: Sequence[Entry], new_toc: bytes) -> list[tuple[Entry, Entry]] | None:
-    """``changes`` of two layers given as their TOC files (``toc.dump_toc``'s bytes; ``new``
-    is the second's entries): rows are compared as they are, and only the rows that differ
-    become entries (reading a 2,208-entry TOC into entries took ~10 ms of the RUN's wait)."""
+    """The (old, new) entries that differ between two layers given as their TOC files
+    (``toc.dump_toc``'s bytes; ``new`` is the second's entries), or None when the first's
+    directory cannot become the second's in place (see the module docstring).  Rows are
+    compared as they are (the data offset aside) and only the rows that differ become
+    entries: reading a 2,208-entry TOC into entries took ~10 ms of the RUN's wait."""
     from cache.layers.toc import row_entry, toc_rows
 
     old_rows, new_rows = toc_rows(old_toc), toc_rows(new_toc)
