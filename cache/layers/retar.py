@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from cache.errors import CorruptBlob, LbuildError
-from cache.layers.tarfmt import _BLOCK, _MAX_OCTAL_8, _MAX_OCTAL_12, _ZERO_BLOCK, TAR_WRITER_VERSION
+from cache.layers.tarfmt import _BLOCK, _ZERO_BLOCK, TAR_WRITER_VERSION
 from cache.layers.toc import row_entry, toc_rows
 from cache.store.contract import ContentStore
 from cache.types import Digest, Entry, LayerInfo, sha256_digest
@@ -157,26 +157,10 @@ def _old_entry(row: list[Any]) -> Entry:
     return entry
 
 
-def _header_len(name: str, e: Entry, headers: Callable[[str, Entry], bytes]) -> int:
-    """The length of ``headers(name, e)``: one block when ustar holds it all."""
-    if (
-        len(name) <= 100
-        and name.isascii()
-        and not e.xattrs
-        and (not e.link or (len(e.link) <= 100 and e.link.isascii()))
-        and 0 <= e.uid < _MAX_OCTAL_8
-        and 0 <= e.gid < _MAX_OCTAL_8
-        and 0 <= e.size < _MAX_OCTAL_12
-        and 0 <= e.mtime < _MAX_OCTAL_12
-    ):
-        return _BLOCK
-    return len(headers(name, e))
-
-
 def _plan_pieces(
     planned: Sequence[tuple[str, Entry]],
     rows: list[Any],
-    headers: Callable[[str, Entry], bytes],
+    header_len: Callable[[str, Entry], int],
 ) -> tuple[list[_Piece], list[int], int] | None:
     """Runs of unchanged members (their byte ranges in the previous tar) and the members
     written anew, each member's header length in the new tar, and the previous tar's
@@ -190,8 +174,8 @@ def _plan_pieces(
         if not isinstance(row, list) or len(row) < 10 or row[0] != e.path or row[1] != e.type:
             raise _Stale("another shape")
         same = _same(e, row)
-        hl = _header_len(name, e, headers)
-        old_hl = hl if same else _header_len(name, _old_entry(row), headers)
+        hl = header_len(name, e)
+        old_hl = hl if same else header_len(name, _old_entry(row))
         lengths.append(hl)
         if e.type == "file":
             offset, size = row[9], row[5]
@@ -217,14 +201,16 @@ def rewrite(
     store: ContentStore,
     records: Path,
     headers: Callable[[str, Entry], bytes],
+    header_len: Callable[[str, Entry], int],
     write_member: Callable[[Entry, bytes, Any], str],
 ) -> LayerInfo | None:
     """The layer of ``planned`` (``tar._plan``'s members) written from the previous tar of
     its shape; None when there is none to use (the caller writes it from its sources).
 
-    ``headers(name, entry)`` gives a member's header bytes and ``write_member(entry,
-    header, writer)`` writes a regular file's member from its source, returning its blake3
-    (``tar._headers`` and ``tar._copy_content``)."""
+    ``headers(name, entry)`` gives a member's header bytes, ``header_len`` their length
+    and ``write_member(entry, header, writer)`` writes a regular file's member from its
+    source, returning its blake3 (``tar._headers``, ``tar._header_len`` and
+    ``tar._copy_content``)."""
     entries = [e for _, e in planned]
     prev = _previous(store, records, shape_of(entries))
     if prev is None:
@@ -233,7 +219,7 @@ def rewrite(
     if len(rows) != len(planned):
         return None
     try:
-        plan = _plan_pieces(planned, rows, headers)
+        plan = _plan_pieces(planned, rows, header_len)
         if plan is None:
             return None
         pieces, lengths, old_size = plan

@@ -147,7 +147,12 @@ def write_layer(
 
         with _BlobFiles(store) as files:
             layer = rewrite(
-                planned, store, shapes, _headers, lambda e, h, w: _copy_content(e, h, files, w)
+                planned,
+                store,
+                shapes,
+                _headers,
+                _header_len,
+                lambda e, h, w: _copy_content(e, h, files, w),
             )
         if layer is not None:
             if metered:
@@ -397,6 +402,23 @@ def _headers(name: str, e: Entry) -> bytes:
     pax_numbers = _NUMBERS % (0o644, 0, 0, len(records), 0)
     pax_header = _ustar(_PAX_NAME, pax_numbers, b"x", b"", _ZERO_DEVS)
     return pax_header + records + bytes(-len(records) % _BLOCK) + header
+
+
+def _header_len(name: str, e: Entry) -> int:
+    """``len(_headers(name, e))`` without making it when ustar holds everything (one block;
+    the same tests as ``_headers``' for a PAX header: name, link, numbers, xattrs)."""
+    if (
+        len(name) <= 100
+        and name.isascii()
+        and not e.xattrs
+        and (not e.link or (len(e.link) <= 100 and e.link.isascii()))
+        and 0 <= e.uid < _MAX_OCTAL_8
+        and 0 <= e.gid < _MAX_OCTAL_8
+        and 0 <= e.size < _MAX_OCTAL_12
+        and 0 <= e.mtime < _MAX_OCTAL_12
+    ):
+        return _BLOCK
+    return len(_headers(name, e))
 
 
 def _pax_number(pax: dict[str, bytes], key: str, value: int, limit: int) -> int:
