@@ -540,10 +540,9 @@ def run() -> None:
     gc.set_threshold(100_000, 50, 50)
     signal.signal(signal.SIGTERM, _on_sigterm)  # `watch` installs its own
     code = main()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(code)
+    from builder.daemon import exit_now
+
+    exit_now(code)
 
 
 def _failed(message: str, code: int, err: BaseException | None = None) -> None:

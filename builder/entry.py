@@ -6,14 +6,12 @@ serves this code (``builder.daemon``), else run it in this process (``builder.cl
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 
 
 def main() -> None:
     """Run the ``lbuild`` command line: in the daemon when one serves it, else here."""
-    from builder.daemon import delegate
+    from builder.daemon import delegate, exit_now
 
     code = delegate(sys.argv[1:])
     if code is None:
@@ -21,7 +19,4 @@ def main() -> None:
 
         run()
         return
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(code)
+    exit_now(code)
