@@ -11,7 +11,7 @@ from typing import BinaryIO
 
 from cache.errors import AlreadyExists, InvalidInput
 from cache.layers.apply import apply_layer, layer_parents
-from cache.layers.view import View
+from cache.layers.view import View, Views
 from cache.snapshots.base import LayerStacks, Snapshotter
 from cache.types import Digest, Entry, sha256_digest
 
@@ -45,8 +45,9 @@ def ensure_chain(
     the same shape (``reuse``, ``cache.snapshots.reuse``).  ``toc`` gives a layer's table of contents:
     with it, the directories a layer does not carry get the metadata the layers below give
     them (without it, 0755 root); ``views`` gives the merged view of a prefix of the chain
-when the caller keeps them (``cache.layers.view.Views``).  Another process doing the same at once is fine: per-name
-    locks serialise the work and "already exists" counts as success.
+    when the caller keeps them (``cache.layers.view.Views``; without it, views made here).
+    Another process doing the same at once is fine: per-name locks serialise the work and
+    "already exists" counts as success.
     """
     if not diff_ids:
         raise InvalidInput("ensure_chain needs at least one layer")
@@ -86,22 +87,14 @@ def _ensure_stacks(
     have = 0
     while have < len(names) and stacks.has_stack(names[have]):
         have += 1
-    view: View | None = None
-    applied = 0  # layers in ``view``
+    if views is None and toc is not None:
+        views = Views(toc).of
     for i in range(have, len(names)):
         parents: dict[str, Entry | None] = {}
         entries: Sequence[Entry] | None = None
         if toc is not None and views is not None:
             entries = toc(diff_ids[i])
             parents = layer_parents(entries, views(diff_ids[:i]).get)
-        elif toc is not None:
-            if view is None:
-                view = View()
-            while applied < i:
-                view.apply(toc(diff_ids[applied]), diff_ids[applied])
-                applied += 1
-            entries = toc(diff_ids[i])
-            parents = layer_parents(entries, view.get)
         layer = stacks.ensure_layer(diff_ids[i], parents, open_layer, entries, reuse=reuse)
         stacks.commit_stack(names[i], names[i - 1] if i else None, layer)
     return names[-1]
