@@ -89,10 +89,17 @@ def run(cmd: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None 
     return Measure(seconds, 0.0, out.decode(errors="replace"))
 
 
+SETTLE = False
+"""``run_rss`` syncs before each command: no timed build pays for a previous one's writeback."""
+
+
 def run_rss(
     cmd: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> Measure:
-    """Run ``cmd`` and read its own peak RSS with os.wait4 (not the max over all children)."""
+    """Run ``cmd`` and read its own peak RSS with os.wait4 (not the max over all children).
+    With ``SETTLE``, what earlier commands wrote is flushed first (``sync``, untimed)."""
+    if SETTLE:
+        os.sync()
     with tempfile.TemporaryFile() as log:
         t0 = time.perf_counter()
         p = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)

@@ -47,6 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import cache_bench
 from cache_bench import (
     BenchError,
     Buildah,
@@ -216,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--daemon", action="store_true",
                     help="also time each lbuild build through `lbuild daemon` (rows 'lbuild (daemon)')")  # fmt: skip
+    ap.add_argument("--settle", action="store_true",
+                    help="sync (untimed) before every timed build of every builder")  # fmt: skip
     a = ap.parse_args(argv)
+    cache_bench.SETTLE = a.settle
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="lbuild-runbench-"))
     s = generate(work / "scn")
