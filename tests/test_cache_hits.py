@@ -322,6 +322,25 @@ def test_rebuild_in_place_hits_everything(tmp_path: Path) -> None:
     assert len(done) == a.events[-1]["steps"] and all(e["cached"] for e in done)
 
 
+def test_a_step_record_holds_the_inputs_its_key_hashes(tmp_path: Path) -> None:
+    """Every step record keeps the canonical JSON its key is the blake3 of (the planner's own
+    bytes, not a second encoding): a record can be checked against its key, and ``why``
+    reads the same inputs."""
+    import sqlite3
+
+    import blake3
+
+    make_context(tmp_path / "ctx")
+    assert build_inproc(tmp_path / "ctx", tmp_path / "home", tmp_path / "a").rc == 0
+    with contextlib.closing(sqlite3.connect(tmp_path / "home" / "lbuild.db")) as db:
+        rows = db.execute("SELECT key, inputs FROM steps").fetchall()
+    steps = [(k, json.loads(i)) for k, i in rows]
+    copies = [(k, i) for k, i in steps if i.get("op") in ("COPY", "ADD")]
+    assert any(i.get("sources") for _, i in copies)  # a COPY from the context: every file
+    for key, inputs in [(k, i) for k, i in rows if json.loads(i).get("op") != "LAYER"]:
+        assert blake3.blake3(inputs.encode()).hexdigest() == key
+
+
 @pytest.mark.slow
 def test_stat_index_sees_edits_that_keep_size_and_mtime(tmp_path: Path) -> None:
     """With every file old enough to be in the stat index, edits that keep size and mtime

@@ -63,6 +63,9 @@ class Step:
     state: ImageState | None = None  # config state before this step (after, for base/end)
     key: StepKey = StepKey("")  # noqa: RUF009 (a NewType call, not a mutable default)
     inputs: dict[str, Any] = field(default_factory=dict)
+    # ``canonical(inputs)``: what ``key`` hashes, kept for the step's record (a COPY's inputs
+    # list every file: encoding them a second time for the index cost ~5 ms of an edit)
+    inputs_json: bytes = b""
     line: int = 0
 
 

@@ -35,9 +35,15 @@ def with_format(inputs: dict[str, Any]) -> dict[str, Any]:
 
 def step_key(inputs: dict[str, Any]) -> StepKey:
     """The key of a step whose canonical inputs are ``inputs`` (the format version is added)."""
+    return key_of(canonical(with_format(inputs)))
+
+
+def key_of(canonical_inputs: bytes) -> StepKey:
+    """The key of a step whose inputs, with the format version, encode to ``canonical_inputs``
+    (``canonical(with_format(inputs))``)."""
     import blake3
 
-    return StepKey(blake3.blake3(canonical(with_format(inputs))).hexdigest())
+    return StepKey(blake3.blake3(canonical_inputs).hexdigest())
 
 
 def layer_content_key(entries: Iterable[Entry]) -> StepKey | None:

@@ -38,7 +38,7 @@ from builder.plan.dag import (
     step_name,
 )
 from builder.plan.imageconfig import ImageState, apply_config, join_workdir
-from builder.plan.keys import step_key, with_format
+from builder.plan.keys import canonical, key_of, step_key, with_format
 from cache.errors import InvalidInput, LbuildError, NotFound
 
 
@@ -273,7 +273,8 @@ class _Planner:
                 )
             inputs["parent"] = parent_key
         st.inputs = with_format(inputs)
-        st.key = step_key(inputs)
+        st.inputs_json = canonical(st.inputs)
+        st.key = key_of(st.inputs_json)
         return st, deps
 
     def _copy(

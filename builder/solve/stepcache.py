@@ -60,7 +60,7 @@ class IndexCache:
         key: StepKey,
         layer: LayerInfo | None,
         toc_digest: Digest | None,
-        inputs: dict[str, Any],
+        inputs: str,
         site: Site,
         seconds: float,
     ) -> None:
@@ -74,7 +74,7 @@ class IndexCache:
                 layer_size=layer.size if layer else 0,
                 toc_digest=toc_digest if layer else None,
                 config_delta="{}",
-                inputs=json.dumps(inputs, sort_keys=True),
+                inputs=inputs,
                 dockerfile_id=site.dockerfile_id,
                 stage=site.stage,
                 position=site.position,
@@ -119,7 +119,9 @@ class IndexCache:
     def record(
         self, step: Step, layer: LayerInfo | None, seconds: float, toc_digest: Digest | None
     ) -> None:
-        self._put(step.key, layer, toc_digest, step.inputs, self._site(step), seconds)
+        # the canonical JSON the key was computed over (the planner's), else encoded here
+        inputs = step.inputs_json.decode() if step.inputs_json else json.dumps(step.inputs, sort_keys=True)
+        self._put(step.key, layer, toc_digest, inputs, self._site(step), seconds)
 
     def _file_imported(self) -> None:
         store = self.session.store
@@ -146,7 +148,7 @@ class IndexCache:
         self, content_key: StepKey, layer: LayerInfo, toc_digest: Digest | None
     ) -> None:
         """Record a layer under its content key (a step record at no Dockerfile site)."""
-        self._put(content_key, layer, toc_digest, {"op": LAYER_OP}, _layer_site(), 0.0)
+        self._put(content_key, layer, toc_digest, json.dumps({"op": LAYER_OP}), _layer_site(), 0.0)
 
     def flush(self) -> None:
         """Write the hits of this build (last used, hit count, site) in one transaction, and
