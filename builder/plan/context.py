@@ -31,6 +31,7 @@ from builder.frontend.dockerignore import (
 )
 from builder.plan.listing import list_dir
 from cache.errors import InvalidInput, LbuildError, NotFound
+from cache.types import direct_init
 
 ContextFileType = Literal["file", "dir", "symlink", "fifo"]
 
@@ -42,6 +43,7 @@ _SKIPPED_XATTRS = frozenset({"security.selinux"})
 _MAX_SYMLINK_HOPS = 40  # as Linux's MAXSYMLINKS: a loop fails instead of spinning
 
 
+@direct_init
 @dataclass(frozen=True)
 class ContextFile:
     """One path of the build context as COPY/ADD sees it.

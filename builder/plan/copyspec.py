@@ -18,9 +18,10 @@ from typing import Any
 
 from cache.errors import InvalidInput, NotFound
 from cache.layers.view import View, clean
-from cache.types import Entry
+from cache.types import Entry, direct_init
 
 
+@direct_init
 @dataclass(frozen=True)
 class Item:
     """One file below a selected source; ``rel`` is relative to the source ('' = the source itself)."""

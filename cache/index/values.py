@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from cache.types import Digest, StepKey
+from cache.types import Digest, StepKey, direct_init
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ class BuildRecord:
     id: int = 0
 
 
+@direct_init
 @dataclass(frozen=True)
 class StatEntry:
     """A stat-index row: a file's stat tuple when it was hashed, and its blake3 hex.
