@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from builder.frontend.dockerignore import (
     IgnoreRules,
+    Pattern,
     PatternSyntaxError,
     compile_segment,
     go_clean,
@@ -325,3 +326,43 @@ def test_load_ignore_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / ".dockerignore").mkdir()
     with pytest.raises(InvalidInput, match="Is a directory"):
         load_ignore(tmp_path, tmp_path / "Dockerfile")
+
+
+_segment = st.text(alphabet="ab.*?[]!/\\py", min_size=1, max_size=6)
+_path = st.lists(st.text(alphabet="ab.cpy", min_size=1, max_size=5), min_size=1, max_size=4).map(
+    "/".join
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    texts=st.lists(
+        st.one_of(_segment, _segment.map(lambda s: "**/*" + s), st.sampled_from(["**/*.pyc"])),
+        min_size=1,
+        max_size=4,
+    ),
+    negate=st.lists(st.booleans(), min_size=4, max_size=4),
+    paths=st.lists(_path, min_size=1, max_size=8),
+)
+def test_the_walkers_matchers_agree_with_match(
+    texts: list[str], negate: list[bool], paths: list[str]
+) -> None:
+    """What a walk uses (each pattern's ``test``, made once; ``**/*LITERAL`` as a suffix test;
+    ``child_state``/``excluded_by``) answers as ``Pattern.matches`` and the rule "the last
+    matching pattern decides" do."""
+    pats = []
+    for text, neg in zip(texts, negate, strict=False):
+        try:
+            pats.append(Pattern.compile(text, exclusion=neg))
+        except PatternSyntaxError:
+            continue
+    rules = IgnoreRules(tuple(pats))
+    for rel in paths:
+        for p in pats:
+            assert p.test is not None and p.test(rel) == p.matches(rel)
+        parent = rel.rpartition("/")[0]
+        above = rules.state(parent) if parent else (False,) * len(pats)
+        state = rules.child_state(above, rel)
+        assert state == tuple(p.matches_or_parent(rel) for p in pats)
+        last = [p for p, m in zip(pats, state, strict=True) if m]
+        assert rules.excluded_by(state) == (bool(last) and not last[-1].exclusion)

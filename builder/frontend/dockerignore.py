@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -200,12 +201,16 @@ class Pattern:
     kind: MatchKind = field(default="exact", compare=False, repr=False)
     regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
     segments: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    # ``matches`` as one callable made once (a walk asks every pattern about every path)
+    test: Callable[[str], bool] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def compile(cls, text: str, *, exclusion: bool = False, line: int = 0) -> Pattern:
         """Build a Pattern from a cleaned pattern text; PatternSyntaxError when malformed."""
         kind, literal, regex = _compile_pattern(text)
-        return cls(literal, exclusion, line, kind, regex, tuple(text.split("/")))
+        p = cls(literal, exclusion, line, kind, regex, tuple(text.split("/")))
+        object.__setattr__(p, "test", _tester(p))
+        return p
 
     def matches(self, rel: str) -> bool:
         """Return True when this pattern matches ``rel`` itself (parents are not considered)."""
@@ -247,11 +252,41 @@ class Pattern:
         return True
 
 
+_ANY_DIR_SUFFIX = re.compile(r"\*\*/\*([^*?\[\\/]+)")
+"""``**/*LITERAL`` (``**/*.pyc``): a path whose last segment ends with LITERAL."""
+
+
+def _tester(p: Pattern) -> Callable[[str], bool]:
+    """``p.matches`` as a callable that does not ask ``p.kind`` each time."""
+    if p.kind == "exact":
+        text = p.text
+        return lambda rel: rel == text
+    if p.kind == "prefix":
+        head = p.text[:-2]
+        return lambda rel: rel.startswith(head)
+    if p.kind == "regex":
+        m = _ANY_DIR_SUFFIX.fullmatch(p.text)
+        if m is not None:  # the regex is (?:.*/)?[^/]*LITERAL: LITERAL holds no "/"
+            tail = m.group(1)
+            return lambda rel: rel.endswith(tail)
+        assert p.regex is not None
+        match = p.regex.match
+        return lambda rel: match(rel) is not None
+    return p.matches
+
+
 @dataclass(frozen=True)
 class IgnoreRules:
     """The patterns of one .dockerignore file, in file order; decides which context paths are excluded."""
 
     patterns: tuple[Pattern, ...] = ()
+    # made once from ``patterns`` (a walk asks about every path, twice per build)
+    _tests: tuple[Callable[[str], bool], ...] = field(init=False, compare=False, repr=False)
+    _has_exclusions: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_tests", tuple(p.test or p.matches for p in self.patterns))
+        object.__setattr__(self, "_has_exclusions", any(p.exclusion for p in self.patterns))
 
     # A walker's fast path: the *match state* of a path is, per pattern, whether the pattern
     # matches the path or a parent.  A child's state follows from its parent's with one match
@@ -263,10 +298,12 @@ class IgnoreRules:
 
     def child_state(self, parent: tuple[bool, ...], rel: str) -> tuple[bool, ...]:
         """The match state of ``rel`` given the match state of its parent directory."""
-        return tuple(m or p.matches(rel) for m, p in zip(parent, self.patterns, strict=True))
+        return tuple([m or t(rel) for m, t in zip(parent, self._tests, strict=True)])
 
     def excluded_by(self, state: tuple[bool, ...]) -> bool:
         """Whether a path with this match state is excluded: the last matching pattern decides."""
+        if not self._has_exclusions:
+            return True in state
         for matched, pattern in zip(reversed(state), reversed(self.patterns), strict=True):
             if matched:
                 return not pattern.exclusion
