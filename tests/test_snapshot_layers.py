@@ -59,6 +59,24 @@ class Layers:
         self.tocs[info.diff_id] = info.toc
         return info.diff_id
 
+    def add_tar(self, *dirs: tuple[str, int]) -> Digest:
+        """A layer of directories written by tarfile (a root entry, ``./``, included)."""
+        import io
+        import tarfile
+
+        from cache.layers.compress import import_layer
+
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            for name, mode in dirs:
+                ti = tarfile.TarInfo(name)
+                ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, mode, T
+                tf.addfile(ti)
+        buf.seek(0)
+        info = import_layer(self.store, buf, "application/vnd.oci.image.layer.v1.tar")
+        self.tocs[info.diff_id] = info.toc
+        return info.diff_id
+
     def open(self, diff_id: Digest) -> BinaryIO:
         self.opened.append(diff_id)
         return self.store.open(diff_id)
@@ -127,6 +145,36 @@ def test_a_layer_on_other_parent_directories_is_its_own_directory(tmp_path: Path
             modes.append(stat.S_IMODE(os.lstat(r / "tmp").st_mode))
     assert modes == [0o1777, 0o700]
     assert len(list((tmp_path / "snaps/layers").iterdir())) == 4
+
+
+def test_a_layer_carrying_its_parents_is_one_directory_on_any_layers(tmp_path: Path) -> None:
+    """A layer that carries every parent directory of its entries (a COPY's) makes the same
+    directory whatever is below it (the root's metadata never enters a layer directory):
+    chains on other roots share it, and the view of the layers below is not made for it."""
+    ls = Layers(tmp_path)
+    snap = OverlaySnapshotter(tmp_path / "snaps")
+    carried = ls.add(d("app", 0o750), f("app/x", b"x\n"))
+    roots = [ls.add_tar(("./", 0o755), ("tmp/", 0o1777)), ls.add_tar(("./", 0o700), ("app/", 0o755))]
+    # bases that carry a root of their own, each another
+    assert [(ls.toc(r)[0].type, ls.toc(r)[0].mode) for r in roots] == [("dir", 0o755), ("dir", 0o700)]
+    asked: list[int] = []
+
+    def views(below: object) -> object:
+        asked.append(len(below))  # type: ignore[arg-type]
+        raise AssertionError("the layers below were looked at")
+
+    tops = [ensure_chain(snap, [r], ls.open, ls.toc) for r in roots]
+    ls.opened.clear()
+    tops = [
+        ensure_chain(snap, [r, carried], ls.open, ls.toc, views=views)  # type: ignore[arg-type]
+        for r in roots
+    ]
+    assert ls.opened == [carried] and not asked  # made once, shared by both chains
+    assert len(list((tmp_path / "snaps/layers").iterdir())) == 3
+    for i, top in enumerate(tops):
+        with shown(snap, top, tmp_path / f"m{i}") as r:
+            assert stat.S_IMODE(os.lstat(r / "app").st_mode) == 0o750
+            assert (r / "app/x").read_bytes() == b"x\n"
 
 
 @pytest.mark.parametrize("kind", ["overlay", "copy"])

@@ -447,11 +447,16 @@ def _ensure_dir(path: str, mode: int) -> bool:
 def layer_parents(
     toc: Iterable[Entry], lower: Callable[[str], Entry | None]
 ) -> dict[str, Entry | None]:
-    """The directories a layer needs but does not carry (the root included), each with the
-    entry the layers below give it (``lower``: a merged view's lookup; None when they have no
-    directory there).  What ``apply_layer(..., parents=...)`` takes for an overlay lowerdir."""
+    """The directories a layer needs but does not carry, each with the entry the layers below
+    give it (``lower``: a merged view's lookup; None when they have no directory there).
+    What ``apply_layer(..., parents=...)`` takes for an overlay lowerdir.
+
+    The root is not one of them unless the layer makes it opaque: a layer directory's root is
+    never made from an entry (nothing of the layers below enters it), so a layer that carries
+    every other parent of its entries (a COPY's layer does) makes the same directory on any
+    layers, and ``lower`` is not asked at all."""
     carried: set[str] = set()
-    needed: set[str] = {""}
+    needed: set[str] = set()
     for e in toc:
         if e.type == "dir":
             carried.add(e.path)

@@ -94,10 +94,20 @@ def _ensure_stacks(
         entries: Sequence[Entry] | None = None
         if toc is not None and views is not None:
             entries = toc(diff_ids[i])
-            parents = layer_parents(entries, views(diff_ids[:i]).get)
+            # the view of the layers below only when the layer needs a directory from them
+            parents = layer_parents(entries, _lookup_below(views, diff_ids[:i]))
         layer = stacks.ensure_layer(diff_ids[i], parents, open_layer, entries, reuse=reuse)
         stacks.commit_stack(names[i], names[i - 1] if i else None, layer)
     return names[-1]
+
+
+def _lookup_below(
+    views: Callable[[Sequence[Digest]], View], below: Sequence[Digest]
+) -> Callable[[str], Entry | None]:
+    def get(path: str) -> Entry | None:
+        return views(below).get(path)
+
+    return get
 
 
 def _extract_onto(
