@@ -61,6 +61,26 @@ from cache_bench import (
 from scenario import buildah_variant, edit_small_file, generate
 
 REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+"""The interpreter lbuild runs in (``--clean-venv``: one without this machine's start-up hooks)."""
+
+
+def clean_venv(where: Path) -> str:
+    """A venv whose only packages are this interpreter's site-packages, named by a plain
+    path entry: what lbuild imports is the same, but none of the ``.pth`` start-up hooks
+    there run (here: a sandbox's CA injector that imports certifi, and an editable install's
+    finder; ~25 ms of every interpreter start, which a user's own venv does not have)."""
+    import sysconfig
+    import venv
+
+    venv.EnvBuilder(with_pip=False).create(where)
+    py = where / "bin" / "python"
+    purelib = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    Path(purelib, "machine-packages.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    return str(py)
 
 RUN_DOCKERFILE = """\
 FROM base AS deps
@@ -84,7 +104,7 @@ def lbuild(ctx: Path, home: Path, base: Path, *args: str, daemon: Path | None = 
     """One ``lbuild build``: in its own process, or with ``daemon`` (a socket) in that
     ``lbuild daemon`` (the command line is the same; its client hands it over)."""
     cmd = [
-        sys.executable, "-m", "builder", "build", str(ctx), "--home", str(home),
+        PYTHON, "-m", "builder", "build", str(ctx), "--home", str(home),
         "--build-context", f"base=oci-layout://{base}", "--progress", "plain", *args,
     ]  # fmt: skip
     env = lbuild_env(REPO)
@@ -103,7 +123,7 @@ class Daemon:
         env["LBUILD_DAEMON_SOCKET"] = ""
         out = open(self.log, "wb")  # noqa: SIM115 (lives as long as the daemon)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "builder", "daemon", "--socket", str(self.sock)],
+            [PYTHON, "-m", "builder", "daemon", "--socket", str(self.sock)],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
         )  # fmt: skip
         for _ in range(600):
@@ -217,12 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--daemon", action="store_true",
                     help="also time each lbuild build through `lbuild daemon` (rows 'lbuild (daemon)')")  # fmt: skip
+    ap.add_argument("--clean-venv", action="store_true",
+                    help="run lbuild in a venv without this machine's site-packages start-up hooks")  # fmt: skip
     ap.add_argument("--settle", action="store_true",
                     help="sync (untimed) before every timed build of every builder")  # fmt: skip
     a = ap.parse_args(argv)
     cache_bench.SETTLE = a.settle
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="lbuild-runbench-"))
+    global PYTHON
+    if a.clean_venv:
+        PYTHON = clean_venv(work / "venv")
     s = generate(work / "scn")
     (s.context / "Dockerfile").write_text(RUN_DOCKERFILE)
     (s.context / "buildah.Dockerfile").write_text(
@@ -368,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# run_bench: {a.runs} runs, {s.small_files} small files, "
           f"{s.context_bytes / (1 << 20):.0f} MiB context, load {os.getloadavg()[0]:.2f}")  # fmt: skip
+    print(f"# lbuild runs in {PYTHON}" + (" (--clean-venv)" if a.clean_venv else "")
+          + (", sync before each timed build (--settle)" if a.settle else ""))  # fmt: skip
     for scn, by in results.items():
         refs = [r for r in ("lbuild", "lbuild (daemon)") if by.get(r)]
         print(f"\n## {scn}")
