@@ -73,3 +73,20 @@ def test_a_toc_row_no_layer_could_have_reads_as_none() -> None:
         for i, v in change.items():
             broken[i] = v
         assert load_toc(json.dumps({"toc": 1, "entries": [row, broken]}).encode()) is None, what
+
+
+def test_a_toc_dumped_again_is_the_same_bytes_without_encoding_it_again() -> None:
+    """The layer's TOC blob (its COPY) and its directory's toc.json (the RUN above) are one
+    encoding: the same tuple gets the bytes it got; another tuple is encoded anew."""
+    from cache.layers.toc import _dump, dump_toc
+
+    toc = tuple(Entry(path=f"d/f{i}", type="file", size=i, digest="0" * 64, offset=512 * i)
+                for i in range(50))
+    first = dump_toc(toc)
+    assert dump_toc(toc) is first and first == _dump(toc)
+    twin = tuple(toc)[:49] + (toc[49],)
+    assert twin is not toc and dump_toc(twin) == first and dump_toc(twin) is not first
+    changed = toc[:49] + (Entry(path="d/f49", type="file", size=1, digest="1" * 64),)
+    assert load_toc(dump_toc(changed)) == tuple(
+        e if e.path != "d/f49" else changed[49] for e in toc
+    )

@@ -457,16 +457,17 @@ def layer_parents(
     layers, and ``lower`` is not asked at all."""
     carried: set[str] = set()
     needed: set[str] = set()
+    parents: set[str] = set()  # each entry's parent directory; their parents follow below
     for e in toc:
         if e.type == "dir":
             carried.add(e.path)
-        if e.type == "opaque":
+        elif e.type == "opaque":
             needed.add(e.path)
-        parts = e.path.split("/")[:-1]
-        cur = ""
-        for part in parts:
-            cur = f"{cur}/{part}" if cur else part
-            needed.add(cur)
+        parents.add(e.path.rpartition("/")[0])
+    for p in parents:
+        while p and p not in needed:
+            needed.add(p)
+            p = p.rpartition("/")[0]
     out: dict[str, Entry | None] = {}
     for p in sorted(needed - carried):
         low = lower(p)

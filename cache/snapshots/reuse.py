@@ -62,11 +62,16 @@ def changes_between(old_toc: bytes, new: Sequence[Entry], new_toc: bytes) -> lis
         return None
     out: list[tuple[Entry, Entry]] = []
     for i, (o, n) in enumerate(zip(old_rows, new_rows, strict=True)):
-        if not isinstance(o, list) or len(o) < 10 or o[0] != n[0] or o[1] != n[1]:
+        if not isinstance(o, list) or not isinstance(n, list) or len(o) < 10 or len(n) < 10:
             return None
-        if n[1] == "hardlink":
+        if o[0] != n[0] or o[1] != n[1] or n[1] == "hardlink":
             return None
-        if o[:9] == n[:9] and o[10:] == n[10:]:  # the same but for the data offset
+        # the same but for the data offset: one comparison of the whole rows, with the old
+        # row's offset lent the new one's for it (the rows are this call's own)
+        offset, o[9] = o[9], n[9]
+        same = o == n
+        o[9] = offset
+        if same:
             continue
         if n[1] not in ("file", "dir"):
             return None
