@@ -35,6 +35,8 @@ MEDIA_TYPES: dict[str, str] = {
 
 
 _T = TypeVar("_T")
+_LOCALS = frozenset({"self", "__fields"})
+"""Names the generated ``__init__`` uses itself: no field may have one."""
 
 
 def direct_init(cls: type[_T]) -> type[_T]:
@@ -56,15 +58,16 @@ def direct_init(cls: type[_T]) -> type[_T]:
     body: list[str] = []
     ns: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if not f.init or f.default_factory is not dataclasses.MISSING:
+        if not f.init or f.default_factory is not dataclasses.MISSING or f.name in _LOCALS:
             raise TypeError(f"{cls.__name__}.{f.name}: direct_init cannot make this field")
         if f.default is dataclasses.MISSING:
             params.append(f.name)
         else:
             ns[f"_default_{f.name}"] = f.default
             params.append(f"{f.name}=_default_{f.name}")
-        body.append(f"    d[{f.name!r}] = {f.name}")
-    src = f"def __init__(self, {', '.join(params)}):\n    d = self.__dict__\n" + "\n".join(body)
+        body.append(f"    __fields[{f.name!r}] = {f.name}")
+    src = f"def __init__(self, {', '.join(params)}):\n    __fields = self.__dict__\n"
+    src += "\n".join(body)
     exec(src, ns)  # names from the class's own fields, as dataclasses does
     init = ns["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
