@@ -67,12 +67,18 @@ def test_a_toc_row_no_layer_could_have_reads_as_none() -> None:
         "a NUL in the link": {7: "x\u0000"},
         "an unknown kind": {1: "socket"},
         "a number as the path": {0: 5},
+        "a hardlink to a host path": {1: "hardlink", 7: "/etc/passwd"},
+        "a hardlink going up": {1: "hardlink", 7: "a/../../etc/passwd"},
+        "a hardlink to nothing": {1: "hardlink", 7: ""},
     }
     for what, change in bad.items():
         broken = list(row)
         for i, v in change.items():
             broken[i] = v
         assert load_toc(json.dumps({"toc": 1, "entries": [row, broken]}).encode()) is None, what
+    link = list(row)
+    link[0], link[1], link[7] = "b", "hardlink", "a"  # a hardlink inside the layer is fine
+    assert load_toc(json.dumps({"toc": 1, "entries": [row, link]}).encode()) is not None
 
 
 def test_a_toc_dumped_again_is_the_same_bytes_without_encoding_it_again() -> None:
@@ -84,9 +90,9 @@ def test_a_toc_dumped_again_is_the_same_bytes_without_encoding_it_again() -> Non
                 for i in range(50))
     first = dump_toc(toc)
     assert dump_toc(toc) is first and first == _dump(toc)
-    twin = tuple(toc)[:49] + (toc[49],)
+    twin = (*toc[:49], toc[49])
     assert twin is not toc and dump_toc(twin) == first and dump_toc(twin) is not first
-    changed = toc[:49] + (Entry(path="d/f49", type="file", size=1, digest="1" * 64),)
+    changed = (*toc[:49], Entry(path="d/f49", type="file", size=1, digest="1" * 64))
     assert load_toc(dump_toc(changed)) == tuple(
         e if e.path != "d/f49" else changed[49] for e in toc
     )

@@ -101,3 +101,21 @@ def test_a_changed_byte_is_refused(tmp_path: Path) -> None:
     blob.write_bytes(bytes(data))
     with open(blob, "rb") as f, pytest.raises(DigestMismatch, match="etc/shadow"):
         apply_toc(f, info.toc, tmp_path / "out", overlay=True)
+
+
+@pytest.mark.parametrize("link", ["/etc/hostname", "etc/../../../etc/hostname", ""])
+def test_a_hardlink_out_of_the_layer_is_refused(tmp_path: Path, link: str) -> None:
+    """A TOC is input (a shared cache names TOC blobs): a hardlink whose target is not a path
+    inside the layer is refused, never a link to a file of the host in a layer directory."""
+    from cache.errors import InvalidInput
+
+    store = BlobStore(tmp_path / "blobs")
+    info = write_layer([Entry(path="etc", type="dir", mode=0o755), _f("etc/a", b"a\n")], store)
+    good = (*info.toc, Entry(path="etc/b", type="hardlink", link="etc/a"))
+    bad = (*info.toc, Entry(path="etc/b", type="hardlink", link=link))
+    with store.open(info.diff_id) as f:
+        apply_toc(f, good, tmp_path / "good", overlay=True)
+    assert os.path.samefile(tmp_path / "good/etc/a", tmp_path / "good/etc/b")
+    with store.open(info.diff_id) as f, pytest.raises(InvalidInput, match="bad target"):
+        apply_toc(f, bad, tmp_path / "bad", overlay=True)
+    assert not os.path.lexists(tmp_path / "bad/etc/b")

@@ -103,6 +103,12 @@ def row_entry(row: Any) -> Entry | None:
 _KINDS = frozenset(get_args(EntryType))
 
 
+def _inside(path: str) -> bool:
+    """Whether ``path`` names something inside the layer (a hardlink's target: relative, no
+    ``..``; as a tar member's link name is cleaned by the tar reader)."""
+    return bool(path) and not path.startswith("/") and ".." not in path.split("/")
+
+
 def _entries(rows: list[Any]) -> tuple[Entry, ...]:
     """The rows as entries; ValueError for a row that no layer lbuild reads could have (a
     TOC blob named by a shared cache's record is input like any other: a damaged one is the
@@ -142,6 +148,7 @@ def _entries(rows: list[Any]) -> tuple[Entry, ...]:
             or size < 0
             or not 0 <= mode <= 0o7777
             or (xattrs and any(not isinstance(n, str) for n, _ in xattrs))
+            or (kind == "hardlink" and not _inside(link))
         ):
             raise ValueError(f"not a TOC row: {row!r}"[:200])
         out.append(

@@ -95,6 +95,8 @@ def apply_toc(
             if e.type == "symlink":
                 os.symlink(e.link, path)
             elif e.type == "hardlink":
+                if not e.link or e.link.startswith("/") or ".." in e.link.split("/"):
+                    raise InvalidInput(f"{name}: hardlink {rel!r} -> {e.link!r}: bad target")
                 target = a._abs(e.link)
                 a._check_parents(e.link, e.link)
                 if not os.path.lexists(target) or os.path.isdir(target):
