@@ -103,9 +103,9 @@ def row_entry(row: Any) -> Entry | None:
 _KINDS = frozenset(get_args(EntryType))
 
 
-def _inside(path: str) -> bool:
-    """Whether ``path`` names something inside the layer (a hardlink's target: relative, no
-    ``..``; as a tar member's link name is cleaned by the tar reader)."""
+def inside_layer(path: str) -> bool:
+    """Whether ``path`` names something inside the layer: relative, no ``..``, not empty (a
+    member's path below the root, a hardlink's target; as the tar reader cleans them)."""
     return bool(path) and not path.startswith("/") and ".." not in path.split("/")
 
 
@@ -148,7 +148,7 @@ def _entries(rows: list[Any]) -> tuple[Entry, ...]:
             or size < 0
             or not 0 <= mode <= 0o7777
             or (xattrs and any(not isinstance(n, str) for n, _ in xattrs))
-            or (kind == "hardlink" and not _inside(link))
+            or (kind == "hardlink" and not inside_layer(link))
         ):
             raise ValueError(f"not a TOC row: {row!r}"[:200])
         out.append(

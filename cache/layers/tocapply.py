@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 from cache.errors import DigestMismatch, InvalidInput
 from cache.layers.apply import OVERLAY_OPAQUE_XATTR, _Applier, _ensure_dir
+from cache.layers.toc import inside_layer
 from cache.types import Entry
 
 _CHUNK = 1 << 20
@@ -60,7 +61,7 @@ def apply_toc(
                 a.kept_times.pop("", None)
                 _meta(a, "", e)
             continue
-        if rel.startswith("/") or ".." in rel.split("/"):
+        if not inside_layer(rel):
             raise InvalidInput(f"{name}: bad path {rel!r} in the layer's table of contents")
         a._check_parents(rel, rel)
         path = a._abs(rel)
@@ -95,7 +96,7 @@ def apply_toc(
             if e.type == "symlink":
                 os.symlink(e.link, path)
             elif e.type == "hardlink":
-                if not e.link or e.link.startswith("/") or ".." in e.link.split("/"):
+                if not inside_layer(e.link):
                     raise InvalidInput(f"{name}: hardlink {rel!r} -> {e.link!r}: bad target")
                 target = a._abs(e.link)
                 a._check_parents(e.link, e.link)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from cache.errors import InvalidInput
 from cache.layers.apply import _FORBIDDEN_XATTR_PREFIXES
+from cache.layers.toc import inside_layer
 from cache.layers.tocapply import write_file
 from cache.types import Entry
 
@@ -93,7 +94,7 @@ def patch_dir(fs: Path, blob_fd: int, pairs: Sequence[tuple[Entry, Entry]], *, n
     dir_times: list[tuple[str, int]] = []
     for old, new in pairs:
         rel = new.path
-        if rel.startswith("/") or ".." in rel.split("/"):
+        if rel and not inside_layer(rel):
             raise InvalidInput(f"{name}: bad path {rel!r} in the layer's table of contents")
         path = os.path.join(root, rel) if rel else root  # "": the layer's root directory
         if new.type == "file" and (old.digest, old.size) != (new.digest, new.size):
