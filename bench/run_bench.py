@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -100,6 +101,18 @@ CMD ["/app/src/main.py"]
 """
 
 
+def started(proc: subprocess.Popen[bytes], ready: Callable[[], bool], tries: int, pause: float) -> bool:
+    """Whether a server ``proc`` got ``ready`` within ``tries`` polls ``pause`` seconds apart
+    (False as soon as it exits)."""
+    for _ in range(tries):
+        if ready():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(pause)
+    return False
+
+
 def lbuild(ctx: Path, home: Path, base: Path, *args: str, daemon: Path | None = None) -> Measure:
     """One ``lbuild build``: in its own process, or with ``daemon`` (a socket) in that
     ``lbuild daemon`` (the command line is the same; its client hands it over)."""
@@ -126,12 +139,8 @@ class Daemon:
             [PYTHON, "-m", "builder", "daemon", "--socket", str(self.sock)],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
         )  # fmt: skip
-        for _ in range(600):
-            if b"listening on" in self.log.read_bytes():
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
+        if started(self.proc, lambda: b"listening on" in self.log.read_bytes(), 600, 0.05):
+            return
         self.stop()
         raise BenchError(f"lbuild daemon did not start: see {self.log}")
 
@@ -182,12 +191,11 @@ class Docker:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        for _ in range(300):
-            if subprocess.run(["docker", "info"], env=self.env, capture_output=True).returncode == 0:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
+        def answers() -> bool:
+            return subprocess.run(["docker", "info"], env=self.env, capture_output=True).returncode == 0
+
+        if started(self.proc, answers, 300, 0.1):
+            return
         self.stop()
         raise BenchError(f"dockerd did not start: see {root / 'dockerd.log'}")
 
