@@ -201,7 +201,7 @@ class Pattern:
     kind: MatchKind = field(default="exact", compare=False, repr=False)
     regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
     segments: tuple[str, ...] = field(default=(), compare=False, repr=False)
-    # ``matches`` as one callable made once (a walk asks every pattern about every path)
+    # ``matches``, made once: a walk asks every pattern about every path (``_tester``)
     test: Callable[[str], bool] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -257,22 +257,12 @@ _ANY_DIR_SUFFIX = re.compile(r"\*\*/\*([^*?\[\\/]+)")
 
 
 def _tester(p: Pattern) -> Callable[[str], bool]:
-    """``p.matches`` as a callable that does not ask ``p.kind`` each time."""
-    if p.kind == "exact":
-        text = p.text
-        return lambda rel: rel == text
-    if p.kind == "prefix":
-        head = p.text[:-2]
-        return lambda rel: rel.startswith(head)
-    if p.kind == "regex":
-        m = _ANY_DIR_SUFFIX.fullmatch(p.text)
-        if m is not None:  # the regex is (?:.*/)?[^/]*LITERAL: LITERAL holds no "/"
-            tail = m.group(1)
-            return lambda rel: rel.endswith(tail)
-        assert p.regex is not None
-        match = p.regex.match
-        return lambda rel: match(rel) is not None
-    return p.matches
+    """``p.matches``, or for ``**/*LITERAL`` the suffix test its regex amounts to."""
+    m = _ANY_DIR_SUFFIX.fullmatch(p.text) if p.kind == "regex" else None
+    if m is None:
+        return p.matches
+    tail = m.group(1)  # the regex is (?:.*/)?[^/]*LITERAL, and LITERAL holds no "/"
+    return lambda rel: rel.endswith(tail)
 
 
 @dataclass(frozen=True)
