@@ -88,7 +88,10 @@ def make_resolver(
                 raise NotFound(
                     f"--build-context {ref}: {path} is not an OCI layout (no index.json)"
                 )
-            image, _layers = load_oci_layout(session.store, Path(path), tag, tocs=False)
+            image, layers = load_oci_layout(session.store, Path(path), tag, tocs=False)
+            from cache.layers.toc import remember_layer_tocs
+
+            remember_layer_tocs(session.store, layers)  # the layers imported just now
             from builder.plan.dag import ExternalImage
 
             config = json.loads(image.config)

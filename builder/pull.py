@@ -43,6 +43,7 @@ def host_platform() -> tuple[str, str, str]:
 def import_layers(store: BlobStore, image: PulledImage) -> None:
     """Decompress every layer whose diff_id blob is missing; check it against the config."""
     from cache.layers.tar import import_layer
+    from cache.layers.toc import remember_layer_tocs
 
     config = json.loads(store.read(Digest(image.config.digest)))
     diff_ids = [Digest(d) for d in (config.get("rootfs") or {}).get("diff_ids") or []]
@@ -58,6 +59,7 @@ def import_layers(store: BlobStore, image: PulledImage) -> None:
         if info.diff_id != diff_id:
             raise DigestMismatch(f"image {image.ref}: layer {layer.digest} diff_id",
                                  diff_id, info.diff_id)
+        remember_layer_tocs(store, [info])
 
 
 def pull_into(session: Session, ref: Reference, *, transfer: Transfer | None = None,

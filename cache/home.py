@@ -13,6 +13,8 @@ Layout of a home (``$LBUILD_HOME``, else ``$XDG_CACHE_HOME/lbuild``, else
     cache-mounts/       RUN --mount=type=cache directories, each with ``<name>.used`` beside
                         it (mtime: its last use)
     tarshapes/<shape>   the last layer tar written of each shape (cache.layers.retar)
+    tocs/<hex>          the TOC blob of layer sha256:<hex> when no step record names one
+                        (a base image's layers: cache.layers.toc.layer_toc)
     tmp/                in-flight files, swept on start
 
 Every other module asks :class:`Home` for these paths instead of spelling them out.
@@ -75,6 +77,10 @@ class Home:
     @property
     def tar_shapes(self) -> Path:
         return self.root / "tarshapes"
+
+    @property
+    def layer_tocs(self) -> Path:
+        return self.root / "tocs"
 
 
 USED = "used"
@@ -179,7 +185,7 @@ def ensure_home(home: Path) -> Path:
 
 _HOME_ENTRIES = frozenset(
     {"lbuild.db", "lbuild.db-wal", "lbuild.db-shm", "lbuild.db-journal", "lock", "blobs", "tmp",
-     "memo", "snapshots",
+     "memo", "snapshots", "tarshapes", "tocs",
      "cache-mounts"}
 )  # fmt: skip
 

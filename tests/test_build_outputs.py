@@ -359,3 +359,35 @@ def test_progress_plain_names_the_digest(app: Path, tmp_path: Path, ohome: Path)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert lines[-1].split()[-1] == manifest_digest(out)
     assert any(ln.endswith(" CACHED") or " DONE " in ln for ln in lines[:-1])
+
+
+def test_a_base_layers_toc_is_kept_for_later_builds(umoci_layout: Path, tmp_path: Path) -> None:
+    """A base image's layer has no step record to name its TOC blob: the build that imports
+    it keeps one under the home's tocs/ (the TOC of the tar, as reading it gives), and later
+    builds take the base's view from that blob instead of reading the tar again."""
+    from dataclasses import replace
+
+    from cache.layers.tar import read_toc
+    from cache.layers.toc import layer_toc, remember_layer_toc
+    from cache.store.blobs import BlobStore
+
+    home = tmp_path / "home"
+    ctx = tmp_path / "c"
+    ctx.mkdir()
+    (ctx / "mine").write_text("mine\n")
+    dockerfile = "FROM base\nCOPY mine /etc/mine\nCOPY --from=base /etc/base /copied\n"
+    spec = f"base=oci-layout://{umoci_layout}"
+    b = build(ctx, home, tmp_path / "1", dockerfile, "--build-context", spec)
+    assert b.tree["copied"] == F("latest\n", 0o640, 12, 34)
+    store = BlobStore(home)
+    (diff_id,) = raw_config(b.layout)["rootfs"]["diff_ids"][:1]
+    assert (home / "tocs" / diff_id.removeprefix("sha256:")).is_file()
+    with store.open(diff_id) as f:
+        from_tar = read_toc(f)
+    assert layer_toc(store, diff_id) == from_tar
+    # the kept TOC is what the next build reads: a different one shows in its image
+    other = tuple(replace(e, mode=0o600) if e.path == "etc/base" else e for e in from_tar)
+    assert other != from_tar
+    remember_layer_toc(store, diff_id, other)
+    b = build(ctx, home, tmp_path / "2", dockerfile, "--build-context", spec, "--no-cache")
+    assert b.tree["copied"] == F("latest\n", 0o600, 12, 34)

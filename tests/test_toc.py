@@ -96,3 +96,31 @@ def test_a_toc_dumped_again_is_the_same_bytes_without_encoding_it_again() -> Non
     assert load_toc(dump_toc(changed)) == tuple(
         e if e.path != "d/f49" else changed[49] for e in toc
     )
+
+
+def test_a_layer_toc_kept_in_the_home_is_found_and_checked(tmp_path: Path) -> None:
+    from cache.layers.toc import layer_toc, remember_layer_toc
+    from cache.types import sha256_digest
+
+    src = tmp_path / "f"
+    src.write_bytes(b"x" * 3000)
+    store = BlobStore(tmp_path / "home")
+    layer = write_layer(
+        [Entry(path="f", type="file", mode=0o644, size=3000, source=ContentRef(host_path=str(src)))],
+        store,
+    )
+    assert layer_toc(store, layer.diff_id) is None  # none kept yet
+    blob = remember_layer_toc(store, layer.diff_id, layer.toc)
+    record = tmp_path / "home" / "tocs" / layer.diff_id.removeprefix("sha256:")
+    assert record.read_text() == blob and load_toc(store.read(blob)) == layer.toc
+    assert layer_toc(store, layer.diff_id) == layer.toc
+    # a record naming a blob that is not there, not a digest, or bytes that are not its own
+    record.write_text(sha256_digest("0" * 64))
+    assert layer_toc(store, layer.diff_id) is None
+    record.write_text("sha256:not-hex")
+    assert layer_toc(store, layer.diff_id) is None
+    stored = store.path(blob)
+    os.chmod(stored, 0o644)
+    stored.write_bytes(dump_toc(()))
+    record.write_text(blob)
+    assert layer_toc(store, layer.diff_id) is None

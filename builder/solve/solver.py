@@ -8,6 +8,7 @@ recorded if the build is failing, and the first failure is the one reported.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import io
@@ -109,12 +110,19 @@ class Solver:
             hit = self._tocs.get(diff_id)
         if hit is not None:
             return hit
-        from cache.layers.tar import read_toc
-
         toc = self._stored_toc(diff_id)
         if toc is None:
-            with self.store.open(diff_id) as f:
-                toc = read_toc(f)
+            from cache.layers.tar import read_toc
+            from cache.layers.toc import layer_toc, remember_layer_toc
+
+            # a layer no record names a TOC blob of (a base image's): the blob kept the
+            # first time its tar was read, else the tar (read and hashed whole) and that blob
+            toc = layer_toc(self.store, diff_id)
+            if toc is None:
+                with self.store.open(diff_id) as f:
+                    toc = read_toc(f)
+                with contextlib.suppress(OSError):  # kept for later builds when it can be
+                    remember_layer_toc(self.store, diff_id, toc)
         with self._lock:
             self._tocs[diff_id] = toc
         return toc

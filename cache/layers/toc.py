@@ -10,17 +10,28 @@ later build that hits that record loads the blob instead.
 The blob is content-addressed like any other (``cache verify`` re-hashes it; a record's
 TOC blob is referenced, so garbage collection keeps it).  Its format is versioned: a blob
 of another version is ignored and the tar is read instead.
+
+A layer no step wrote (a base image's) has no record to name its TOC blob: the first build
+that needs its TOC reads the tar (every file hashed) and keeps the blob under the home's
+``tocs/`` (``remember_layer_toc``), where later builds find it (``layer_toc``).  No record
+references such a blob, so a prune may remove it; its TOC is then read from the tar again.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import json
 import threading
-from collections.abc import Sequence
-from typing import Any, cast, get_args
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast, get_args
 
-from cache.types import Entry, EntryType
+from cache.types import Digest, Entry, EntryType, LayerInfo, sha256_digest
+
+if TYPE_CHECKING:
+    from cache.store.blobs import BlobStore
 
 TOC_FORMAT = 1
 
@@ -74,6 +85,64 @@ def load_toc(data: bytes) -> tuple[Entry, ...] | None:
         return _entries(rows)
     except (KeyError, TypeError, ValueError, IndexError):
         return None  # damaged: the caller reads the tar instead
+
+
+def _record_path(store: BlobStore, diff_id: Digest) -> Path | None:
+    from cache.home import Home
+    from cache.types import digest_hex
+
+    try:
+        return Home(store.root).layer_tocs / digest_hex(diff_id)
+    except ValueError:
+        return None
+
+
+def layer_toc(store: BlobStore, diff_id: Digest) -> tuple[Entry, ...] | None:
+    """The TOC ``remember_layer_toc`` kept for layer ``diff_id`` (its blob read and checked
+    like any TOC blob), or None when there is none to use (then the tar is read)."""
+    from cache.errors import LbuildError
+
+    path = _record_path(store, diff_id)
+    if path is None:
+        return None
+    try:
+        text = path.read_text("ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if len(text) != 71 or not text.startswith("sha256:"):
+        return None
+    try:
+        data = store.read(Digest(text))
+    except (LbuildError, OSError):
+        return None  # pruned, lost or not a digest: the tar is read again
+    if sha256_digest(hashlib.sha256(data).hexdigest()) != text:
+        return None  # not the blob the record named (cheap to check: one small blob)
+    return load_toc(data)
+
+
+def remember_layer_toc(store: BlobStore, diff_id: Digest, toc: Sequence[Entry]) -> Digest:
+    """Keep ``toc`` (the TOC of layer ``diff_id``, read from its tar or made as it was
+    imported) as a TOC blob that ``layer_toc`` finds; its digest."""
+    import os
+    import uuid
+
+    digest = store.put(dump_toc(toc))
+    path = _record_path(store, diff_id)
+    if path is not None:
+        path.parent.mkdir(exist_ok=True)
+        part = path.with_name(f".{path.name}-{uuid.uuid4().hex}")
+        part.write_text(digest, "ascii")
+        os.replace(part, path)  # atomic; the last writer wins (they wrote the same TOC)
+    return digest
+
+
+def remember_layer_tocs(store: BlobStore, layers: Iterable[LayerInfo]) -> None:
+    """``remember_layer_toc`` for each layer imported with its TOC (``import_layer``'s), as
+    far as the store can be written: the TOC is read from the tar when it is not kept."""
+    for info in layers:
+        if info.toc:
+            with contextlib.suppress(OSError):
+                remember_layer_toc(store, info.diff_id, info.toc)
 
 
 def toc_rows(data: bytes) -> list[Any] | None:
