@@ -31,8 +31,9 @@ without it, only without the start-up.
   daemon listening, the command line runs in-process as it always has (the connection
   attempt costs ~0.1 ms).
 
-A command line's first code (``builder/entry.py``) asks :func:`delegate`, which imports only
-the standard library's ``os``, ``socket`` and ``sys`` until it has found a daemon.
+A command line's first code (``builder/entry.py``) asks
+:func:`builder.daemon_client.delegate`, which imports only ``os``, ``sys`` and the built-in
+``_socket`` and ``_signal`` until the command has run (that module describes the request).
 """
 
 from __future__ import annotations
@@ -42,16 +43,23 @@ import os
 import socket
 import sys
 
-TYPE_CHECKING = False  # typing itself costs the client ~2 ms to import
+from builder.daemon_client import (
+    ENV_SOCKET,
+    HEADER,
+    MAX_REQUEST,
+    code_fingerprint,
+    decode_request,
+    delegate,
+    exit_now,
+    socket_path,
+)
+
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any, NoReturn
+    from typing import Any
 
 __all__ = ["code_fingerprint", "delegate", "exit_now", "serve", "socket_path"]
-
-ENV_SOCKET = "LBUILD_DAEMON_SOCKET"
-_HEADER = 4
-_MAX_REQUEST = 16 << 20
 
 # What a build imports, loaded once by the daemon (a module missing here is imported by
 # the command that needs it, as without a daemon).
@@ -105,136 +113,6 @@ PRELOAD = (
 )
 # Never ``dockerfile`` (BuildKit's parser): it is Go, and loading it starts the Go runtime's
 # threads, which a fork does not carry over; a command imports it in its own child.
-
-
-def socket_path() -> str | None:
-    """The daemon's socket: ``$LBUILD_DAEMON_SOCKET`` (empty: none), else
-    ``$XDG_RUNTIME_DIR/lbuild/daemon.sock``, else ``/tmp/lbuild-<uid>/daemon.sock``."""
-    given = os.environ.get(ENV_SOCKET)
-    if given is not None:
-        return given or None
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = os.path.join(runtime, "lbuild") if runtime else f"/tmp/lbuild-{os.geteuid()}"
-    return os.path.join(base, "daemon.sock")
-
-
-def code_fingerprint() -> str:
-    """The interpreter and lbuild's source files (path, size, mtime) this process runs."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    lines = [sys.executable, sys.version, root]
-    for pkg in ("builder", "cache"):
-        stack = [os.path.join(root, pkg)]
-        while stack:
-            d = stack.pop()
-            with os.scandir(d) as it:
-                for e in it:
-                    if e.is_dir(follow_symlinks=False):
-                        if e.name != "__pycache__":
-                            stack.append(e.path)
-                    elif e.name.endswith(".py"):
-                        st = e.stat(follow_symlinks=False)
-                        lines.append(f"{e.path} {st.st_size} {st.st_mtime_ns}")
-    lines[3:] = sorted(lines[3:])
-    return "\n".join(lines)
-
-
-def exit_now(code: int) -> NoReturn:
-    """Flush stdout and stderr and end the process at once (``os._exit``: no interpreter
-    teardown, which only costs time once every resource is released; in a daemon's child,
-    never a return into the daemon's loop)."""
-    try:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
-    finally:
-        os._exit(code)
-
-
-# --- the client -------------------------------------------------------------------------------
-def delegate(argv: list[str]) -> int | None:
-    """Run the command line ``argv`` in the daemon, when one serves this code: its exit
-    status; None when the command is to run in this process (no daemon, another code, a
-    ``daemon`` command, standard streams that are not open)."""
-    if argv[:1] == ["daemon"]:
-        return None
-    path = socket_path()
-    if path is None:
-        return None
-    try:
-        fds = [fd for fd in (0, 1, 2) if os.fstat(fd)]
-        cwd = os.getcwd()
-    except OSError:
-        return None
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with s:
-        try:
-            s.connect(path)
-            # Only a daemon of our own user gets our environment and streams: a socket
-            # another user put where ours would be is left alone.
-            creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        except OSError:
-            return None
-        if int.from_bytes(creds[4:8], sys.byteorder) != os.geteuid():
-            return None
-        return _delegate(s, argv, cwd, fds)
-
-
-def _delegate(s: socket.socket, argv: list[str], cwd: str, fds: list[int]) -> int | None:
-    import json
-    import signal
-
-    umask = os.umask(0)
-    os.umask(umask)
-    body = json.dumps(
-        {
-            "argv": argv,
-            "cwd": cwd,
-            "env": dict(os.environ),
-            "umask": umask,
-            "code": code_fingerprint(),
-        }
-    ).encode()
-    # From here Ctrl-C belongs to the command: held until its pid is known, then passed on.
-    target: list[int] = []
-    pending: list[int] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        if not target:
-            pending.append(signum)
-            return
-        with contextlib.suppress(OSError):
-            os.kill(target[0], signum)
-
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    before = {sig: signal.signal(sig, forward) for sig in handled}
-    try:
-        socket.send_fds(s, [len(body).to_bytes(_HEADER, "big")], fds)
-        s.sendall(body)
-        replies = s.makefile("rb")
-        first = replies.readline()
-        pid = int(first[4:]) if first.startswith(b"pid ") else None
-    except (OSError, ValueError):
-        pid = None
-    if pid is None:  # refused (another code), or a daemon going away: nothing ran
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
-        if pending:  # interrupted before anything ran
-            print("lbuild: interrupted", file=sys.stderr)
-            return 130
-        return None
-    target.append(pid)
-    for signum in pending:
-        forward(signum, None)
-    try:
-        last = replies.readline()
-        return int(last[5:]) if last.startswith(b"exit ") else _gone()
-    except (OSError, ValueError):
-        return _gone()
-
-
-def _gone() -> int:
-    print("lbuild: error: the lbuild daemon stopped before the command ended", file=sys.stderr)
-    return 1
 
 
 # --- the daemon -------------------------------------------------------------------------------
@@ -481,13 +359,11 @@ def _log(line: str) -> None:
 
 
 def _read_request(conn: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    import json
-
-    head, fds, _flags, _addr = socket.recv_fds(conn, _HEADER, 3)
-    if len(head) != _HEADER:
+    head, fds, _flags, _addr = socket.recv_fds(conn, HEADER, 3)
+    if len(head) != HEADER:
         return None, fds
     size = int.from_bytes(head, "big")
-    if size > _MAX_REQUEST:
+    if size > MAX_REQUEST:
         return None, fds
     chunks: list[bytes] = []
     got = 0
@@ -497,20 +373,7 @@ def _read_request(conn: socket.socket) -> tuple[dict[str, Any] | None, list[int]
             return None, fds
         chunks.append(chunk)
         got += len(chunk)
-    try:
-        req = json.loads(b"".join(chunks))
-    except ValueError:
-        return None, fds
-    ok = (
-        isinstance(req, dict)
-        and isinstance(req.get("argv"), list)
-        and all(isinstance(a, str) for a in req["argv"])
-        and isinstance(req.get("cwd"), str)
-        and isinstance(req.get("env"), dict)
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in req["env"].items())
-        and type(req.get("umask")) is int
-    )
-    return (req if ok else None), fds
+    return decode_request(b"".join(chunks)), fds
 
 
 def _become_command(

@@ -94,7 +94,8 @@ def test_a_build_in_the_daemon_is_the_build_in_process(daemon: Daemon, tmp_path:
     exit status: the same image as the same command run in-process."""
     work = tmp_path / "work"
     write_files(work / "ctx", CTX)
-    env = {"SOURCE_DATE_EPOCH": "1700000000", "GREETING": "from-env"}
+    # a value the request must carry byte for byte: non-ASCII, an '=', a tab
+    env = {"SOURCE_DATE_EPOCH": "1700000000", "GREETING": "from-env é=ü\tx"}
     args = ("build", "ctx", "--home", "home", "--build-arg", "GREETING", "--progress", "plain")
     via = cli(*args, "-o", "type=oci,dest=out-d", "--iidfile", "iid-d", sock=daemon.sock,
               cwd=work, env=env)  # fmt: skip
@@ -116,7 +117,7 @@ def test_a_build_in_the_daemon_is_the_build_in_process(daemon: Daemon, tmp_path:
         subprocess.run(["skopeo", "inspect", "--config", f"oci:{work / 'out-d'}:latest"],
                        capture_output=True, text=True, check=True).stdout
     )  # fmt: skip
-    assert cfg["config"]["Labels"] == {"g": "from-env"}
+    assert cfg["config"]["Labels"] == {"g": "from-env é=ü\tx"}
     assert cfg["created"].startswith("2023-11-14T22:13:20")
     # the command's exit line names the daemon's pid that ran it
     assert any(ln.endswith(": exit 0") for ln in daemon.lines())
@@ -348,3 +349,23 @@ def test_a_client_sends_nothing_to_another_users_socket(tmp_path: Path) -> None:
         listener.close()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_the_client_imports_only_built_in_modules(daemon: Daemon, tmp_path: Path) -> None:
+    """A command handed to the daemon does nothing else in its own process: the client
+    loads no json, socket, signal or contextlib (each an import of several modules that
+    cost an interpreter without site hooks ~10 ms), and gets the command's exit status."""
+    probe = (
+        "import sys\n"
+        "from builder.daemon_client import delegate\n"
+        "code = delegate(['--version'])\n"
+        "heavy = ('json', 'socket', 'signal', 'contextlib', 'enum', 'selectors', 'typing')\n"
+        "print('loaded', [m for m in heavy if m in sys.modules], 'exit', code)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT), LBUILD_DAEMON_SOCKET=str(daemon.sock))
+    p = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "loaded [] exit 0" in p.stdout, p.stdout + p.stderr
+    assert "lbuild" in p.stdout  # the version, printed by the daemon's child on our stdout
+    assert len(daemon.ran()) == 1
