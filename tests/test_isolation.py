@@ -136,6 +136,54 @@ def test_network_namespace(rootfs: Path, runtime: str, network: str) -> None:
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("network", ["default", "none", "host"])
+def test_a_helper_started_with_its_network_serves_only_the_default_network(
+    rootfs: Path, runtime: str, network: str
+) -> None:
+    """A helper started ahead makes its network namespace, and slirp4netns serves it, before
+    it knows its run: a RUN on the default network gets that namespace (tap0 up, the
+    helper's slirp4netns); a RUN on another network gets a helper of its own, never the
+    network made ahead."""
+    from builder.solve.executor import Helper
+
+    helper = Helper(stdin=False, network=True)
+    pid = helper.proc.pid if helper.proc is not None else -1
+    try:
+        out: list[bytes] = []
+        script = "readlink /proc/self/ns/net; ls /sys/class/net"
+        rc = run(shell_spec(script, network=network), rootfs, on_output=out.append,
+                 runtime=runtime, helper=helper)  # fmt: skip
+    finally:
+        helper.discard()
+    text = b"".join(out).decode()
+    assert rc == 0, text
+    lines = text.split()
+    if network == "host":
+        assert lines[0] == os.readlink("/proc/self/ns/net")
+        return
+    assert lines[0] != os.readlink("/proc/self/ns/net")
+    assert sorted(lines[1:]) == {"default": ["lo", "tap0"], "none": ["lo"]}[network]
+    assert helper.proc is None  # taken by the run, or discarded when it did not fit
+    # the helper's process is gone either way, and with it any slirp4netns it had (told
+    # to exit, and reaped on a thread of its own)
+    import time
+
+    assert not os.path.exists(f"/proc/{pid}")
+    deadline = time.monotonic() + 10
+    while [p for p in os.listdir("/proc") if p.isdigit() and _slirp_of(p, pid)]:
+        assert time.monotonic() < deadline, "slirp4netns outlived its helper"
+        time.sleep(0.05)
+
+
+def _slirp_of(proc_pid: str, helper_pid: int) -> bool:
+    try:
+        cmd = Path(f"/proc/{proc_pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmd) and cmd[0].endswith(b"slirp4netns") and str(helper_pid).encode() in cmd
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
 def test_pid1_is_the_image_binary_and_no_host_file_is_mapped(rootfs: Path, runtime: str) -> None:
     script = (
         "echo pid=$$; readlink /proc/1/exe; "

@@ -277,7 +277,9 @@ class RunSteps:
         with self._lock:
             if self._spare is not None or self._running:
                 return
-            self._spare = Helper(stdin=False)
+            # as root, with its network namespace and slirp4netns ready for a RUN on the
+            # default network (another RUN replaces it: Helper.fits)
+            self._spare = Helper(stdin=False, network=os.geteuid() == 0)
 
     def release(self) -> None:
         """The solve is over: a helper started ahead and not used exits."""

@@ -110,8 +110,11 @@ def _loopback_up() -> None:
 
 
 def _helper_main() -> None:
-    """Entry point of the helper process: argv is [spec fd, status fd, go fd]."""
+    """Entry point of the helper process: argv is [spec fd, status fd, go fd], and ``net``
+    when the builder wants the network namespace made before the spec comes (``Helper``'s
+    ``network``: root only, for a run with the default network)."""
     spec_fd, status_fd, go_fd = (int(a) for a in sys.argv[1:4])
+    early_net = sys.argv[4:5] == ["net"]
     for fd in (spec_fd, status_fd, go_fd):
         os.set_inheritable(fd, False)
     status = os.fdopen(status_fd, "w", buffering=1)
@@ -119,24 +122,34 @@ def _helper_main() -> None:
     # command runs under runc's umask: nothing depends on the caller's umask.
     os.umask(0o022)
     try:
+        if early_net:
+            # slirp4netns starts for it while we wait for the spec and set up
+            _unshare(CLONE_NEWNET)
+            _loopback_up()
+            status.write("netns\n")
+            status.flush()
+        from builder.solve import runc  # noqa: F401 (loaded before the spec, not after)
+
         with os.fdopen(spec_fd) as f:
             payload = json.load(f)
         _die_with_parent(payload["ppid"])
+        network = payload["spec"]["network"]
+        if early_net and (network != "default" or payload["rootless"]):
+            raise OSError(0, "a helper with its network made ahead got another run")
         if payload["rootless"]:
             _unshare(CLONE_NEWUSER)
             _wait_go(status, "userns", go_fd)
-        network = payload["spec"]["network"]
         flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
-        if network != "host":
+        if network != "host" and not early_net:
             flags |= CLONE_NEWNET
         if payload["runtime"] != "runc":  # runc gives the container its own cgroup view
             flags |= CLONE_NEWCGROUP
         _unshare(flags)
         sys_mount(None, "/", None, MS_REC | MS_PRIVATE, None)
         socket.sethostname(payload["spec"]["hostname"])
-        if network != "host":
+        if network != "host" and not early_net:
             _loopback_up()
-        if network == "default":
+        if network == "default" and not early_net:
             # The builder starts slirp4netns for our netns while we mount the root
             # filesystem; the command starts only once it is there (``ready``).
             status.write("netns\n")
