@@ -374,6 +374,8 @@ class Helper:
             answer = b"g"
         except LbuildError as exc:
             self.network_error = exc
+        except Exception as exc:  # e.g. out of descriptors: the run reports it, one line
+            self.network_error = LbuildError(f"RUN network: cannot start slirp4netns: {exc}")
         finally:
             with contextlib.suppress(OSError):  # a helper discarded meanwhile has gone
                 os.write(self._go_w, answer)
@@ -459,7 +461,9 @@ class _Session:
         try:
             for line in helper.early:
                 self._status(line, proc, go_w)
-            with os.fdopen(spec_w, "w") as f:
+            # a helper that failed before it read its spec has gone: what it said (or its
+            # exit) is reported below, not the broken pipe
+            with contextlib.suppress(BrokenPipeError), os.fdopen(spec_w, "w") as f:
                 json.dump(self.payload, f)
             if in_w >= 0:
                 data = self.stdin_data or b""
