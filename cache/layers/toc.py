@@ -11,9 +11,10 @@ The blob is content-addressed like any other (``cache verify`` re-hashes it; a r
 TOC blob is referenced, so garbage collection keeps it).  Its format is versioned: a blob
 of another version is ignored and the tar is read instead.
 
-A layer no step wrote (a base image's) has no record to name its TOC blob: the first build
-that needs its TOC reads the tar (every file hashed) and keeps the blob under the home's
-``tocs/`` (``remember_layer_toc``), where later builds find it (``layer_toc``).  No record
+A layer no step wrote (a base image's) has no record to name its TOC blob: its import keeps
+the TOC it made, else the first build that needs it reads the tar (every file hashed) and
+keeps that, as a blob named under the home's ``tocs/`` (``remember_layer_toc``), where later
+builds find it (``layer_toc``).  No record
 references such a blob, so a prune may remove it; its TOC is then read from the tar again.
 """
 
