@@ -359,10 +359,12 @@ def cache_prune(
     p.snapshots_over_cap()
     p.records_and_blobs()
     p.cache_mounts()
-    if not dry_run:  # the layer tars' shape records whose tar or TOC went with a record
-        from cache.layers.retar import sweep
+    if not dry_run:  # the layer tars' shape records and the base layers' TOC records
+        from cache.layers.retar import sweep  # whose tar or TOC blob went with a record
 
-        sweep(Home(session.home).tar_shapes, session.store.has)
+        home = Home(session.home)
+        for records in (home.tar_shapes, home.layer_tocs):
+            sweep(records, session.store.has)
     return p.report
 
 

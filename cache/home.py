@@ -83,6 +83,23 @@ class Home:
         return self.root / "tocs"
 
 
+def write_record(path: Path, text: str) -> None:
+    """Replace the small file ``path`` (a record under the home: a shape's layer, a layer's
+    TOC blob) with ``text`` at once: written to a hidden file beside it and renamed over it,
+    so a reader sees the old text or the new one; the last writer wins.  Its directory is
+    made when missing; the hidden file is removed when the write fails."""
+    import uuid
+
+    path.parent.mkdir(exist_ok=True)
+    part = path.with_name(f".{path.name}-{uuid.uuid4().hex}")
+    try:
+        part.write_text(text)
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+
+
 USED = "used"
 """A committed snapshot's last-use marker (inside its directory: only ``fs``/``layer`` is
 ever mounted); a cache mount's is ``<dir>.used`` beside it (the directory itself is mounted)."""

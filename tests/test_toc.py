@@ -112,15 +112,40 @@ def test_a_layer_toc_kept_in_the_home_is_found_and_checked(tmp_path: Path) -> No
     assert layer_toc(store, layer.diff_id) is None  # none kept yet
     blob = remember_layer_toc(store, layer.diff_id, layer.toc)
     record = tmp_path / "home" / "tocs" / layer.diff_id.removeprefix("sha256:")
-    assert record.read_text() == blob and load_toc(store.read(blob)) == layer.toc
+    assert record.read_text() == f"{layer.diff_id} {blob}"
+    assert load_toc(store.read(blob)) == layer.toc
     assert layer_toc(store, layer.diff_id) == layer.toc
-    # a record naming a blob that is not there, not a digest, or bytes that are not its own
-    record.write_text(sha256_digest("0" * 64))
-    assert layer_toc(store, layer.diff_id) is None
-    record.write_text("sha256:not-hex")
-    assert layer_toc(store, layer.diff_id) is None
+    assert [p.name for p in record.parent.iterdir()] == [record.name]  # no part file left
+    # a record naming a blob that is not there, not a digest, another layer, or bytes that
+    # are not the blob's own
+    for text in (
+        f"{layer.diff_id} {sha256_digest('0' * 64)}",
+        f"{layer.diff_id} sha256:not-hex",
+        f"{sha256_digest('1' * 64)} {blob}",
+        blob,
+    ):
+        record.write_text(text)
+        assert layer_toc(store, layer.diff_id) is None, text
     stored = store.path(blob)
     os.chmod(stored, 0o644)
     stored.write_bytes(dump_toc(()))
-    record.write_text(blob)
+    record.write_text(f"{layer.diff_id} {blob}")
     assert layer_toc(store, layer.diff_id) is None
+
+
+def test_a_prune_sweeps_the_layer_toc_records_whose_blobs_are_gone(tmp_path: Path) -> None:
+    """``cache prune``'s sweep of shape records takes the TOC records too: a record whose
+    TOC blob (or layer) went with a prune is removed, the others stay."""
+    from cache.layers.retar import sweep
+    from cache.layers.toc import remember_layer_toc
+
+    store = BlobStore(tmp_path / "home")
+    kept, gone = (
+        write_layer([Entry(path=name, type="dir", mode=0o755)], store) for name in ("a", "b")
+    )
+    remember_layer_toc(store, kept.diff_id, kept.toc)
+    blob = remember_layer_toc(store, gone.diff_id, gone.toc)
+    store.path(blob).unlink()
+    records = tmp_path / "home" / "tocs"
+    assert sweep(records, store.has) == 1
+    assert [p.name for p in records.iterdir()] == [kept.diff_id.removeprefix("sha256:")]

@@ -36,14 +36,13 @@ import hashlib
 import os
 import queue
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cache.errors import CorruptBlob, LbuildError
 from cache.layers.tarfmt import _BLOCK, _ZERO_BLOCK, TAR_WRITER_VERSION
-from cache.layers.toc import row_entry, toc_rows
+from cache.layers.toc import read_toc_blob, row_entry, toc_rows
 from cache.store.contract import ContentStore
 from cache.types import Digest, Entry, LayerInfo, sha256_digest
 
@@ -72,14 +71,10 @@ def remember(records: Path, toc: Sequence[Entry], diff_id: Digest, toc_digest: D
     is only a shortcut: one that cannot be written is not an error."""
     if len(toc) < MIN_MEMBERS:
         return
-    path = records / shape_of(toc)
-    part = records / f".{path.name}-{uuid.uuid4().hex}"
+    from cache.home import write_record
+
     with contextlib.suppress(OSError):
-        records.mkdir(exist_ok=True)
-        part.write_text(f"{diff_id} {toc_digest}")
-        os.replace(part, path)
-    with contextlib.suppress(OSError):
-        part.unlink(missing_ok=True)
+        write_record(records / shape_of(toc), f"{diff_id} {toc_digest}")
 
 
 def sweep(records: Path, has: Callable[[Digest], bool]) -> int:
@@ -114,12 +109,12 @@ def _previous(store: ContentStore, records: Path, shape: str) -> tuple[Digest, l
         return None
     diff_id, toc_digest = Digest(parts[0]), Digest(parts[1])
     try:
-        if not (store.has(diff_id) and store.has(toc_digest)):
+        if not store.has(diff_id):
             return None
-        data = store.read(toc_digest)
-    except (LbuildError, OSError):  # a malformed digest, a blob removed meanwhile
+    except LbuildError:  # a malformed digest
         return None
-    if sha256_digest(hashlib.sha256(data).hexdigest()) != toc_digest:
+    data = read_toc_blob(store, toc_digest)
+    if data is None:
         return None
     rows = toc_rows(data)
     return (diff_id, rows) if rows is not None else None

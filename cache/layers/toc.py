@@ -11,11 +11,12 @@ The blob is content-addressed like any other (``cache verify`` re-hashes it; a r
 TOC blob is referenced, so garbage collection keeps it).  Its format is versioned: a blob
 of another version is ignored and the tar is read instead.
 
-A layer no step wrote (a base image's) has no record to name its TOC blob: its import keeps
-the TOC it made, else the first build that needs it reads the tar (every file hashed) and
-keeps that, as a blob named under the home's ``tocs/`` (``remember_layer_toc``), where later
-builds find it (``layer_toc``).  No record
-references such a blob, so a prune may remove it; its TOC is then read from the tar again.
+A layer no step wrote (a base image's) has no step record to name its TOC blob: its import
+keeps the TOC it made, else the first build that needs it reads the tar (every file hashed)
+and keeps that, as a blob named by a record under the home's ``tocs/``
+(``remember_layer_toc``; ``diff_id toc_digest``, as a tar shape's record), where later builds
+find it (``layer_toc``).  No step record references such a blob, so a prune may remove it
+(and then the record: ``retar.sweep``); its TOC is then read from the tar again.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from cache.types import Digest, Entry, EntryType, LayerInfo, sha256_digest
 
 if TYPE_CHECKING:
     from cache.store.blobs import BlobStore
+    from cache.store.contract import ContentStore
 
 TOC_FORMAT = 1
 
@@ -98,42 +100,46 @@ def _record_path(store: BlobStore, diff_id: Digest) -> Path | None:
         return None
 
 
-def layer_toc(store: BlobStore, diff_id: Digest) -> tuple[Entry, ...] | None:
-    """The TOC ``remember_layer_toc`` kept for layer ``diff_id`` (its blob read and checked
-    like any TOC blob), or None when there is none to use (then the tar is read)."""
+def read_toc_blob(store: ContentStore, digest: Digest) -> bytes | None:
+    """The bytes of TOC blob ``digest`` when this store has it and they hash to its name
+    (a record names it: cheap to check, one small blob); None otherwise (a malformed
+    digest, a blob pruned or lost, other bytes): the caller reads the tar instead."""
     from cache.errors import LbuildError
 
+    try:
+        if not store.has(digest):
+            return None
+        data = store.read(digest)
+    except (LbuildError, OSError):
+        return None
+    return data if sha256_digest(hashlib.sha256(data).hexdigest()) == digest else None
+
+
+def layer_toc(store: BlobStore, diff_id: Digest) -> tuple[Entry, ...] | None:
+    """The TOC ``remember_layer_toc`` kept for layer ``diff_id``, or None when there is none
+    to use (then the tar is read)."""
     path = _record_path(store, diff_id)
     if path is None:
         return None
     try:
-        text = path.read_text("ascii")
+        parts = path.read_text().split()
     except (OSError, UnicodeDecodeError):
         return None
-    if len(text) != 71 or not text.startswith("sha256:"):
+    if len(parts) != 2 or parts[0] != diff_id:
         return None
-    try:
-        data = store.read(Digest(text))
-    except (LbuildError, OSError):
-        return None  # pruned, lost or not a digest: the tar is read again
-    if sha256_digest(hashlib.sha256(data).hexdigest()) != text:
-        return None  # not the blob the record named (cheap to check: one small blob)
-    return load_toc(data)
+    data = read_toc_blob(store, Digest(parts[1]))
+    return load_toc(data) if data is not None else None
 
 
 def remember_layer_toc(store: BlobStore, diff_id: Digest, toc: Sequence[Entry]) -> Digest:
     """Keep ``toc`` (the TOC of layer ``diff_id``, read from its tar or made as it was
     imported) as a TOC blob that ``layer_toc`` finds; its digest."""
-    import os
-    import uuid
+    from cache.home import write_record
 
     digest = store.put(dump_toc(toc))
     path = _record_path(store, diff_id)
     if path is not None:
-        path.parent.mkdir(exist_ok=True)
-        part = path.with_name(f".{path.name}-{uuid.uuid4().hex}")
-        part.write_text(digest, "ascii")
-        os.replace(part, path)  # atomic; the last writer wins (they wrote the same TOC)
+        write_record(path, f"{diff_id} {digest}")  # the last writer wins: the same TOC
     return digest
 
 

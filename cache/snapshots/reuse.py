@@ -146,9 +146,6 @@ def read_record(path: Path) -> str | None:
 
 def write_record(path: Path, layer: str) -> None:
     """Record ``layer`` as the directory of its shape (atomically; last writer wins)."""
-    import uuid
+    from cache.home import write_record as replace
 
-    path.parent.mkdir(exist_ok=True)
-    part = path.with_name(f".{path.name}-{uuid.uuid4().hex}")
-    part.write_text(layer)
-    os.replace(part, path)
+    replace(path, layer)
