@@ -540,7 +540,7 @@ def run() -> None:
     gc.set_threshold(100_000, 50, 50)
     signal.signal(signal.SIGTERM, _on_sigterm)  # `watch` installs its own
     code = main()
-    from builder.daemon import exit_now
+    from builder.daemon_client import exit_now  # not builder.daemon: its socket import
 
     exit_now(code)
 
